@@ -1,0 +1,235 @@
+"""Data: normalisation, chat template, label masks, truncation, batching, and bad-input errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import preference_datasets as pd
+from utils import REPO_DIR
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral")))
+
+
+def _tokenize(tok, rows, pairs=False, max_length=512, max_prompt_length=256):
+    return pd.tokenize_rows(rows, tok, max_length, max_prompt_length, pairs)
+
+
+def _decode_targets(tok, batch, i, prefix=""):
+    labels = batch[f"{prefix}labels"][i]
+    return tok.decode(labels[labels != -100])
+
+
+SINGLE = {"prompt": [{"role": "user", "content": "What is two plus three?"}], "chosen": "Two plus three is five.",
+          "rejected": "Two plus three is six."}
+MULTI = {"prompt": [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Name a fruit."},
+                    {"role": "assistant", "content": "Apple."},
+                    {"role": "user", "content": "Another one?"}],
+         "chosen": "Banana.", "rejected": "Carrot."}
+
+
+@pytest.mark.parametrize("row", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
+def test_labels_cover_exactly_the_final_answer_and_its_end_of_turn_token(tok, row):
+    data = _tokenize(tok, [row], pairs=True)
+    batch = pd.collate(data, [0], tok.pad_token_id)
+    for side, answer in (("chosen_", row["chosen"]), ("rejected_", row["rejected"])):
+        assert _decode_targets(tok, batch, 0, side) == answer + tok.eos_token
+        ids, labels = batch[f"{side}input_ids"][0], batch[f"{side}labels"][0]
+        targets = (labels != -100).nonzero().flatten()
+        # the targets are one contiguous run at the end of the row, ending with eos
+        length = int(batch[f"{side}attention_mask"][0].sum())
+        assert targets.tolist() == list(range(int(targets[0]), length))
+        assert int(ids[length - 1]) == tok.eos_token_id
+        # everything before the answer is the full chat-templated prompt, earlier assistant turns included
+        prompt_text = tok.decode(ids[: int(targets[0])])
+        expected = tok.bos_token + tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert prompt_text == expected
+
+
+def test_sft_batches_use_the_chosen_answer_as_target(tok):
+    data = _tokenize(tok, [MULTI, SINGLE])
+    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert _decode_targets(tok, batch, 0) == "Banana." + tok.eos_token
+    assert _decode_targets(tok, batch, 1) == "Two plus three is five." + tok.eos_token
+
+
+def test_truncation_keeps_the_end_of_the_prompt_and_its_bos_and_leaves_targets():
+    prompt = list(range(100, 160))  # 60 prompt tokens, first one stands for bos
+    answers = [list(range(1, 41)), list(range(1, 11))]
+    p, (a, b) = pd.truncate(prompt, answers, max_length=48, max_prompt_length=16)
+    assert p == [100] + list(range(145, 160))  # bos + the last 15 tokens
+    assert len(p) + max(len(a), len(b)) <= 48
+    assert a == list(range(1, 33)) and b == answers[1]  # both answers cut to the same room; b fits whole
+    # nothing to cut: unchanged
+    assert pd.truncate([1, 2], [[3]], 10, 5) == ([1, 2], [[3]])
+
+
+def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok):
+    long_prompt = " ".join(["filler words here"] * 200) + " Final question: what is one plus one?"
+    row = {"prompt": [{"role": "user", "content": long_prompt}], "chosen": "Two. " * 100, "rejected": None}
+    data = _tokenize(tok, [row], max_length=64, max_prompt_length=32)
+    assert len(data.prompt_ids[0]) == 32 and len(data.prompt_ids[0]) + len(data.chosen_ids[0]) == 64
+    assert data.prompt_ids[0][0] == tok.bos_token_id
+    assert tok.decode(data.prompt_ids[0]).endswith("<|assistant|>\n")  # the end of the prompt survives
+    assert data.n_dropped == 0 and len(data.chosen_ids[0]) == 32
+
+
+def test_epoch_batches_are_deterministic_for_a_seed_and_length_grouped():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1000)
+    a = pd.epoch_batches(lengths, 32, seed=1, epoch=0)
+    b = pd.epoch_batches(lengths, 32, seed=1, epoch=0)
+    c = pd.epoch_batches(lengths, 32, seed=1, epoch=1)
+    assert all((x == y).all() for x, y in zip(a, b)) and len(a) == 1000 // 32
+    assert any((x != y).any() for x, y in zip(a, c))
+    flat = np.concatenate(a)
+    assert len(set(flat.tolist())) == len(flat)  # each row at most once per epoch
+    # grouping: the spread of lengths inside a batch is far below the spread of the data
+    assert np.mean([lengths[x].max() - lengths[x].min() for x in a]) < 0.25 * (lengths.max() - lengths.min())
+
+
+def test_batches_pad_only_to_their_longest_row(tok):
+    rows = [dict(SINGLE, chosen="Five." * k) for k in (1, 3, 9)]
+    data = _tokenize(tok, rows)
+    for idx in ([0], [0, 1], [0, 1, 2]):
+        batch = pd.collate(data, idx, tok.pad_token_id)
+        longest = max(len(data.prompt_ids[i]) + len(data.chosen_ids[i]) for i in idx)
+        assert batch["input_ids"].shape == (len(idx), longest)
+        assert batch["attention_mask"].sum(1).tolist() == [len(data.prompt_ids[i]) + len(data.chosen_ids[i]) for i in idx]
+        assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_token_id).all()
+        assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_preference_batches_share_one_width_for_chosen_and_rejected(tok):
+    data = _tokenize(tok, [dict(SINGLE, rejected="No. " * 20), MULTI], pairs=True)
+    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    assert batch["chosen_input_ids"].shape[1] == max(len(data.prompt_ids[i]) + max(len(data.chosen_ids[i]),
+                                                     len(data.rejected_ids[i])) for i in (0, 1))
+
+
+def test_micro_batches_partition_the_global_batch_by_length():
+    lengths = np.array([5, 50, 7, 40, 9, 30, 11, 20])
+    parts = pd.micro_batches(np.arange(8), lengths, 4)
+    assert [p.tolist() for p in parts] == [[1, 3], [5, 7], [6, 4], [2, 0]]
+
+
+def test_every_sample_dataset_loads_in_both_splits(tok):
+    for name in ("ultrachat", "ultrafeedback", "hh", "shp", "orca"):
+        pairs = name != "ultrachat"
+        train = pd.load_split([name + "_sample"], "train", tok, 512, 256, pairs=pairs)
+        test = pd.load_split([name + "_sample"], "test", tok, 512, 256, pairs=pairs)
+        assert len(train) > len(test) > 0
+        assert not set(map(str, test.prompts)) <= set(map(str, train.prompts))
+
+
+def test_orca_has_no_test_split_so_its_tail_is_held_out():
+    train = pd.load_normalised("orca_sample", "train")
+    test = pd.load_normalised("orca_sample", "test")
+    rows = pd._read_local_rows(REPO_DIR / "data/orca_dpo_pairs/train.jsonl")
+    assert len(train) + len(test) == len(rows) and len(test) == max(1, int(len(rows) * 0.05))
+    assert test[-1]["chosen"] == rows[-1]["chosen"]
+
+
+def test_hh_transcripts_split_into_messages():
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5"}
+    out = pd.from_hh(row, "x")
+    assert out["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "2+2?"}]
+    assert (out["chosen"], out["rejected"]) == ("4", "5")
+
+
+def test_shp_prefers_the_labelled_comment():
+    row = {"history": "Q?", "human_ref_A": "a", "human_ref_B": "b", "labels": 0}
+    assert pd.from_shp(row, "x")["chosen"] == "b"
+    assert pd.from_shp(dict(row, labels=1), "x")["chosen"] == "a"
+
+
+def test_a_preference_loss_on_data_without_rejected_answers_is_a_clear_error(tok):
+    with pytest.raises(pd.DataError, match="ultrachat_sample.*no rejected answer"):
+        pd.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=True)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _write(tmp_path, rows, name="bad.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"row 1: field 'messages' must end with an assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+     r"row 1: field 'messages' has an empty final assistant turn"),
+    ({"messages": "hi"}, r"row 1: field 'messages' must be list, got str"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+     r"row 1: field 'messages\[0\]' must be a"),
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "x"}]},
+     r"row 1: field 'messages\[0\].role' is 'robot'"),
+    ({"text": "hi"}, r"row 1: missing field 'messages'"),
+])
+def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
+    path = _write(tmp_path, [GOOD, bad_row])
+    with pytest.raises(pd.DataError, match=str(path).replace(".", r"\.") + ": " + message):
+        pd.load_normalised(str(path), "train")
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"prompt": "q", "chosen": "a"}, None),  # rejected may be absent for SFT data: not an error
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, r"row 1: field 'chosen' is empty"),
+    ({"prompt": "q", "chosen": 5, "rejected": "b"}, r"row 1: field 'chosen' must be str, got int"),
+    ({"prompt": "q", "rejected": "b"}, r"row 1: missing field 'chosen'"),
+])
+def test_bad_preference_rows_name_file_row_and_field(tmp_path, bad_row, message):
+    path = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad_row])
+    if message is None:
+        assert pd.load_normalised(str(path), "train")[0]["chosen"] == "a"
+        return
+    with pytest.raises(pd.DataError, match=message):
+        pd.load_normalised(str(path), "train")
+
+
+def test_invalid_json_names_the_file_and_line(tmp_path):
+    path = _write(tmp_path, [GOOD, GOOD, '{"messages": [oops'])
+    with pytest.raises(pd.DataError, match=r"bad\.jsonl: line 3: invalid JSON"):
+        pd.load_normalised(str(path), "train")
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(pd.DataError, match="unknown dataset '.*nope.jsonl'"):
+        pd.load_normalised(str(tmp_path / "nope.jsonl"), "train")
+    with pytest.raises(pd.DataError, match="dataset_paths.ultrachat = '/no/such/dir' does not exist"):
+        pd.check_dataset_name("ultrachat", {"ultrachat": "/no/such/dir"})
+
+
+def test_an_unreachable_hub_dataset_says_which_key_to_point_at_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(pd.DataError, match=r"dataset_paths\.ultrachat=/path/to/a/local/copy"):
+        pd.load_normalised("ultrachat", "train")
+
+
+def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
+    (tmp_path / "train_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "test_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
+    rows = pd.load_normalised("ultrachat", "test", {"ultrachat": str(tmp_path)})
+    assert rows == [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": None}]
+
+
+def test_collated_tensors_are_long_and_right_padded(tok):
+    data = _tokenize(tok, [SINGLE, MULTI])
+    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    assert all(v.dtype == torch.long for v in batch.values())
+    mask = batch["attention_mask"]
+    assert (mask[:, :-1] >= mask[:, 1:]).all()  # ones then zeros: right padding

@@ -1,0 +1,342 @@
+"""Fine-tune a causal LM with IFT, SFT, DPO, IPO or ORPO.
+
+    python train.py                                   # IFT on the bundled tiny model and sample data (CPU)
+    python train.py loss=sft lr=1e-4 n_epochs=2       # any key of config/, Hydra syntax
+    python train.py loss=ift gamma=0.9                # loss keys may be given short (== loss.gamma=0.9)
+    python train.py trainer=FSDPTrainer               # FSDP2, one process per GPU (or nproc on the CPU)
+    torchrun --nnodes 2 --nproc_per_node 8 train.py trainer=FSDPTrainer ...   # joins torchrun's launch
+
+Order of work: validate the config, check every dataset row (errors name file, row and field), and
+only then load models, so a typo never costs a 7B model load.
+"""
+
+import datetime
+import os
+import socket
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from utils import REPO_DIR, ConfigError, barrier, broadcast_object, is_main, launched_by_torchrun, \
+    main_process_first, resolve_path, set_seed
+
+CONFIG_DIR = REPO_DIR / "config"
+LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
+DTYPES = ("float32", "bfloat16", "float16")
+# The keys each loss takes, with their allowed values (None = any value passing the range check below).
+LOSS_KEYS = {
+    "sft": {},
+    "ift": {"min_lambda": None, "max_lambda": None, "lambda_schedule": (None, "linear", "warmup"),
+            "lambda_disturb": (None, "normal"), "disturb_std": None, "gamma": None,
+            "propagation_type": ("loss", "mask", "logps"), "propagation_side": ("left", "right"),
+            "propagation_norm": ("L1", "L2", "softmax", "log")},
+    "dpo": {"beta": None, "label_smoothing": None, "reference_free": (True, False)},
+    "ipo": {"beta": None, "reference_free": (True, False)},
+    "orpo": {"beta": None},
+}
+
+
+# ---------------------------------------------------------------- command line
+
+def expand_short_overrides(args):
+    """Rewrite `gamma=0.95` as `loss.gamma=0.95` for keys that exist only in config/loss/*.yaml, so
+    users can write loss hyperparameters the short way. Top-level keys and everything else pass as is."""
+    top_level = set(OmegaConf.load(CONFIG_DIR / "config.yaml").keys())
+    loss_keys = {k for v in LOSS_KEYS.values() for k in v}
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key in loss_keys and key not in top_level:
+            arg = f"loss.{key}={value}"
+        out.append(arg)
+    return out
+
+
+# ---------------------------------------------------------------- config checks (before anything loads)
+
+def _number(cfg, key, low=None, high=None, low_open=False, high_open=False, integer=False, optional=False):
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    lo_ok = low is None or (value > low if low_open else value >= low)
+    hi_ok = high is None or (value < high if high_open else value <= high)
+    if not (lo_ok and hi_ok):
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value} is out of range: allowed {lo or '(-inf'}, {hi or 'inf)'}")
+
+
+def _choice(cfg, key, allowed):
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def validate_config(cfg, world=None):
+    """Raise ConfigError naming the key and the allowed values for anything impossible."""
+    from preference_datasets import DataError, SOURCES, check_dataset_name
+
+    _choice(cfg, "loss.name", LOSS_NAMES)
+    name = cfg.loss.name
+    unknown = set(cfg.loss.keys()) - set(LOSS_KEYS[name]) - {"name"}
+    if unknown:
+        allowed = ", ".join(sorted(LOSS_KEYS[name])) or "none"
+        raise ConfigError(f"unknown key(s) {', '.join(sorted('loss.' + k for k in unknown))} for loss={name}; "
+                          f"its keys are: {allowed}")
+    for key, allowed in LOSS_KEYS[name].items():
+        if allowed is not None:
+            _choice(cfg, f"loss.{key}", allowed)
+    if name == "ift":
+        for key in ("min_lambda", "max_lambda", "gamma"):
+            _number(cfg, f"loss.{key}", 0, 1)
+        _number(cfg, "loss.disturb_std", 0)
+    if name in ("dpo", "ipo"):
+        _number(cfg, "loss.beta", 0, low_open=True)
+    if name == "dpo":
+        _number(cfg, "loss.label_smoothing", 0, 0.5, high_open=True)
+    if name == "orpo":
+        _number(cfg, "loss.beta", 0)
+
+    _number(cfg, "lr", 0, low_open=True)
+    _number(cfg, "weight_decay", 0)
+    _number(cfg, "batch_size", 1, integer=True)
+    _number(cfg, "eval_batch_size", 1, integer=True)
+    _number(cfg, "gradient_accumulation_steps", 1, integer=True)
+    _number(cfg, "n_epochs", 1, integer=True)
+    _number(cfg, "n_examples", 1, integer=True, optional=True)
+    _number(cfg, "warmup_steps", 0, integer=True)
+    _number(cfg, "warmup_ratio", 0, 1, high_open=True, optional=True)
+    _number(cfg, "max_grad_norm", 0, low_open=True, optional=True)
+    _number(cfg, "max_length", 2, integer=True)
+    _number(cfg, "max_prompt_length", 1, cfg.max_length - 1 if isinstance(cfg.max_length, int) else None,
+            integer=True)
+    _number(cfg, "eval_every", 1, integer=True)
+    _number(cfg, "n_eval_examples", 1, integer=True, optional=True)
+    _number(cfg, "n_samples", 0, integer=True)
+    _number(cfg, "max_new_tokens", 1, integer=True)
+    _number(cfg, "seed", 0, integer=True)
+    _number(cfg, "nproc", 1, integer=True, optional=True)
+    _choice(cfg, "optimizer", ("RMSprop", "AdamW"))
+    _choice(cfg, "lr_schedule", ("constant", "cosine"))
+    _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "trainer", ("BasicTrainer", "FSDPTrainer"))
+    _choice(cfg, "wandb.mode", ("online", "offline", "disabled"))
+    _choice(cfg, "model.policy_dtype", DTYPES)
+    _choice(cfg, "model.reference_dtype", DTYPES)
+    _choice(cfg, "model.trust_remote_code", (True, False))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+
+    world = world or planned_world_size(cfg)
+    if cfg.trainer == "BasicTrainer" and world > 1:
+        raise ConfigError(f"trainer=BasicTrainer runs in one process, but {world} were launched; "
+                          "use trainer=FSDPTrainer")
+    per_step = cfg.gradient_accumulation_steps * world
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps × ranks "
+                          f"= {cfg.gradient_accumulation_steps} × {world}")
+    if cfg.eval_batch_size % world:
+        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
+
+    if not OmegaConf.is_list(cfg.datasets) or len(cfg.datasets) == 0:
+        raise ConfigError(f"datasets must be a non-empty list like [ultrachat_sample], got {cfg.datasets!r}")
+    extra = set(cfg.dataset_paths or {}) - set(SOURCES)
+    if extra:
+        raise ConfigError(f"dataset_paths has unknown name(s) {sorted(extra)}; allowed: {', '.join(sorted(SOURCES))}")
+    for d in cfg.datasets:
+        try:
+            check_dataset_name(str(d), cfg.dataset_paths)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    for key in ("model.name_or_path", "model.tokenizer_name_or_path"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(f"{key}={value} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
+                              f"point {key} at a local copy")
+
+
+def planned_world_size(cfg):
+    """How many ranks this run will have: torchrun's WORLD_SIZE, or the processes FSDPTrainer starts."""
+    if launched_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    if cfg.trainer != "FSDPTrainer":
+        return 1
+    if cfg.nproc is not None:
+        return cfg.nproc
+    return torch.cuda.device_count() if _use_cuda(cfg) else 2
+
+
+def _use_cuda(cfg):
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------- building blocks
+
+def make_run_dir(cfg):
+    """The run directory, created by rank 0 and shared with the others. Refuses a directory that
+    already holds a run, so nothing written earlier is overwritten."""
+    path = None
+    if is_main():
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        path = Path(cfg.run_dir or f"runs/{cfg.exp_name}_{stamp}").resolve()
+        if (path / "metrics.jsonl").exists() or (path / "final").exists():
+            raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
+        path.mkdir(parents=True, exist_ok=True)
+    return Path(broadcast_object(str(path)))
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+    from preference_datasets import ensure_chat_template
+
+    name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
+    path = resolve_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path or name), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.padding_side = "right"
+    return ensure_chat_template(tokenizer)
+
+
+def load_model(cfg, dtype_key):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(cfg.model.name_or_path)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path or cfg.model.name_or_path), dtype=getattr(torch, cfg.model[dtype_key]),
+        trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_data(cfg, tokenizer, pairs):
+    from preference_datasets import load_split
+
+    kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
+              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None)
+    with main_process_first():
+        train = load_split(cfg.datasets, "train", **kw)
+        evals = load_split(cfg.datasets, "test", **kw)
+    if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
+        evals = _first_rows(evals, cfg.n_eval_examples)
+    return train, evals
+
+
+def _first_rows(data, n):
+    from dataclasses import replace
+    cut = lambda xs: xs[:n] if xs is not None else None  # noqa: E731
+    return replace(data, prompt_ids=cut(data.prompt_ids), chosen_ids=cut(data.chosen_ids),
+                   rejected_ids=cut(data.rejected_ids), prompts=cut(data.prompts), answers=cut(data.answers))
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
+    """Greedy answers to the first n held-out prompts, with exact match against the reference answer
+    (both stripped). Returns a list of dicts (prompt, reference, answer, exact)."""
+    model.eval()
+    out = []
+    for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
+        gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
+                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
+                    "exact": answer == ref.strip()})
+    return out
+
+
+# ---------------------------------------------------------------- one process of a run
+
+def run(cfg, local_rank=0, world=1, port=None):
+    """Everything one rank does: join the process group, load data and models, train, report."""
+    import losses
+    from trainers import TRAINERS
+
+    cfg = OmegaConf.create(cfg)
+    cuda = _use_cuda(cfg)
+    if world > 1 or launched_by_torchrun():
+        if port is not None:  # started by mp.spawn below, not by torchrun
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                              WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    try:
+        set_seed(cfg.seed)
+        run_dir = make_run_dir(cfg)
+        if is_main():
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        tokenizer = load_tokenizer(cfg)
+        train_data, eval_data = load_data(cfg, tokenizer, pairs=losses.needs_pairs(cfg.loss))
+        if is_main():
+            dropped = train_data.n_dropped + eval_data.n_dropped
+            print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
+                  + (f" ({dropped} dropped: no target token left)" if dropped else ""))
+        policy = load_model(cfg, "policy_dtype")
+        reference = load_model(cfg, "reference_dtype") if losses.needs_reference(cfg.loss) else None
+        trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
+        trainer.train()
+        if is_main():
+            print(f"run dir: {run_dir}")
+            print(f"non-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
+        if cfg.n_samples > 0 and is_main():
+            # a sharded policy cannot generate on one rank alone: reload the saved final/ instead
+            model = load_model_dir(run_dir / "final", device) if dist.is_initialized() else trainer.policy
+            report_samples(greedy_samples(model, tokenizer, eval_data, cfg.n_samples, cfg.max_new_tokens, device),
+                           run_dir)
+        barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_model_dir(path, device):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path)).to(device)
+
+
+def report_samples(samples, run_dir):
+    import json
+    with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    for s in samples[:5]:
+        print(f"\nQ: {s['prompt']}\nmodel: {s['answer']}\nreference: {s['reference']}\n"
+              f"{'exact match' if s['exact'] else 'different'}")
+    rate = sum(s["exact"] for s in samples) / len(samples)
+    print(f"\nheld-out exact match: {rate:.2f} ({sum(s['exact'] for s in samples)}/{len(samples)} greedy answers)")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@hydra.main(config_path="config", config_name="config", version_base=None)
+def main(cfg: DictConfig):
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    world = planned_world_size(cfg)
+    if cfg.trainer == "FSDPTrainer" and not launched_by_torchrun() and world > 1:
+        import torch.multiprocessing as mp
+        mp.spawn(_spawned, args=(resolved, world, _free_port()), nprocs=world, join=True)
+    else:
+        run(resolved)
+
+
+def _spawned(local_rank, cfg, world, port):
+    run(cfg, local_rank, world, port)
+
+
+if __name__ == "__main__":
+    sys.argv = sys.argv[:1] + expand_short_overrides(sys.argv[1:])
+    main()

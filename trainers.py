@@ -1,0 +1,303 @@
+"""The training loop. There is one: `BasicTrainer.train`. `FSDPTrainer` changes only how models are
+wrapped (FSDP2 `fully_shard`), how gradient sync and clipping see sharded gradients, and how the
+final weights are gathered for saving; batching, losses, metrics and evaluation are shared.
+
+Semantics that do not depend on the number of ranks R or accumulation steps A:
+- `batch_size` is the global batch. It is split into R·A micro-batches of consecutive rows by length;
+  micro-batch j runs on rank j % R. The same global batch gives the same micro-batches for any R·A.
+- The loss is a mean over the batch's sequences: each micro-batch contributes
+  sum(row losses) / (rows in the global batch), so accumulated gradients equal the full-batch one.
+  FSDP averages gradients over ranks, hence the extra factor R.
+- Logged metrics are means over every row of the global batch (sums all-reduced, then divided).
+"""
+
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import losses
+from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
+from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
+
+
+class BasicTrainer:
+    """Trains `policy` on `train_data` with the configured loss, in one process.
+
+    Args:
+        cfg: the resolved run config (config/config.yaml).
+        policy: a Hugging Face causal LM, trained.
+        reference: a frozen copy for DPO-style losses, or None.
+        tokenizer: saved with the model; its pad id pads batches.
+        train_data, eval_data: preference_datasets.TokenizedData.
+        run_dir: pathlib.Path, created by the caller.
+        device: torch.device where this rank computes.
+    """
+
+    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device):
+        self.cfg, self.tokenizer, self.run_dir, self.device = cfg, tokenizer, run_dir, device
+        self.train_data, self.eval_data = train_data, eval_data
+        self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
+        self.world, self.rank = world_size(), rank()
+        self.n_micro = cfg.gradient_accumulation_steps * self.world
+        self.steps_per_epoch = len(train_data) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training rows")
+        self.total_steps = (cfg.n_examples // cfg.batch_size if cfg.n_examples is not None
+                            else cfg.n_epochs * self.steps_per_epoch)
+        if self.total_steps == 0:
+            raise ValueError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: no step to take")
+        self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None
+                             else min(cfg.warmup_steps, self.total_steps))
+
+        self.policy = self.wrap(policy, trainable=True)
+        self.reference = None
+        if reference is not None:
+            reference.requires_grad_(False)
+            self.reference = self.wrap(reference, trainable=False).eval()
+        self.optimizer = self.build_optimizer()
+        self.scheduler = self.build_scheduler()
+        self._epoch_cache = {}
+        self.metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if is_main() else None
+        self.wandb = None
+        self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
+
+    # ------------------------------------------------------------ what FSDPTrainer overrides
+
+    def wrap(self, model, trainable):
+        """Put a model on this process's device (FSDPTrainer: shard it)."""
+        return model.to(self.device)
+
+    def gradient_sync(self, enabled):
+        """Whether the next backward reduces gradients across ranks (a no-op in one process)."""
+
+    def clip_gradients(self):
+        """Clip the global gradient norm to max_grad_norm (inf = only measure). Returns the norm."""
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+
+    def full_state_dict(self):
+        """The policy's full (unsharded) state dict on rank 0, in policy_dtype; None elsewhere."""
+        dtype = getattr(torch, self.cfg.model.policy_dtype)
+        return {k: v.detach().to("cpu", dtype) for k, v in self.policy.state_dict().items()}
+
+    # ------------------------------------------------------------ set-up
+
+    def build_optimizer(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "RMSprop":
+            return torch.optim.RMSprop(params, lr=self.cfg.lr)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def build_scheduler(self):
+        import transformers
+        if self.cfg.lr_schedule == "cosine":
+            return transformers.get_cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
+        return transformers.get_constant_schedule_with_warmup(self.optimizer, self.warmup_steps)
+
+    def global_batch(self, step):
+        """Row indices of the global batch of optimizer step `step` (0-based): a function of (seed, epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
+        return self._epoch_cache[epoch][i]
+
+    def lam(self, step, disturb):
+        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1)."""
+        c = self.cfg.loss
+        if c.name != "ift":
+            return 0.0
+        lam = losses.scheduled_lambda(step, self.total_steps, self.warmup_steps, c.min_lambda, c.max_lambda,
+                                      c.lambda_schedule)
+        return losses.disturbed_lambda(lam, self.cfg.seed, step, c.lambda_disturb, c.disturb_std) if disturb else lam
+
+    # ------------------------------------------------------------ the loop
+
+    def run_micro_batches(self, micro, n_rows, lam, train):
+        """Forward (and backward when training) this rank's micro-batches of one global batch.
+        micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
+        n_rows: valid rows in the global batch, the loss's denominator.
+        Returns (sum over ranks of each row metric, tokens, padded slots)."""
+        data = self.train_data if train else self.eval_data
+        mine = micro[self.rank::self.world]
+        sums, tokens, slots = {}, 0, 0
+        for j, rows in enumerate(mine):
+            # A short last eval batch can leave a rank without rows; it still runs one (ignored) row,
+            # because every rank of an FSDP model must take part in every forward.
+            ignore = len(rows) == 0
+            rows = micro[0][:1] if ignore else rows
+            batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
+            tokens += sum(int(m.sum()) for m in masks)
+            slots += sum(m.numel() for m in masks)
+            if train:
+                self.gradient_sync(j == len(mine) - 1)
+            with contextlib.nullcontext() if train else torch.no_grad():
+                row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, batch, lam)
+                valid = valid.float() * (not ignore)
+                if train:
+                    ((row_losses * valid).sum() * (self.world / n_rows)).backward()
+            for k, v in row_metrics.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() * valid).sum()
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens)), torch.tensor(float(slots))]) \
+            if keys else torch.tensor([float(tokens), float(slots)])
+        packed = all_reduce_sum(packed.to(self.device)).cpu()
+        return {k: float(packed[i]) for i, k in enumerate(keys)}, int(packed[-2]), int(packed[-1])
+
+    def train(self):
+        cfg = self.cfg
+        self.start_logging()
+        if cfg.do_first_eval:
+            self.evaluate(step=0)
+        bar = tqdm(range(self.total_steps), desc="train", disable=not is_main(), dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            self.policy.train()
+            batch = self.global_batch(step)
+            lam = self.lam(step, disturb=True)
+            sums, tokens, slots = self.run_micro_batches(micro_batches(batch, self.train_lengths, self.n_micro),
+                                                         len(batch), lam, train=True)
+            grad_norm = self.clip_gradients()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            self.tokens_seen += tokens
+            self.slots_seen += slots
+            row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
+                   **{k: v / len(batch) for k, v in sums.items()}}
+            if cfg.loss.name == "ift":
+                row["lambda"] = lam
+            row.update(lr=lr, grad_norm=grad_norm, step_time_s=dt, tokens_per_s=tokens / dt)
+            self.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss is {row['loss']} at step {step + 1}; metrics so far are in "
+                                         f"{self.run_dir / 'metrics.jsonl'}")
+            crossed = (step + 1) * cfg.batch_size // cfg.eval_every > step * cfg.batch_size // cfg.eval_every
+            if crossed or step + 1 == self.total_steps:
+                self.evaluate(step=step + 1)
+        bar.close()
+        self.save(self.run_dir / "final")
+        self.finish_logging()
+
+    @torch.no_grad()
+    def evaluate(self, step):
+        """Mean loss and metrics over the eval rows, with IFT's undisturbed lambda of this step."""
+        self.policy.eval()
+        lam = self.lam(min(step, self.total_steps - 1), disturb=False)
+        totals, n = {}, 0
+        for batch in eval_batches(self.eval_lengths, self.cfg.eval_batch_size):
+            sums, _, _ = self.run_micro_batches(micro_batches(batch, self.eval_lengths, self.world), len(batch),
+                                                lam, train=False)
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += len(batch)
+        row = {"split": "eval", "step": step, "examples": step * self.cfg.batch_size,
+               **{k: v / n for k, v in totals.items()}}
+        if self.cfg.loss.name == "ift":
+            row["lambda"] = lam
+        self.log(row)
+        if is_main():
+            tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                         if isinstance(v, float)))
+        return row
+
+    # ------------------------------------------------------------ output
+
+    def start_logging(self):
+        if not (is_main() and self.cfg.wandb.enabled):
+            return
+        import wandb
+        mode = self.cfg.wandb.mode
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            print("wandb: no credentials (WANDB_API_KEY or `wandb login`), logging offline instead")
+            mode = "offline"
+        from omegaconf import OmegaConf
+        self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
+                                name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,
+                                config=OmegaConf.to_container(self.cfg, resolve=True))
+
+    def log(self, row):
+        if not is_main():
+            return
+        self.metrics_file.write(row)
+        if self.wandb is not None:
+            self.wandb.log({f"{row['split']}/{k}": v for k, v in row.items() if k not in ("split", "step")},
+                           step=row["step"])
+
+    def finish_logging(self):
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def save(self, directory):
+        """A plain Hugging Face model directory (safetensors + config + tokenizer), written by rank 0
+        into a temporary folder and renamed into place, so a crash never leaves half a model."""
+        state = self.full_state_dict()
+        if is_main():
+            model = getattr(self.policy, "module", self.policy)
+            with atomic_directory(directory) as tmp:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        barrier()
+
+    def padding_stats(self):
+        """Fraction of the processed training tensor slots that held real tokens (not padding)."""
+        return self.tokens_seen / max(1, self.slots_seen)
+
+
+def _netrc_has_wandb():
+    path = os.path.expanduser("~/.netrc")
+    return os.path.exists(path) and "api.wandb.ai" in open(path).read()
+
+
+class FSDPTrainer(BasicTrainer):
+    """The same loop with each decoder block and then the root sharded by FSDP2 across the ranks of
+    the default process group (NCCL on GPUs, gloo on the CPU)."""
+
+    def wrap(self, model, trainable):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = getattr(torch, self.cfg.model.policy_dtype if trainable else self.cfg.model.reference_dtype)
+        # Parameters stay float32 (the optimizer's master copy); compute runs in the configured dtype and
+        # gradients are reduced in float32 so summing over ranks loses nothing.
+        mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
+        model = model.float() if trainable else model
+        blocks = [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]
+        if not blocks:
+            raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
+                             f"{type(model).__name__}; set it to its decoder layer class")
+        if trainable and self.cfg.activation_checkpointing:
+            # recompute each block's activations in backward instead of storing them
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for block in blocks:
+            fully_shard(block, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=trainable)
+        return model.to(self.device)
+
+    def gradient_sync(self, enabled):
+        # Accumulation steps before the last one keep local gradients; the last reduce-scatters them all.
+        self.policy.set_requires_gradient_sync(enabled)
+
+    def clip_gradients(self):
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def full_state_dict(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dtype = getattr(torch, self.cfg.model.policy_dtype)
+        return {k: v.to(dtype) for k, v in state.items()} if is_main() else None
+
+
+TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}

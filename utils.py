@@ -1,0 +1,132 @@
+"""Small helpers shared by train.py, trainers.py and preference_datasets.py: paths, seeding,
+distributed bookkeeping and crash-safe writing. Nothing model- or loss-specific lives here."""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A config key has an impossible or unknown value. Raised before any model loads."""
+
+
+def resolve_path(path):
+    """A local path as given (relative to the working directory) or, failing that, relative to the
+    repository, so `models/tiny-mistral` works from any directory. Returns None when neither exists
+    (the caller then treats the string as a hub id)."""
+    if path is None:
+        return None
+    for candidate in (Path(path).expanduser(), REPO_DIR / path):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- distributed bookkeeping
+# Every helper below also works in a plain single process, so the trainer has one code path.
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """In-place sum over ranks (a no-op in one process). Returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the body first (e.g. tokenises and fills the datasets cache); the others then
+    run it and find the cache warm."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def launched_by_torchrun():
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+# ---------------------------------------------------------------- crash-safe writing
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes each, so a crash loses at most the line being
+    written and never corrupts the earlier ones."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row):
+        self.file.write(json.dumps(row, allow_nan=True) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+@contextlib.contextmanager
+def atomic_directory(target):
+    """Yields a temporary sibling directory; on success it is renamed to `target` in one step, so a
+    crash mid-save leaves either the previous complete directory or none, never half a model.
+    An existing `target` is replaced only after the new one is fully written."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def format_count(n):
+    return f"{n:,}"
