@@ -366,8 +366,8 @@ def encode_answer(tokenizer, prompt_messages, prompt_text, answer):
 def truncate(prompt_ids, answers, max_length, max_prompt_length):
     """Fit prompt + the longest answer into max_length, as the reference code does: first cut the
     prompt to max_prompt_length keeping its END (the question is usually last) and its bos, then, if
-    still too long, cut every answer to what is left (at least max_length - max_prompt_length >= 1
-    tokens, so no row loses all its targets)."""
+    still too long, cut every answer to what is left: at least max_length - max_prompt_length tokens,
+    so a row loses all its targets only when max_prompt_length == max_length (it is then dropped)."""
     longest = max(len(a) for a in answers)
     if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
         keep = max_prompt_length - 1

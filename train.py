@@ -115,8 +115,7 @@ def validate_config(cfg, world=None):
     _number(cfg, "warmup_ratio", 0, 1, high_open=True, optional=True)
     _number(cfg, "max_grad_norm", 0, low_open=True, optional=True)
     _number(cfg, "max_length", 2, integer=True)
-    _number(cfg, "max_prompt_length", 1, cfg.max_length - 1 if isinstance(cfg.max_length, int) else None,
-            integer=True)
+    _number(cfg, "max_prompt_length", 1, cfg.max_length if isinstance(cfg.max_length, int) else None, integer=True)
     _number(cfg, "eval_every", 1, integer=True)
     _number(cfg, "n_eval_examples", 1, integer=True, optional=True)
     _number(cfg, "n_samples", 0, integer=True)
@@ -257,7 +256,7 @@ def run(cfg, local_rank=0, world=1, port=None):
 
     cfg = OmegaConf.create(cfg)
     cuda = _use_cuda(cfg)
-    if world > 1 or launched_by_torchrun():
+    if port is not None or launched_by_torchrun():
         if port is not None:  # started by mp.spawn below, not by torchrun
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                               WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
@@ -325,12 +324,21 @@ def main(cfg: DictConfig):
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    launch(resolved)
+
+
+def launch(cfg):
+    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not."""
+    cfg = OmegaConf.create(cfg)
     world = planned_world_size(cfg)
-    if cfg.trainer == "FSDPTrainer" and not launched_by_torchrun() and world > 1:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.trainer != "FSDPTrainer" or launched_by_torchrun():
+        run(resolved)
+    elif world == 1:  # FSDP2 needs a process group even for one rank
+        run(resolved, 0, 1, _free_port())
+    else:
         import torch.multiprocessing as mp
         mp.spawn(_spawned, args=(resolved, world, _free_port()), nprocs=world, join=True)
-    else:
-        run(resolved)
 
 
 def _spawned(local_rank, cfg, world, port):

@@ -47,8 +47,10 @@ class BasicTrainer:
         self.steps_per_epoch = len(train_data) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training rows")
-        self.total_steps = (cfg.n_examples // cfg.batch_size if cfg.n_examples is not None
-                            else cfg.n_epochs * self.steps_per_epoch)
+        # as in the reference code, training stops at n_epochs or n_examples, whichever comes first
+        self.total_steps = cfg.n_epochs * self.steps_per_epoch
+        if cfg.n_examples is not None:
+            self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
         if self.total_steps == 0:
             raise ValueError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: no step to take")
         self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The paper's recipe on Mistral-7B (UltraChat + UltraFeedback's chosen answers, 3 epochs capped at 61,136
+# examples, global batch 512, lr 5e-7): first the SFT-equivalent run (lambda = 0, gamma = 0), then IFT
+# (lambda = 0.2, gamma = 0.95, propagation loss / L1 / left). One node: FSDP2 starts one process per GPU.
+# Several nodes: run on each node
+#   torchrun --nnodes N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py <same args>
+# Needs the network (or dataset_paths.* / model.name_or_path pointing at local copies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COMMON=(model=mistral7b "datasets=[ultrachat,ultrafeedback]" trainer=FSDPTrainer
+        n_epochs=3 n_examples=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32
+        lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=1024
+        eval_every=10240 wandb.enabled=true wandb.mode=online "$@")
+
+python train.py loss=ift loss.min_lambda=0 loss.max_lambda=0 gamma=0 \
+    exp_name=mistral7b_sft_equivalent run_dir=runs/mistral7b_sft_equivalent "${COMMON[@]}"
+python train.py loss=ift loss.min_lambda=0.2 loss.max_lambda=0.2 gamma=0.95 \
+    propagation_type=loss propagation_norm=L1 propagation_side=left \
+    exp_name=mistral7b_ift run_dir=runs/mistral7b_ift "${COMMON[@]}"

@@ -1,0 +1,594 @@
+"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO and ORPO.
+
+Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
+follows IFT_SPEC.md section by section (the section numbers in the comments refer to it).
+
+Conventions
+- B rows, T tokens. `labels` is `input_ids` with -100 wherever there is no loss (prompt, padding).
+- Position t of the logits predicts token t+1, so every per-token tensor here is (B, T-1):
+  `mask[b, t] = labels[b, t+1] != -100`, `n[b] = mask[b].sum()` is row b's target count, and
+  `logps[b, t]` is log p(labels[b, t+1]), zero off the mask.
+- Log-probabilities are float32 (float64 when the model runs in float64, so tests can check in double).
+- Models are Hugging Face causal LMs, possibly wrapped by FSDP2 `fully_shard`. We only ever call the
+  root `forward`; the two tricks we need (logits at target positions only, blended input embeddings)
+  are hooks on submodules, which run inside that root forward, where FSDP2 has unsharded the weights.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
+PREFERENCE_LOSS_TYPES = ("dpo", "ipo")
+LAMBDA_SCHEDULES = (None, "linear", "warmup")
+LAMBDA_DISTURBS = (None, "normal")
+PROPAGATION_TYPES = ("loss", "mask", "logps")
+PROPAGATION_SIDES = ("left", "right")
+PROPAGATION_NORMS = ("L1", "L2", "softmax", "log")
+
+# Block size C of the blocked discounted scan: O(T*C) work, O(T + C^2) extra memory.
+SCAN_BLOCK = 128
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probabilities of target tokens
+# ------------------------------------------------------------------------------------------------
+
+def gather_logps(logits, targets):
+    """log p(target) for each row of `logits`.
+
+    logits: (N, V), any float dtype. targets: (N,) long.
+    Returns (N,) float32 (float64 if the logits are float64).
+    Cross-entropy gives -log_softmax(logits)[target] without us keeping an (N, V) log-softmax tensor.
+    """
+    # Upcast half precision for an accurate log-sum-exp; never downcast float64.
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+@contextlib.contextmanager
+def target_positions_only(model, mask):
+    """Inside this block, `model(...)` returns logits only where a target is predicted.
+
+    mask: (B, T-1) bool, True at positions t whose token t+1 is a target.
+    A forward pre-hook on the output embedding (lm_head) replaces its input hidden states
+    (B, T, H) by hidden[:, :-1][mask] of shape (1, N, H), so the logits are (1, N, V) in the
+    row-major order of `mask` and no (B, T, V) tensor is ever made. Call the model with the default
+    logits_to_keep=0 (all positions reach the head) and use_cache=False.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head) to hook")
+
+    def keep_target_positions(module, args):
+        hidden = args[0]
+        # The last position predicts nothing; keep the positions that predict a target.
+        return (hidden[:, :-1][mask].unsqueeze(0),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(keep_target_positions)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def blended_input_embeddings(model, intuitive_ids, lam):
+    """Inside this block, the model reads e = (1 - lam) * E[x] + lam * E[x'] (spec §1.3).
+
+    intuitive_ids: (B, T) long, x'. lam: float in [0, 1].
+    A forward hook on the input embedding module replaces its output E[x] (B, T, H). E[x'] is looked
+    up in the same table, so the gradient reaches E through both terms.
+    """
+    embedding = model.get_input_embeddings()
+
+    def blend(module, args, output):
+        # module.forward (not module(...), which would re-enter this hook) is the module's own lookup:
+        # F.embedding(intuitive_ids, module.weight) for nn.Embedding, and it keeps any scaling a
+        # subclass applies (e.g. Gemma's scaled embeddings), so E[x'] is on the same scale as E[x].
+        return (1.0 - lam) * output + lam * module.forward(intuitive_ids)
+
+    handle = embedding.register_forward_hook(blend)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _target_mask(labels):
+    """labels (B, T) -> mask (B, T-1) bool: position t predicts a target token t+1."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def policy_logps(model, input_ids, attention_mask, labels, intuitive_ids=None, lam=0.0):
+    """One forward of `model`; log-probabilities of the target tokens.
+
+    input_ids, attention_mask, labels: (B, T). intuitive_ids: (B, T) long or None.
+    With intuitive_ids given and lam > 0 the model reads blended embeddings (spec §1.3).
+    Returns (logps (B, T-1) float32, zero off the mask; mask (B, T-1) bool).
+    """
+    mask = _target_mask(labels)
+    blend = intuitive_ids is not None and lam > 0
+    with target_positions_only(model, mask):
+        with blended_input_embeddings(model, intuitive_ids, lam) if blend else contextlib.nullcontext():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    token_logps = gather_logps(logits[0], labels[:, 1:][mask])  # (N,)
+    # masked_scatter fills the mask in row-major order, the order hidden[:, :-1][mask] used.
+    logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return logps.masked_scatter(mask, token_logps), mask
+
+
+@torch.no_grad()
+def intuition_pass(model, input_ids, attention_mask, labels):
+    """The model's own one-step predictions of the answer (spec §1.1, §1.2), without gradient.
+
+    input_ids, attention_mask, labels: (B, T).
+    Returns (intuitive_ids x' (B, T) long; logps (B, T-1) of the ground truth given x, zero off the
+    mask, used only for the `loss_sft` metric).
+    x'[b, t+1] = argmax logits[b, t] where labels[b, t+1] != -100, else x[b, t+1]; x'[b, 0] = x[b, 0]:
+    the prompt and the padding are never replaced.
+    """
+    mask = _target_mask(labels)
+    with target_positions_only(model, mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[0]  # (N, V)
+    intuitive_ids = input_ids.clone()
+    shifted = intuitive_ids[:, 1:]  # a view: writing into it writes x'[:, 1:]
+    shifted[mask] = logits.argmax(-1).to(intuitive_ids.dtype)
+    token_logps = gather_logps(logits, labels[:, 1:][mask])
+    logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return intuitive_ids, logps.masked_scatter(mask, token_logps)
+
+
+def row_mean(values, mask):
+    """Mean of `values` over each row's mask.
+
+    values: (B, T-1). mask: (B, T-1) bool. Returns (B,): sum over the mask / n[b], 0 where n[b] == 0.
+    """
+    # torch.where (not a product) so that whatever sits off the mask cannot leak in, not even a NaN.
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(-1)
+    return total / mask.sum(-1).clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Relation Propagation (spec §2)
+# ------------------------------------------------------------------------------------------------
+
+def discounted_cumsum(x, gamma, reverse=False):
+    """Discounted cumulative sum along the last dimension.
+
+    x: (B, T) (any leading dims). gamma: float >= 0.
+    reverse=False: y_t = sum_{k <= t} gamma^(t-k) x_k.   reverse=True: y_t = sum_{k >= t} gamma^(k-t) x_k.
+    Returns y with the shape and dtype of x; differentiable.
+
+    A blocked scan in float64 (float32 on MPS, which has no float64): within blocks of C = SCAN_BLOCK
+    tokens, one (C, C) lower-triangular matrix of gamma powers; between blocks, the value at the end
+    of each block is carried forward with gamma^C by the same scan applied to the (T/C) block ends.
+    Only non-negative powers of gamma appear, so nothing overflows; gamma^k underflowing to 0 is
+    the correct limit. Why float64: at T = 32k the float32 results are then within 6e-8 relative of a
+    float64 loop (their own rounding), while the same scan accumulated in float32 measured 2.5e-6
+    relative on positive inputs and 4e-2 on signed ones (cancellation). The scan is O(T*C) flops,
+    negligible next to the model's forward; in float64 it cost about the same as in float32 on CPU.
+    """
+    if reverse:
+        return discounted_cumsum(x.flip(-1), gamma, reverse=False).flip(-1)
+    T = x.shape[-1]
+    if T == 0:
+        return x.clone()
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    y = _discounted_scan(x.reshape(-1, T).to(acc), float(gamma))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _discounted_scan(x, gamma):
+    """Forward discounted scan y_t = x_t + gamma * y_{t-1}. x: (R, T) -> (R, T), same dtype."""
+    R, T = x.shape
+    C = min(T, max(2, SCAN_BLOCK))  # C >= 2, so each level of the recursion is shorter
+    n_blocks = -(-T // C)
+    # Zeros after the end change nothing before it.
+    blocks = F.pad(x, (0, n_blocks * C - T)).view(R, n_blocks, C)
+    k = torch.arange(C, device=x.device, dtype=x.dtype)
+    lag = k[:, None] - k[None, :]  # lag[j, i] = j - i
+    # decay[j, i] = gamma^(j - i) for i <= j, else 0; torch.pow gives 0^0 = 1, so gamma = 0 is y = x.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    decay = torch.where(lag >= 0, torch.pow(gamma, lag.clamp(min=0)), zero)
+    y = blocks @ decay.T  # (R, n_blocks, C): the scan restarted at each block's start
+    if n_blocks > 1:
+        # y at the end of block b is a scan over the block ends with discount gamma^C.
+        ends = _discounted_scan(y[:, :, -1], gamma ** C)  # (R, n_blocks)
+        # Block b starts from y at the end of block b-1 (nothing before block 0), decayed by gamma^(j+1).
+        carry = F.pad(ends[:, :-1], (1, 0))  # (R, n_blocks)
+        y = y + carry[:, :, None] * torch.pow(gamma, k + 1)
+    return y.reshape(R, n_blocks * C)[:, :T]
+
+
+def _normalised(c, usable, side, norm):
+    """Spec §2.4 on the usable positions; zero elsewhere.
+
+    c: (B, T-1) discounted sums (right side: already shifted). usable: (B, T-1) bool.
+    Returns (B, T-1) unscaled weights.
+    """
+    # Off the usable positions, put a harmless c = 1 before any 1/c or log, so that those positions
+    # create no inf/NaN whose (zero) upstream gradient would turn into a NaN gradient.
+    c = torch.where(usable, c, torch.ones((), dtype=c.dtype, device=c.device))
+    if side == "left":
+        value = {"L1": c, "L2": c ** 2, "softmax": c, "log": torch.log1p(c)}[norm]
+    else:
+        value = {"L1": 1.0 / c, "L2": 1.0 / c ** 2, "softmax": 1.0 / c, "log": 1.0 / torch.log1p(c)}[norm]
+    if norm == "softmax":
+        value = _masked_softmax(value, usable)
+    return torch.where(usable, value, torch.zeros((), dtype=c.dtype, device=c.device))
+
+
+def _masked_softmax(z, usable):
+    """Softmax of z (B, T-1) over each row's usable positions; 0 elsewhere and in rows with none."""
+    z = torch.where(usable, z, torch.full((), -torch.inf, dtype=z.dtype, device=z.device))
+    # Softmax is shift invariant, so the (detached) row maximum only prevents overflow.
+    peak = z.amax(-1, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros((), dtype=z.dtype, device=z.device))
+    e = torch.exp(z - peak)  # exp(-inf) = 0 off the usable positions
+    return e / e.sum(-1, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)
+
+
+def relation_propagation_weights(logps, mask, gamma, propagation_type="loss", propagation_side="left",
+                                 propagation_norm="L1"):
+    """Relation Propagation token weights (spec §2), computed strictly per row.
+
+    logps: (B, T-1) per-token log-probabilities l, zero off the mask. mask: (B, T-1) bool.
+    Returns w: (B, T-1), zero off the mask, each row summing to its target count n[b] (a row with no
+    target is all zeros). Not detached: the gradient flows through w into logps.
+    """
+    if propagation_type not in PROPAGATION_TYPES:
+        raise ValueError(f"propagation_type must be one of {PROPAGATION_TYPES}, got {propagation_type!r}")
+    if propagation_side not in PROPAGATION_SIDES:
+        raise ValueError(f"propagation_side must be one of {PROPAGATION_SIDES}, got {propagation_side!r}")
+    if propagation_norm not in PROPAGATION_NORMS:
+        raise ValueError(f"propagation_norm must be one of {PROPAGATION_NORMS}, got {propagation_norm!r}")
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    one = torch.ones((), dtype=logps.dtype, device=logps.device)
+    n = mask.sum(-1, keepdim=True)  # (B, 1)
+
+    # §2.1: gamma = 0 switches propagation off.
+    if gamma == 0:
+        return mask.to(logps.dtype)
+
+    # §2.2: the propagated quantity a, zero off the mask.
+    if propagation_type == "loss":
+        a = -logps / n.clamp(min=1)
+    elif propagation_type == "mask":
+        a = mask.to(logps.dtype)
+    else:  # logps
+        a = -logps
+    a = torch.where(mask, a, zero)
+
+    # §2.3: left sums the tokens after t (a reverse scan), right the tokens before t.
+    c = discounted_cumsum(a, gamma, reverse=propagation_side == "left")
+
+    # §2.4, right: shift each row by its own smallest positive c at its target positions.
+    if propagation_side == "right":
+        positive = mask & (c > 0)
+        smallest = torch.where(positive, c, torch.full((), torch.inf, dtype=c.dtype, device=c.device))
+        smallest = smallest.amin(-1, keepdim=True)
+        # No positive c in the row: no shift; the 1/c that follows is then infinite and §2.5 falls back.
+        c = c + torch.where(positive.any(-1, keepdim=True), smallest, zero)
+
+    # §2.5 fallback: find the rows whose weights sum to 0 or to a non-finite value first, without
+    # gradient, then normalise with those rows left out, so their inf/NaN never enters the graph.
+    with torch.no_grad():
+        total = _normalised(c, mask, propagation_side, propagation_norm).sum(-1, keepdim=True)
+        degenerate = (total == 0) | ~torch.isfinite(total)  # (B, 1); includes rows with no target
+    w = _normalised(c, mask & ~degenerate, propagation_side, propagation_norm)
+
+    # §2.5: rescale each row to sum n[b]; degenerate rows get w = 1 on their mask.
+    total = w.sum(-1, keepdim=True)
+    w = w * (n / torch.where(degenerate, one, total))
+    return torch.where(degenerate & mask, one, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lambda (spec §1)
+# ------------------------------------------------------------------------------------------------
+
+def scheduled_lambda(step, total_steps, warmup_steps, min_lambda, max_lambda, lambda_schedule):
+    """IFT's lambda at optimizer step `step` (0-based) of `total_steps` (spec §1). Returns a float.
+
+    None: max_lambda.  "linear": min_lambda at step 0 to max_lambda at step total_steps - 1.
+    "warmup": min_lambda to max_lambda over the first `warmup_steps` steps, then max_lambda.
+    The ramp's fraction is clipped to [0, 1], so a step past the end (e.g. a final evaluation at
+    step == total_steps) stays at max_lambda instead of extrapolating; inside the run this is the
+    spec's formula exactly.
+    """
+    if lambda_schedule is None:
+        return float(max_lambda)
+    if lambda_schedule == "linear":
+        fraction = step / max(1, total_steps - 1)
+    elif lambda_schedule == "warmup":
+        fraction = step / max(1, warmup_steps)
+    else:
+        raise ValueError(f"lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {lambda_schedule!r}")
+    return float(min_lambda + (max_lambda - min_lambda) * min(1.0, max(0.0, fraction)))
+
+
+def disturbed_lambda(lam, seed, step, lambda_disturb, disturb_std):
+    """lam with the spec's multiplicative noise for optimizer step `step`. Returns a float.
+
+    None: lam unchanged. "normal": clip(lam * (1 + disturb_std * eps), 0, 1), eps ~ N(0, 1) drawn
+    from a CPU torch.Generator seeded with (seed * 1_000_003 + step) mod 2^63: a function of
+    (seed, step) only, so a resumed run draws the same eps, whatever ran before.
+    """
+    if lambda_disturb is None:
+        return float(lam)
+    if lambda_disturb != "normal":
+        raise ValueError(f"lambda_disturb must be one of {LAMBDA_DISTURBS}, got {lambda_disturb!r}")
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % 2 ** 63)
+    eps = torch.randn((), generator=generator, dtype=torch.float64).item()
+    return float(min(1.0, max(0.0, lam * (1.0 + disturb_std * eps))))
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT and IFT (spec §3)
+# ------------------------------------------------------------------------------------------------
+
+def sft_rows(model, input_ids, attention_mask, labels):
+    """Per-row SFT loss: mean negative log-likelihood of each row's target tokens.
+
+    input_ids, attention_mask, labels: (B, T).
+    Returns (row_losses (B,) with gradient, 0 where n == 0; valid (B,) bool, n > 0;
+    metrics {"loss": (B,)} detached).
+    """
+    logps, mask = policy_logps(model, input_ids, attention_mask, labels)
+    row_losses = row_mean(-logps, mask)
+    return row_losses, mask.any(-1), {"loss": row_losses.detach()}
+
+
+def ift_rows(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagation_type="loss",
+             propagation_side="left", propagation_norm="L1"):
+    """Per-row IFT loss (spec §1-§3): sum_t(-l * w) / n over each row's targets.
+
+    input_ids, attention_mask, labels: (B, T). lam: float, already scheduled/disturbed.
+    Returns (row_losses (B,) with gradient, 0 where n == 0; valid (B,) bool, n > 0; metrics, each
+    (B,) detached and 0 on invalid rows: loss, loss_sft (NLL of the intuition pass, i.e. given the
+    ground truth), loss_further (unweighted NLL of the blended pass), weight_max (largest w of the
+    row), weight_first (w at the row's first target)).
+    """
+    lam = float(lam)
+    if lam > 0:
+        # §1.1-1.3: the intuition pass (no gradient), then the blended pass with gradient.
+        intuitive_ids, sft_logps = intuition_pass(model, input_ids, attention_mask, labels)
+        logps, mask = policy_logps(model, input_ids, attention_mask, labels, intuitive_ids, lam)
+    else:
+        # §1.4: lambda = 0 is one ordinary forward, the same call SFT makes.
+        logps, mask = policy_logps(model, input_ids, attention_mask, labels)
+        sft_logps = logps.detach()
+    # §2: weights from the blended pass's log-probs, not detached.
+    w = relation_propagation_weights(logps, mask, gamma, propagation_type, propagation_side, propagation_norm)
+    # §3. With gamma = 0, w is exactly 1.0 on the mask, so this is bit for bit sft_rows' row_mean(-logps).
+    row_losses = row_mean(-logps * w, mask)
+    valid = mask.any(-1)
+
+    w = w.detach()
+    first = mask.int().argmax(-1, keepdim=True)  # index of the first True (0 for a row with none)
+    metrics = {
+        "loss": row_losses.detach(),
+        "loss_sft": row_mean(-sft_logps, mask),
+        "loss_further": row_mean(-logps.detach(), mask),
+        "weight_max": w.amax(-1),  # w >= 0 on the mask and 0 off it: the max over the row's targets
+        "weight_first": w.gather(-1, first).squeeze(-1),  # 0 for a row with no target (w is 0 there)
+    }
+    return row_losses, valid, metrics
+
+
+def _mean_over_valid(row_losses, valid, row_metrics):
+    """(loss, metrics): means over the valid rows, 0 when there is none; metrics are 0-dim detached."""
+    count = valid.sum().clamp(min=1)
+    loss = torch.where(valid, row_losses, torch.zeros_like(row_losses)).sum() / count
+    metrics = {k: (torch.where(valid, v, torch.zeros_like(v)).sum() / count).detach()
+               for k, v in row_metrics.items()}
+    return loss, metrics
+
+
+def sft_loss(model, input_ids, attention_mask, labels):
+    """SFT loss: per-sequence mean NLL of the target tokens, averaged over sequences with n > 0.
+
+    input_ids, attention_mask, labels: (B, T).
+    Returns (loss 0-dim with gradient, {"loss": 0-dim detached}).
+    """
+    return _mean_over_valid(*sft_rows(model, input_ids, attention_mask, labels))
+
+
+def ift_loss(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagation_type="loss",
+             propagation_side="left", propagation_norm="L1"):
+    """IFT loss (spec §3): mean over rows with n > 0 of sum_t(-l * w) / n.
+
+    input_ids, attention_mask, labels: (B, T). lam: float.
+    Returns (loss 0-dim with gradient, metrics: 0-dim detached means over valid rows of loss,
+    loss_sft, loss_further, weight_max, weight_first). lam = 0, gamma = 0 is sft_loss bit for bit.
+    """
+    return _mean_over_valid(*ift_rows(model, input_ids, attention_mask, labels, lam, gamma, propagation_type,
+                                      propagation_side, propagation_norm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Preference losses
+# ------------------------------------------------------------------------------------------------
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta, label_smoothing=0.0, loss_type="dpo", reference_free=False):
+    """DPO / cDPO / IPO loss of each example.
+
+    All four log-prob inputs: (B,), summed over each response's target tokens.
+    h = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected), the reference
+    term dropped when reference_free.
+    dpo: -log sigmoid(beta h) (1 - eps) - log sigmoid(-beta h) eps, eps = label_smoothing (cDPO if > 0).
+    ipo: (h - 1 / (2 beta))^2.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards are
+    beta * (policy - reference) log-probs, detached.
+    """
+    policy_margin = policy_chosen_logps - policy_rejected_logps
+    reference_margin = 0.0 if reference_free else reference_chosen_logps - reference_rejected_logps
+    h = policy_margin - reference_margin
+    if loss_type == "dpo":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _log1mexp(x):
+    """log(1 - e^x) for x < 0, as log(-expm1(x)). x: any shape, float32 or wider.
+
+    x is clamped to <= -sqrt(tiny) (about -1.1e-19 in float32): a log-prob of exactly 0 would give
+    log(0) = -inf, and the derivative, about -1/|x|, stays finite (about 1e19) at the clamp.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny ** 0.5)
+    return torch.log(-torch.expm1(x))
+
+
+def orpo_log_odds(chosen_logps, rejected_logps):
+    """ORPO's log odds ratio. Inputs: (B,) per-token mean log-probs. Returns (B,).
+
+    log odds(p) = log p - log(1 - p); the ratio is log odds(chosen) - log odds(rejected).
+    """
+    if chosen_logps.dtype not in (torch.float32, torch.float64):
+        chosen_logps, rejected_logps = chosen_logps.float(), rejected_logps.float()
+    return (chosen_logps - _log1mexp(chosen_logps)) - (rejected_logps - _log1mexp(rejected_logps))
+
+
+def orpo_loss(chosen_logps, rejected_logps, beta):
+    """ORPO loss of each example: -chosen_logps - beta * log sigmoid(log odds ratio).
+
+    chosen_logps, rejected_logps: (B,) per-token MEAN log-probs of each response. Returns (B,).
+    """
+    return -chosen_logps - beta * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
+
+
+def _pad_right(t, length, value):
+    """t (B, T) -> (B, length), padded on the right with `value`."""
+    return F.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def concatenated_logps(model, batch):
+    """Chosen and rejected responses in ONE forward on the (2B, T) concatenation.
+
+    batch: chosen_/rejected_ input_ids, attention_mask, labels, each (B, T). (Should the two T differ,
+    the shorter is padded on the right with masked, label -100 tokens, which changes no log-prob.)
+    Returns a dict of (B,) tensors: chosen_logps, rejected_logps (summed target log-probs, with
+    gradient if the model has one), chosen_n, rejected_n (target counts, long).
+    """
+    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    parts = {}
+    for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+        chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+        parts[key] = torch.cat([_pad_right(chosen, T, pad), _pad_right(rejected, T, pad)])
+    logps, mask = policy_logps(model, parts["input_ids"], parts["attention_mask"], parts["labels"])
+    sums, counts = logps.sum(-1), mask.sum(-1)
+    B = batch["chosen_input_ids"].shape[0]
+    return {"chosen_logps": sums[:B], "rejected_logps": sums[B:],
+            "chosen_n": counts[:B], "rejected_n": counts[B:]}
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's entry point
+# ------------------------------------------------------------------------------------------------
+
+def _get(loss_cfg, key, default=None):
+    """loss_cfg[key] for a dict or an OmegaConf DictConfig; `default` when absent."""
+    value = loss_cfg.get(key, default)
+    if value is None and default is not None:
+        return default
+    return value
+
+
+def _required(loss_cfg, key):
+    """loss_cfg[key]; a clear error when it is absent or null."""
+    value = loss_cfg.get(key, None)
+    if value is None:
+        raise ValueError(f"loss.{key} must be set for loss={loss_cfg.get('name')}")
+    return value
+
+
+def needs_reference(loss_cfg):
+    """True when the loss needs a frozen reference model: dpo / ipo, unless reference_free."""
+    return loss_cfg.get("name") in ("dpo", "ipo") and not _get(loss_cfg, "reference_free", False)
+
+
+def needs_pairs(loss_cfg):
+    """True when the loss trains on (chosen, rejected) pairs: dpo / ipo / orpo."""
+    return loss_cfg.get("name") in ("dpo", "ipo", "orpo")
+
+
+def batch_loss(loss_cfg, policy, reference, batch, lam):
+    """Per-row loss of one micro-batch, for any loss in LOSS_NAMES.
+
+    loss_cfg: mapping with `name` and that loss's keys. policy: the model being trained.
+    reference: frozen model or None (used only when needs_reference). batch: dict of (B, T) tensors.
+    lam: IFT's lambda for this step (ignored by the other losses).
+    Returns (row_losses (B,) with gradient, 0 on invalid rows; valid (B,) bool; row_metrics: dict of
+    (B,) detached float tensors, 0 on invalid rows). The trainer averages over the valid rows of the
+    global batch. Valid: n > 0 for sft / ift; both responses have targets for dpo / ipo / orpo.
+    """
+    name = loss_cfg.get("name")
+    if name == "sft":
+        row_losses, valid, metrics = sft_rows(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    elif name == "ift":
+        row_losses, valid, metrics = ift_rows(
+            policy, batch["input_ids"], batch["attention_mask"], batch["labels"], lam,
+            gamma=_get(loss_cfg, "gamma", 0.95),
+            propagation_type=_get(loss_cfg, "propagation_type", "loss"),
+            propagation_side=_get(loss_cfg, "propagation_side", "left"),
+            propagation_norm=_get(loss_cfg, "propagation_norm", "L1"))
+    elif name in ("dpo", "ipo"):
+        beta = _required(loss_cfg, "beta")
+        reference_free = bool(_get(loss_cfg, "reference_free", False))
+        # IPO has no label smoothing; cDPO is DPO with label_smoothing > 0.
+        label_smoothing = float(_get(loss_cfg, "label_smoothing", 0.0)) if name == "dpo" else 0.0
+        pol = concatenated_logps(policy, batch)
+        if reference_free:
+            ref = {"chosen_logps": torch.zeros_like(pol["chosen_logps"]),
+                   "rejected_logps": torch.zeros_like(pol["rejected_logps"])}
+        else:
+            if reference is None:
+                raise ValueError(f"loss={name} with reference_free=false needs a reference model")
+            with torch.no_grad():
+                ref = concatenated_logps(reference, batch)
+        row_losses, chosen_rewards, rejected_rewards = preference_loss(
+            pol["chosen_logps"], pol["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],
+            beta, label_smoothing=label_smoothing, loss_type=name, reference_free=reference_free)
+        valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
+        metrics = {
+            "loss": row_losses.detach(),
+            "rewards_chosen": chosen_rewards,
+            "rewards_rejected": rejected_rewards,
+            "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+            "rewards_margin": chosen_rewards - rejected_rewards,
+            "logps_chosen": pol["chosen_logps"].detach(),
+            "logps_rejected": pol["rejected_logps"].detach(),
+        }
+    elif name == "orpo":
+        beta = _required(loss_cfg, "beta")
+        pol = concatenated_logps(policy, batch)
+        # ORPO works on per-token mean log-probs (odds of a whole response would vanish with length).
+        chosen = pol["chosen_logps"] / pol["chosen_n"].clamp(min=1)
+        rejected = pol["rejected_logps"] / pol["rejected_n"].clamp(min=1)
+        row_losses = orpo_loss(chosen, rejected, beta)
+        valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
+        metrics = {
+            "loss": row_losses.detach(),
+            "nll": -chosen.detach(),
+            "log_odds_ratio": orpo_log_odds(chosen, rejected).detach(),
+            "logps_chosen": chosen.detach(),
+            "logps_rejected": rejected.detach(),
+        }
+    else:
+        raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
+
+    # Invalid rows: exactly 0, so that (row_losses * valid) can never meet a NaN or inf.
+    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    metrics = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in metrics.items()}
+    return row_losses, valid, metrics

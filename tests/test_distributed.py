@@ -1,0 +1,70 @@
+"""FSDP2 on the CPU with gloo, for real: two processes must train exactly like one.
+
+Each case runs the same seed and global batch (8 rows, 4 steps) once in one process and once in two
+FSDP2 processes, and compares every step's loss and the final weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from utils import REPO_DIR
+from test_train import make_cfg
+
+STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
+         "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0", "optimizer=AdamW", "lr=1e-3"]
+LOSSES = {
+    "sft": ["loss=sft"],
+    "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3"],
+    "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],
+}
+
+
+def launch(run_dir, *overrides):
+    cfg = make_cfg(f"run_dir={run_dir}", *STEPS, *overrides)
+    train.validate_config(cfg)
+    train.launch(cfg)
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r for r in rows if r["split"] == "train"], load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_run(a, b):
+    (rows_a, weights_a), (rows_b, weights_b) = a, b
+    assert len(rows_a) == len(rows_b) == 4
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ra:
+            if key not in ("step_time_s", "tokens_per_s", "split"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:  # relative to the tensor's norm: a lone Adam-normalised element may differ by ~1e-6
+        assert (weights_a[k] - weights_b[k]).norm() <= 1e-5 * weights_a[k].norm(), k
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss, tmp_path):
+    one = launch(tmp_path / "one", *LOSSES[loss], "gradient_accumulation_steps=4")
+    two = launch(tmp_path / "two", *LOSSES[loss], "trainer=FSDPTrainer", "nproc=2", "gradient_accumulation_steps=2")
+    assert_same_run(one, two)
+
+
+def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp_path):
+    """The same command under torchrun joins its process group instead of starting processes."""
+    one = launch(tmp_path / "one", *LOSSES["ift"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_port", str(train._free_port()), "train.py", f"run_dir={tmp_path / 'two'}", *STEPS,
+           *LOSSES["ift"], "trainer=FSDPTrainer", "device=cpu"]
+    proc = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    two = [r for r in rows if r["split"] == "train"], load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert_same_run(one, two)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")  # one process, no FSDP
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, two[1][name])
