@@ -61,6 +61,7 @@ class BasicTrainer:
         if reference is not None:
             reference.requires_grad_(False)
             self.reference = self.wrap(reference, trainable=False).eval()
+            self.reference_fingerprint = _fingerprint(self.reference)
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -186,6 +187,8 @@ class BasicTrainer:
             if crossed or step + 1 == self.total_steps:
                 self.evaluate(step=step + 1)
         bar.close()
+        if self.reference is not None and not torch.equal(_fingerprint(self.reference), self.reference_fingerprint):
+            raise RuntimeError("the frozen reference model changed during training")
         self.save(self.run_dir / "final")
         self.finish_logging()
 
@@ -256,6 +259,14 @@ class BasicTrainer:
         return self.tokens_seen / max(1, self.slots_seen)
 
 
+def _fingerprint(model):
+    """(2 * params,) float64 sums and sums of squares of every parameter (of this rank's shards, summed
+    over ranks): any change to the weights changes it."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    sums = torch.stack([t.detach().double().sum() for t in local] + [t.detach().double().square().sum() for t in local])
+    return all_reduce_sum(sums)
+
+
 def _netrc_has_wandb():
     path = os.path.expanduser("~/.netrc")
     return os.path.exists(path) and "api.wandb.ai" in open(path).read()
@@ -282,7 +293,9 @@ class FSDPTrainer(BasicTrainer):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for block in blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=True)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=trainable)
+        # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
+        # the reference has no backward, so everything is resharded after its forward.
+        fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
         return model.to(self.device)
 
     def gradient_sync(self, enabled):

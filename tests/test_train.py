@@ -135,3 +135,30 @@ def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path):
     a = __import__("safetensors.torch").torch.load_file(tmp_path / "sft" / "final" / "model.safetensors")
     b = __import__("safetensors.torch").torch.load_file(tmp_path / "ift" / "final" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+
+
+def test_every_recipe_in_commands_composes_and_passes_the_config_checks(tmp_path):
+    """Run each commands/*.sh with `python` replaced by a shim that composes and validates the config
+    (as for 8 ranks) instead of training, so a typo in a recipe fails here, not on a GPU node."""
+    shim = tmp_path / "python"
+    shim.write_text(f"""#!/bin/sh
+shift  # train.py
+exec {sys.executable} -c '
+import sys, train
+from hydra import compose, initialize_config_dir
+args = train.expand_short_overrides(sys.argv[1:])
+with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base=None):
+    cfg = compose("config", overrides=args)
+train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
+print("checked", cfg.loss.name, cfg.model.name)
+' "$@"
+""")
+    shim.chmod(0o755)
+    scripts = sorted((REPO_DIR / "commands").glob("*.sh"))
+    assert len(scripts) >= 6
+    for script in scripts:
+        proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "0",
+                                   "PYTHONPATH": str(REPO_DIR)})
+        assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
+        assert "checked" in proc.stdout, script.name

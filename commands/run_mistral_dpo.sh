@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# DPO baseline on Mistral-7B: UltraFeedback pairs, the budget of commands/run_mistral_ift.sh (61,136 examples,
+# global batch 512, lr 5e-7, cosine, 15% warm-up), a frozen reference model (also sharded), beta 0.1.
+# Conventionally DPO starts from an SFT model: pass model.name_or_path=runs/mistral7b_sft/final (from
+# commands/run_mistral_sft.sh) to compare like for like. max_prompt_length 512 leaves room for both answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python train.py loss=dpo beta=0.1 model=mistral7b "datasets=[ultrafeedback]" trainer=FSDPTrainer \
+    n_epochs=3 n_examples=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
+    lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=512 \
+    eval_every=10240 wandb.enabled=true wandb.mode=online \
+    exp_name=mistral7b_dpo run_dir=runs/mistral7b_dpo "$@"

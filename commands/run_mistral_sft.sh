@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# SFT baseline on Mistral-7B with the data and budget of commands/run_mistral_ift.sh. FSDP2, one process per GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python train.py loss=sft model=mistral7b "datasets=[ultrachat,ultrafeedback]" trainer=FSDPTrainer \
+    n_epochs=3 n_examples=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
+    lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=1024 \
+    eval_every=10240 wandb.enabled=true wandb.mode=online \
+    exp_name=mistral7b_sft run_dir=runs/mistral7b_sft "$@"
