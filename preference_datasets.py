@@ -10,6 +10,7 @@ Bad input (a missing file, invalid JSON, a row missing a field or with the wrong
 assistant turn) raises DataError naming the file, row and field, before any model is loaded.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +403,21 @@ class TokenizedData:
         return np.array([len(p) + a for p, a in zip(self.prompt_ids, answer)], dtype=np.int64)
 
 
+TOKENIZE_VERSION = 1  # bump when encode_prompt / encode_answer / truncate change what they produce
+
+
+def _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs):
+    """sha256 of the rows, the tokenizer (vocabulary, merges, special tokens, chat template) and the settings."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(json.dumps([TOKENIZE_VERSION, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
+                         max_length, max_prompt_length, pairs, type(tokenizer).__name__]).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
 def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs):
     """Tokenise normalised rows once. Rows left with no target token (an answer that renders to no
     tokens) are dropped and counted in `n_dropped`; `pairs` keeps the rejected answers."""
@@ -420,12 +436,26 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs):
             out["rejected_ids"].append(answers[1] if pairs else [])
         return out
 
-    ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, desc="tokenising")
-    keep = [i for i, (c, r) in enumerate(zip(ds["chosen_ids"], ds["rejected_ids"])) if c and (r or not pairs)]
-    pick = lambda col: [col[i] for i in keep]  # noqa: E731
+    # Cached on disk under a key of everything the result depends on, so a second run (or the other
+    # ranks, which wait for rank 0) reads the token ids instead of re-rendering every chat.
+    key = _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs)
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "ift_tokenized" / f"{key}.arrow"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    quiet = len(rows) < 20_000
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, desc="tokenising",
+                                                  cache_file_name=str(cache), new_fingerprint=key)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    cols = ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()  # plain lists, read once
+    keep = [i for i, (c, r) in enumerate(zip(cols["chosen_ids"], cols["rejected_ids"])) if c and (r or not pairs)]
+    pick = lambda col: [cols[col][i] for i in keep]  # noqa: E731
     return TokenizedData(
-        prompt_ids=pick(ds["prompt_ids"]), chosen_ids=pick(ds["chosen_ids"]),
-        rejected_ids=pick(ds["rejected_ids"]) if pairs else None,
+        prompt_ids=pick("prompt_ids"), chosen_ids=pick("chosen_ids"),
+        rejected_ids=pick("rejected_ids") if pairs else None,
         prompts=[rows[i]["prompt"] for i in keep], answers=[rows[i]["chosen"] for i in keep],
         n_dropped=len(rows) - len(keep))
 

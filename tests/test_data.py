@@ -233,3 +233,17 @@ def test_collated_tensors_are_long_and_right_padded(tok):
     assert all(v.dtype == torch.long for v in batch.values())
     mask = batch["attention_mask"]
     assert (mask[:, :-1] >= mask[:, 1:]).all()  # ones then zeros: right padding
+
+
+def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monkeypatch, tmp_path):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    rows = [SINGLE, MULTI]
+    first = _tokenize(tok, rows, pairs=True)
+    monkeypatch.setattr(pd, "encode_prompt", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_prompt is never called
+    assert again.prompt_ids == first.prompt_ids and again.rejected_ids == first.rejected_ids
+    with pytest.raises(AssertionError, match="re-tokenised"):
+        _tokenize(tok, rows, pairs=True, max_length=100)  # another setting: another key
+    with pytest.raises(AssertionError, match="re-tokenised"):
+        _tokenize(tok, [SINGLE, dict(MULTI, chosen="Cherry.")], pairs=True)  # other content: another key
