@@ -119,6 +119,12 @@ def validate_config(cfg, world=None):
     _number(cfg, "eval_every", 1, integer=True)
     _number(cfg, "n_eval_examples", 1, integer=True, optional=True)
     _number(cfg, "n_samples", 0, integer=True)
+    _number(cfg, "save_every", 1, integer=True, optional=True)
+    if cfg.resume_from is not None:
+        path = resolve_path(cfg.resume_from)
+        if path is None or not (path / "trainer_state.pt").is_file() or not (path / "config.json").is_file():
+            raise ConfigError(f"resume_from={cfg.resume_from} is not a checkpoint folder (one holding config.json and "
+                              "trainer_state.pt, e.g. <run_dir>/checkpoints/step-100)")
     _number(cfg, "max_new_tokens", 1, integer=True)
     _number(cfg, "seed", 0, integer=True)
     _number(cfg, "nproc", 1, integer=True, optional=True)
@@ -202,13 +208,13 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype_key):
+def load_model(cfg, dtype, name_or_path=None):
     from transformers import AutoModelForCausalLM
 
-    path = resolve_path(cfg.model.name_or_path)
-    return AutoModelForCausalLM.from_pretrained(
-        str(path or cfg.model.name_or_path), dtype=getattr(torch, cfg.model[dtype_key]),
-        trust_remote_code=cfg.model.trust_remote_code)
+    name_or_path = name_or_path or cfg.model.name_or_path
+    path = resolve_path(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(str(path or name_or_path), dtype=getattr(torch, dtype),
+                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
 def load_data(cfg, tokenizer, pairs):
@@ -276,9 +282,16 @@ def run(cfg, local_rank=0, world=1, port=None):
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-        policy = load_model(cfg, "policy_dtype")
-        reference = load_model(cfg, "reference_dtype") if losses.needs_reference(cfg.loss) else None
+        if cfg.resume_from is None:
+            policy = load_model(cfg, cfg.model.policy_dtype)
+        else:  # the checkpoint holds the weights exactly as trained: FSDP2 keeps float32 master weights
+            dtype = "float32" if cfg.trainer == "FSDPTrainer" else cfg.model.policy_dtype
+            policy = load_model(cfg, dtype, str(resolve_path(cfg.resume_from)))
+        # the reference is always the original model
+        reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
+        if cfg.resume_from is not None:
+            trainer.resume(resolve_path(cfg.resume_from))
         trainer.train()
         if is_main():
             print(f"run dir: {run_dir}")

@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ class BasicTrainer:
         self.metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if is_main() else None
         self.wandb = None
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
+        self.start_step = 0
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -83,10 +85,17 @@ class BasicTrainer:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
 
-    def full_state_dict(self):
-        """The policy's full (unsharded) state dict on rank 0, in policy_dtype; None elsewhere."""
-        dtype = getattr(torch, self.cfg.model.policy_dtype)
+    def full_state_dict(self, dtype=None):
+        """The policy's full (unsharded) state dict on rank 0, cast to `dtype` if given; None elsewhere."""
         return {k: v.detach().to("cpu", dtype) for k, v in self.policy.state_dict().items()}
+
+    def optimizer_state(self):
+        """The optimizer's full state dict on rank 0 (None elsewhere)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state):
+        """Load a state from optimizer_state() (given on rank 0; the others may get None)."""
+        self.optimizer.load_state_dict(state)
 
     # ------------------------------------------------------------ set-up
 
@@ -155,9 +164,10 @@ class BasicTrainer:
     def train(self):
         cfg = self.cfg
         self.start_logging()
-        if cfg.do_first_eval:
+        if cfg.do_first_eval and self.start_step == 0:
             self.evaluate(step=0)
-        bar = tqdm(range(self.total_steps), desc="train", disable=not is_main(), dynamic_ncols=True)
+        bar = tqdm(range(self.start_step, self.total_steps), desc="train", disable=not is_main(),
+                   dynamic_ncols=True, initial=self.start_step, total=self.total_steps)
         for step in bar:
             t0 = time.perf_counter()
             self.policy.train()
@@ -183,9 +193,11 @@ class BasicTrainer:
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss is {row['loss']} at step {step + 1}; metrics so far are in "
                                          f"{self.run_dir / 'metrics.jsonl'}")
-            crossed = (step + 1) * cfg.batch_size // cfg.eval_every > step * cfg.batch_size // cfg.eval_every
-            if crossed or step + 1 == self.total_steps:
+            if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
                 self.evaluate(step=step + 1)
+            if cfg.save_every is not None and _crossed(step, cfg.batch_size, cfg.save_every) \
+                    and step + 1 < self.total_steps:
+                self.save_checkpoint(step + 1)
         bar.close()
         if self.reference is not None and not torch.equal(_fingerprint(self.reference), self.reference_fingerprint):
             raise RuntimeError("the frozen reference model changed during training")
@@ -246,17 +258,50 @@ class BasicTrainer:
     def save(self, directory):
         """A plain Hugging Face model directory (safetensors + config + tokenizer), written by rank 0
         into a temporary folder and renamed into place, so a crash never leaves half a model."""
-        state = self.full_state_dict()
+        self._save_model(directory, getattr(torch, self.cfg.model.policy_dtype))
+
+    def _save_model(self, directory, dtype, trainer_state=None):
+        state = self.full_state_dict(dtype)
         if is_main():
-            model = getattr(self.policy, "module", self.policy)
             with atomic_directory(directory) as tmp:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
+                if trainer_state is not None:
+                    torch.save(trainer_state, tmp / TRAINER_STATE)
         barrier()
+
+    def save_checkpoint(self, step):
+        """checkpoints/step-<step>/: the weights exactly as trained (no dtype cast), loadable with
+        from_pretrained, plus trainer_state.pt (optimizer, scheduler, step) for resume_from."""
+        optimizer = self.optimizer_state()
+        state = None
+        if is_main():
+            state = {"step": step, "total_steps": self.total_steps, "optimizer": optimizer,
+                     "scheduler": self.scheduler.state_dict(), "tokens_seen": self.tokens_seen,
+                     "slots_seen": self.slots_seen}
+        self._save_model(self.run_dir / "checkpoints" / f"step-{step}", None, state)
+
+    def resume(self, directory):
+        """Continue exactly where checkpoint `directory` stopped: the caller loaded its weights into
+        the policy; here the optimizer, the scheduler and the step. Data order and lambda noise are
+        functions of (seed, epoch) and (seed, step), so nothing else is needed."""
+        state = torch.load(Path(directory) / TRAINER_STATE, weights_only=True, map_location="cpu")
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"resume_from={directory} comes from a run of {state['total_steps']} steps, but this "
+                             f"config gives {self.total_steps}; resume with the same data and batch settings")
+        self.load_optimizer_state(state["optimizer"] if is_main() else None)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = state["step"]
+        self.tokens_seen, self.slots_seen = state["tokens_seen"], state["slots_seen"]
 
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
+
+
+def _crossed(step, batch_size, every):
+    """Whether optimizer step `step` (0-based) carries the example count past a multiple of `every`."""
+    return (step + 1) * batch_size // every > step * batch_size // every
 
 
 def _fingerprint(model):
@@ -307,12 +352,25 @@ class FSDPTrainer(BasicTrainer):
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def full_state_dict(self):
+    def full_state_dict(self, dtype=None):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        dtype = getattr(torch, self.cfg.model.policy_dtype)
         return {k: v.to(dtype) for k, v in state.items()} if is_main() else None
 
+    def optimizer_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        state = get_optimizer_state_dict(self.policy, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if is_main() else None
+
+    def load_optimizer_state(self, state):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state or {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+TRAINER_STATE = "trainer_state.pt"
 TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
