@@ -262,14 +262,16 @@ def run(cfg, local_rank=0, world=1, port=None):
 
     cfg = OmegaConf.create(cfg)
     cuda = _use_cuda(cfg)
-    if port is not None or launched_by_torchrun():
-        if port is not None:  # started by mp.spawn below, not by torchrun
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                              WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-        local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+    backend = "nccl" if cuda else "gloo"
+    if port is not None:  # one of the processes launch() started (no environment variables are touched)
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=world)
+    elif launched_by_torchrun():  # torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     try:
         set_seed(cfg.seed)

@@ -335,7 +335,7 @@ class FSDPTrainer(BasicTrainer):
                              f"{type(model).__name__}; set it to its decoder layer class")
         if trainable and self.cfg.activation_checkpointing:
             # recompute each block's activations in backward instead of storing them
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for block in blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=True)
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;

@@ -68,3 +68,11 @@ def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")  # one process, no FSDP
     for name, p in model.state_dict().items():
         torch.testing.assert_close(p, two[1][name])
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    plain = launch(tmp_path / "plain", *LOSSES["ift"])
+    checkpointed = launch(tmp_path / "ckpt", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=1",
+                          "activation_checkpointing=true")
+    assert_same_run(plain, checkpointed)
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
