@@ -162,3 +162,24 @@ print("checked", cfg.loss.name, cfg.model.name)
                                    "PYTHONPATH": str(REPO_DIR)})
         assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
         assert "checked" in proc.stdout, script.name
+
+
+def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_path, monkeypatch):
+    import types
+    import trainers
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=None, finish=None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    cfg = make_cfg("wandb.enabled=true", "wandb.mode=online")
+    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None)
+    trainers.BasicTrainer.start_logging(trainer)
+    assert calls[-1]["mode"] == "offline" and calls[-1]["name"] == cfg.exp_name
+    assert calls[-1]["config"]["loss"]["gamma"] == 0.95  # the resolved config travels with the run
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    trainers.BasicTrainer.start_logging(trainer)
+    assert calls[-1]["mode"] == "online"
+    trainer.cfg = make_cfg("wandb.enabled=false")
+    trainers.BasicTrainer.start_logging(trainer)
+    assert len(calls) == 2
