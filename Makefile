@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
+# OpenMP threads sleep while waiting instead of spinning: spinning stalls steps for seconds on a busy CPU
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test bench clean
 
@@ -16,9 +17,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # IFT on the bundled tiny model and sample data, with evaluation; writes runs/demo/ (replaced each time).
+# The settings are commands/run_tiny_ift.sh's; DEMO_ARGS adds overrides (e.g. DEMO_ARGS="loss=sft").
 demo: $(VENV)/.installed
 	rm -rf runs/demo
-	$(PY) train.py run_dir=runs/demo $(DEMO_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash commands/run_tiny_ift.sh run_dir=runs/demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
