@@ -306,6 +306,8 @@ def run(cfg, local_rank=0, world=1, port=None):
         if is_main():
             print(f"run dir: {run_dir}")
             print(f"non-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
+            first, last = trainer.eval_losses[0], trainer.eval_losses[-1]
+            print(f"eval loss: {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%} over the run)")
         if cfg.n_samples > 0 and is_main():
             # a sharded policy cannot generate on one rank alone: reload the saved final/ instead
             model = load_model_dir(run_dir / "final", device) if dist.is_initialized() else trainer.policy

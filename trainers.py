@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -70,6 +69,7 @@ class BasicTrainer:
         self.wandb = None
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
+        self.eval_losses = []  # eval loss of each evaluation of this run, in order
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -221,6 +221,7 @@ class BasicTrainer:
         if self.cfg.loss.name == "ift":
             row["lambda"] = lam
         self.log(row)
+        self.eval_losses.append(row["loss"])
         if is_main():
             tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float)))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import train
 from utils import REPO_DIR
-from test_train import make_cfg
+from test_train import launch_run
 
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
          "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0", "optimizer=AdamW", "lr=1e-3"]
@@ -26,11 +26,7 @@ LOSSES = {
 
 
 def launch(run_dir, *overrides):
-    cfg = make_cfg(f"run_dir={run_dir}", *STEPS, *overrides)
-    train.validate_config(cfg)
-    train.launch(cfg)
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    return [r for r in rows if r["split"] == "train"], load_file(run_dir / "final" / "model.safetensors")
+    return launch_run(run_dir, *STEPS, *overrides)
 
 
 def assert_same_run(a, b):

@@ -1,14 +1,11 @@
 """Checkpoints and exact resume: a run stopped at a checkpoint and resumed from it trains exactly like
 one that never stopped (data order from (seed, epoch), lambda noise from (seed, step))."""
 
-import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import train
-from test_train import make_cfg
+from test_train import launch_run, make_cfg
 from utils import ConfigError
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
@@ -18,11 +15,7 @@ STEPS = ["n_examples=48", "batch_size=8", "eval_batch_size=8", "n_eval_examples=
 
 
 def launch(run_dir, *overrides):
-    cfg = make_cfg(f"run_dir={run_dir}", *STEPS, *overrides)
-    train.validate_config(cfg)
-    train.launch(cfg)
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    return [r for r in rows if r["split"] == "train"], load_file(run_dir / "final" / "model.safetensors")
+    return launch_run(run_dir, *STEPS, *overrides)
 
 
 def assert_continues(full, resumed, from_step):

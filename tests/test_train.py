@@ -23,6 +23,17 @@ def make_cfg(*overrides):
         return compose("config", overrides=train.expand_short_overrides(list(overrides)))
 
 
+def launch_run(run_dir, *overrides):
+    """Validate and launch a run as train.py's main would (spawning FSDP ranks if asked); returns
+    (its training rows of metrics.jsonl, its final weights)."""
+    from safetensors.torch import load_file
+    cfg = make_cfg(f"run_dir={run_dir}", *overrides)
+    train.validate_config(cfg)
+    train.launch(cfg)
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r for r in rows if r["split"] == "train"], load_file(run_dir / "final" / "model.safetensors")
+
+
 def run_inprocess(tmp_path, name, *overrides):
     cfg = make_cfg(f"run_dir={tmp_path / name}", *FAST, *overrides)
     train.validate_config(cfg)
@@ -87,7 +98,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
-    assert "held-out exact match" in proc.stdout
+    assert "held-out exact match" in proc.stdout and "eval loss: " in proc.stdout
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.gamma == 0.9 and saved.run_dir == str(run_dir)
