@@ -72,3 +72,13 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
                           "activation_checkpointing=true")
     assert_same_run(plain, checkpointed)
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
+
+
+def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_path):
+    """policy_dtype=bfloat16 under FSDP2: compute in bf16, parameters and gradient reduction in float32,
+    final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute)."""
+    exact = launch(tmp_path / "fp32", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2")
+    mixed = launch(tmp_path / "bf16", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2", "model.policy_dtype=bfloat16")
+    assert all(w.dtype == torch.bfloat16 for w in mixed[1].values())
+    a, b = [r["loss"] for r in exact[0]], [r["loss"] for r in mixed[0]]
+    assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
