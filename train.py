@@ -141,6 +141,8 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    if cfg.run_dir is not None and any((Path(cfg.run_dir) / f).exists() for f in ("metrics.jsonl", "final")):
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
 
@@ -261,7 +263,8 @@ def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
 # ---------------------------------------------------------------- one process of a run
 
 def run(cfg, local_rank=0, world=1, port=None):
-    """Everything one rank does: join the process group, load data and models, train, report."""
+    """Everything one rank does: join the process group, check and load the data, make the run dir,
+    load the models, train, report."""
     import losses
     from trainers import TRAINERS
 
@@ -283,12 +286,11 @@ def run(cfg, local_rank=0, world=1, port=None):
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     try:
         set_seed(cfg.seed)
-        run_dir = make_run_dir(cfg)
-        if is_main():
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         tokenizer = load_tokenizer(cfg)
         train_data, eval_data = load_data(cfg, tokenizer, pairs=losses.needs_pairs(cfg.loss))
+        run_dir = make_run_dir(cfg)  # only once the data is known to be good
         if is_main():
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
@@ -344,12 +346,14 @@ def _free_port():
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig):
+    from preference_datasets import DataError
     try:
         validate_config(cfg)
+        launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    launch(resolved)
+    except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
+        sys.exit(f"data error: {e}")
 
 
 def launch(cfg):

@@ -83,10 +83,14 @@ def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, 
 
 
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
-    for args, message in ((["nosuchkey=1"], "nosuchkey"), (["lr=-1"], "config error: lr=-1")):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    for args, message in ((["nosuchkey=1"], "nosuchkey"), (["lr=-1"], "config error: lr=-1"),
+                          ([f"datasets=[{bad}]"], f"data error: {bad}: row 0: field 'messages' must end with")):
         proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'r'}", *args], cwd=REPO_DIR,
                               capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and message in proc.stderr
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
         assert not (tmp_path / "r").exists()  # nothing was written
 
 
@@ -130,6 +134,8 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
 
 def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.validate_config(make_cfg(f"run_dir={tmp_path}"))  # before anything starts
     with pytest.raises(ConfigError, match="already holds a run"):
         train.make_run_dir(make_cfg(f"run_dir={tmp_path}"))
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
