@@ -211,21 +211,27 @@ def check_dataset_name(name, dataset_paths):
 
 
 def _read_local_rows(path):
-    """Rows of a .jsonl/.json/.parquet file as dicts; invalid JSON names the file and line."""
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {line_no}: a row must be a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
+    """[(where, row)] of a .jsonl/.json/.parquet file, invalid JSON naming the file and line. where is 'FILE: line N' (1-based) for .jsonl, so an error
+    points at the line to open, and 'FILE: row i' (0-based, as datasets counts) otherwise."""
+    if path.suffix != ".jsonl":
+        return [(f"{path}: row {i}", row) for i, row in enumerate(_read_whole_file(path))]
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {line_no}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append((f"{path}: line {line_no}", row))
+    return rows
+
+
+def _read_whole_file(path):
+    """Rows of a .json or .parquet file."""
     if path.suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -248,12 +254,13 @@ def _split_files(directory, split):
     return found or sorted(directory.glob(f"{split}-*.parquet")) or sorted(directory.glob(f"data/{split}-*.parquet"))
 
 
-def _normalise_rows(rows, normalise, label, row_base=0):
+def _normalise_rows(located_rows, normalise, label):
+    """Normalise [(where, row)]; `normalise` None detects the schema from the first row."""
     if normalise is None:
-        if not rows:
+        if not located_rows:
             raise DataError(f"{label}: no rows")
-        normalise = detect_schema(rows[0], f"{label}: row {row_base}")
-    return [normalise(row, f"{label}: row {row_base + i}") for i, row in enumerate(rows)]
+        normalise = detect_schema(located_rows[0][1], located_rows[0][0])
+    return [normalise(row, where) for where, row in located_rows]
 
 
 def _load_local(path, split, normalise, split_names=("train", "test")):
@@ -300,7 +307,8 @@ def _load_hub(source, key, split):
             f"Set dataset_paths.{key}=/path/to/a/local/copy (a directory with {hub_split}.jsonl or "
             f"{hub_split}-*.parquet files), or use datasets=[{key}{SAMPLE_SUFFIX}] for the bundled sample"
         ) from None
-    rows = _normalise_rows(ds, source.normalise, source.hub_id)
+    rows = _normalise_rows([(f"{source.hub_id} ({hub_split}): row {i}", row) for i, row in enumerate(ds)],
+                           source.normalise, source.hub_id)
     return rows if source.splits[split] else _hold_out(rows, split)
 
 

@@ -132,7 +132,7 @@ def test_every_sample_dataset_loads_in_both_splits(tok):
 def test_orca_has_no_test_split_so_its_tail_is_held_out():
     train = pd.load_normalised("orca_sample", "train")
     test = pd.load_normalised("orca_sample", "test")
-    rows = pd._read_local_rows(REPO_DIR / "data/orca_dpo_pairs/train.jsonl")
+    rows = [row for _, row in pd._read_local_rows(REPO_DIR / "data/orca_dpo_pairs/train.jsonl")]
     assert len(train) + len(test) == len(rows) and len(test) == max(1, int(len(rows) * 0.05))
     assert test[-1]["chosen"] == rows[-1]["chosen"]
 
@@ -169,15 +169,15 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 
 @pytest.mark.parametrize("bad_row, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"row 1: field 'messages' must end with an assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"line 2: field 'messages' must end with an assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
-     r"row 1: field 'messages' has an empty final assistant turn"),
-    ({"messages": "hi"}, r"row 1: field 'messages' must be list, got str"),
+     r"line 2: field 'messages' has an empty final assistant turn"),
+    ({"messages": "hi"}, r"line 2: field 'messages' must be list, got str"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
-     r"row 1: field 'messages\[0\]' must be a"),
+     r"line 2: field 'messages\[0\]' must be a"),
     ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "x"}]},
-     r"row 1: field 'messages\[0\].role' is 'robot'"),
-    ({"text": "hi"}, r"row 1: missing field 'messages'"),
+     r"line 2: field 'messages\[0\].role' is 'robot'"),
+    ({"text": "hi"}, r"line 2: missing field 'messages'"),
 ])
 def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
     path = _write(tmp_path, [GOOD, bad_row])
@@ -187,9 +187,9 @@ def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
 
 @pytest.mark.parametrize("bad_row, message", [
     ({"prompt": "q", "chosen": "a"}, None),  # rejected may be absent for SFT data: not an error
-    ({"prompt": "q", "chosen": "", "rejected": "b"}, r"row 1: field 'chosen' is empty"),
-    ({"prompt": "q", "chosen": 5, "rejected": "b"}, r"row 1: field 'chosen' must be str, got int"),
-    ({"prompt": "q", "rejected": "b"}, r"row 1: missing field 'chosen'"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, r"line 2: field 'chosen' is empty"),
+    ({"prompt": "q", "chosen": 5, "rejected": "b"}, r"line 2: field 'chosen' must be str, got int"),
+    ({"prompt": "q", "rejected": "b"}, r"line 2: missing field 'chosen'"),
 ])
 def test_bad_preference_rows_name_file_row_and_field(tmp_path, bad_row, message):
     path = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad_row])
@@ -247,3 +247,16 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
         _tokenize(tok, rows, pairs=True, max_length=100)  # another setting: another key
     with pytest.raises(AssertionError, match="re-tokenised"):
         _tokenize(tok, [SINGLE, dict(MULTI, chosen="Cherry.")], pairs=True)  # other content: another key
+
+
+def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
+    import datasets
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([GOOD, GOOD, bad]))
+    with pytest.raises(pd.DataError, match=r"bad\.json: row 2: field 'messages' has an empty final assistant turn"):
+        pd.load_normalised(str(path), "train")
+    parquet = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list([GOOD, bad]).to_parquet(str(parquet))
+    with pytest.raises(pd.DataError, match=r"bad\.parquet: row 1: field 'messages' has an empty"):
+        pd.load_normalised(str(parquet), "train")

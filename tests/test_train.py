@@ -86,7 +86,7 @@ def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     for args, message in ((["nosuchkey=1"], "nosuchkey"), (["lr=-1"], "config error: lr=-1"),
-                          ([f"datasets=[{bad}]"], f"data error: {bad}: row 0: field 'messages' must end with")):
+                          ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with")):
         proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'r'}", *args], cwd=REPO_DIR,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
