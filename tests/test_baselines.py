@@ -7,7 +7,8 @@ Why the learning tests evaluate on their own training pairs: the bundled model i
 initialised, and in a few dozen steps (even in 3 epochs) of DPO it learns almost nothing that
 transfers to the held-out prompts of ultrafeedback_sample: held-out reward accuracy stays near
 chance (0.5-0.6 in our runs, depending on the seed), while the held-out margin and loss do move the
-right way (test_dpo_on_held_out_prompts_...). Whether a loss moves the policy
+right way (test_dpo_on_held_out_prompts_...); started from an SFT model, as DPO usually is, it does
+lift held-out reward accuracy (test_dpo_from_an_sft_model_...). Whether a loss moves the policy
 towards the chosen answers is a property of the code, not of generalisation, so these tests train on
 a local copy of the first FIT_ROWS training pairs (through dataset_paths, the offline-copy path) and
 evaluate on the same pairs, where a correct loss lifts reward accuracy far above chance in 8 steps.
@@ -170,6 +171,24 @@ def test_dpo_on_held_out_prompts_moves_the_margin_the_right_way(tmp_path):
     assert last["rewards_margin"] > 0.005, last
     assert last["rewards_chosen"] > last["rewards_rejected"]
     assert last["loss"] < math.log(2) - 0.002, last
+
+
+def test_dpo_from_an_sft_model_lifts_held_out_reward_accuracy_above_chance(tmp_path):
+    """The usual pipeline, SFT then DPO, on held-out prompts: 300 SFT steps teach the tiny model the
+    tasks, then 20 DPO steps from that model (also the reference) lift the reward accuracy on the 200
+    held-out pairs of ultrafeedback_sample from 0 (policy == reference: every reward ties) to well
+    above chance (0.68 measured with seed 0; 0.60-0.68 over seeds 0-3)."""
+    run_inprocess(tmp_path / "sft", "loss=sft", "datasets=[ultrachat_sample]", "optimizer=AdamW", "lr=2e-3",
+                  "lr_schedule=cosine", "warmup_steps=20", "max_grad_norm=1.0", "batch_size=16", "n_examples=4800",
+                  "do_first_eval=false", "n_eval_examples=16")
+    rows = run_inprocess(tmp_path / "dpo", "loss=dpo", "beta=0.1", "datasets=[ultrafeedback_sample]",
+                         f"model.name_or_path={tmp_path / 'sft' / 'final'}", "optimizer=AdamW", "lr=2e-4",
+                         "warmup_steps=0", "batch_size=16", "n_examples=320", "eval_every=320",
+                         "n_eval_examples=200", "eval_batch_size=50")
+    first, last = split(rows, "eval")
+    assert first["rewards_accuracy"] == 0.0 and abs(first["rewards_margin"]) < 1e-6
+    assert last["rewards_accuracy"] >= 0.58, last  # 200 pairs: chance is 0.5 +- 0.035
+    assert last["rewards_margin"] > 0.02 and last["loss"] < math.log(2), last
 
 
 # ---------------------------------------------------------------- 2. ORPO
