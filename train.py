@@ -61,6 +61,34 @@ def expand_short_overrides(args):
     return out
 
 
+def check_override_keys(args):
+    """Name an unknown key on the command line with the keys allowed there (and the closest one),
+    instead of Hydra's generic 'not in struct'. Group choices (loss=..., model=...), appends (+key)
+    and deletions (~key) are left to Hydra."""
+    import difflib
+
+    top = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    sections = {"model": OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"), "wandb": top.wandb,
+                "dataset_paths": top.dataset_paths, "loss": {k: None for v in LOSS_KEYS.values() for k in v}}
+    for arg in args:
+        key, eq, _ = arg.partition("=")
+        if not eq or key[:1] in "+~" or key.startswith("hydra"):
+            continue
+        head, _, rest = key.partition(".")
+        if not rest:
+            allowed = [k for k in top if k not in ("defaults", "hydra")] + ["loss", "model"]
+        elif head in sections and "." not in rest:
+            key, allowed = rest, list(sections[head]) + (["name"] if head == "loss" else [])
+        else:
+            continue
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"in {head}" if rest else "at the top level"
+            raise ConfigError(f"unknown config key '{arg.partition('=')[0]}'{hint}; keys {where}: "
+                              f"{', '.join(sorted(allowed))}")
+
+
 # ---------------------------------------------------------------- config checks (before anything loads)
 
 def _number(cfg, key, low=None, high=None, low_open=False, high_open=False, integer=False, optional=False):
@@ -376,4 +404,8 @@ def _spawned(local_rank, cfg, world, port):
 
 if __name__ == "__main__":
     sys.argv = sys.argv[:1] + expand_short_overrides(sys.argv[1:])
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     main()

@@ -85,7 +85,8 @@ def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, 
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    for args, message in ((["nosuchkey=1"], "nosuchkey"), (["lr=-1"], "config error: lr=-1"),
+    for args, message in ((["lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
+                          (["lr=-1"], "config error: lr=-1"),
                           ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with")):
         proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'r'}", *args], cwd=REPO_DIR,
                               capture_output=True, text=True, timeout=120)
@@ -130,6 +131,19 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert len(open(run_dir / "samples.jsonl").readlines()) == 2
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("nosuchkey=1", r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
+    ("loss.gamm=0.9", r"unknown config key 'loss.gamm' \(did you mean 'gamma'\?\); keys in loss: beta"),
+    ("model.dtype=bf16", r"unknown config key 'model.dtype'; keys in model: block_name"),
+    ("wandb.projetc=x", r"did you mean 'project'"),
+])
+def test_unknown_keys_on_the_command_line_are_named_with_the_allowed_ones(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        train.check_override_keys(train.expand_short_overrides([arg]))
+    train.check_override_keys(train.expand_short_overrides(["gamma=0.9", "loss=dpo", "model.policy_dtype=bfloat16",
+                                                            "+extra=1", "hydra.verbose=true", "datasets=[hh]"]))
 
 
 def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
