@@ -156,9 +156,9 @@ class BasicTrainer:
             for k, v in row_metrics.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().float() * valid).sum()
         keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens)), torch.tensor(float(slots))]) \
-            if keys else torch.tensor([float(tokens), float(slots)])
-        packed = all_reduce_sum(packed.to(self.device)).cpu()
+        counts = torch.tensor([float(tokens), float(slots)], device=self.device)
+        packed = all_reduce_sum(torch.cat([torch.stack([sums[k] for k in keys]).to(self.device), counts])
+                                if keys else counts).cpu()
         return {k: float(packed[i]) for i, k in enumerate(keys)}, int(packed[-2]), int(packed[-1])
 
     def train(self):
