@@ -244,12 +244,18 @@ def load_tokenizer(cfg):
 
 
 def load_model(cfg, dtype, name_or_path=None):
-    from transformers import AutoModelForCausalLM
+    """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
+    reads them; the others build the architecture on the meta device (no memory) and receive their
+    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    name_or_path = name_or_path or cfg.model.name_or_path
-    path = resolve_path(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(str(path or name_or_path), dtype=getattr(torch, dtype),
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    name_or_path = str(resolve_path(name_or_path or cfg.model.name_or_path) or name_or_path or cfg.model.name_or_path)
+    kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kw)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
 
 
 def load_data(cfg, tokenizer, pairs):

@@ -337,11 +337,16 @@ class FSDPTrainer(BasicTrainer):
         if trainable and self.cfg.activation_checkpointing:
             # recompute each block's activations in backward instead of storing them
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Only rank 0 read the weights (train.load_model); the others built the model on the meta device.
+        # Rank 0 keeps its full tensors until every rank has copied its shard from them.
+        full = model.state_dict() if is_main() else None
         for block in blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=True)
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+        if self.world > 1:
+            _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)
 
     def gradient_sync(self, enabled):
@@ -371,6 +376,21 @@ class FSDPTrainer(BasicTrainer):
 
         set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state or {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _broadcast_weights_from_rank0(model, full_state, device):
+    """Fill the shards of every rank from rank 0's full state dict, and copy rank 0's buffers (such
+    as rotary frequencies, which are not in the state dict) to the others. Ranks whose model was built
+    on the meta device get real, empty storage first."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state if is_main() else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 TRAINER_STATE = "trainer_state.pt"

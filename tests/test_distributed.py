@@ -82,3 +82,20 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
     assert all(w.dtype == torch.bfloat16 for w in mixed[1].values())
     a, b = [r["loss"] for r in exact[0]], [r["loss"] for r in mixed[0]]
     assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
+
+
+def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
+    """Ranks other than 0 build the model on the meta device (no memory); the equivalence tests above
+    show they then receive exactly rank 0's weights and buffers."""
+    from test_train import make_cfg
+    cfg = make_cfg("trainer=FSDPTrainer", "nproc=2")
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(train, "is_main", lambda: False)
+    other = train.load_model(cfg, "float32")
+    assert all(p.is_meta for p in other.parameters())
+    monkeypatch.setattr(train, "is_main", lambda: True)
+    assert not any(p.is_meta for p in train.load_model(cfg, "float32").parameters())
+    plain = make_cfg()  # BasicTrainer: always real weights
+    monkeypatch.setattr(train, "is_main", lambda: False)
+    assert not any(p.is_meta for p in train.load_model(plain, "float32").parameters())
