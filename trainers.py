@@ -132,7 +132,8 @@ class BasicTrainer:
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.
         micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
-        n_rows: valid rows in the global batch, the loss's denominator.
+        n_rows: rows in the global batch, the loss's denominator (every tokenised row has a target:
+            tokenize_rows drops the others, so all of them are valid rows of the spec's mean).
         Returns (sum over ranks of each row metric, tokens, padded slots)."""
         data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]
