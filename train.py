@@ -169,7 +169,7 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
-    if cfg.run_dir is not None and any((Path(cfg.run_dir) / f).exists() for f in ("metrics.jsonl", "final")):
+    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
@@ -219,6 +219,11 @@ def _use_cuda(cfg):
 
 # ---------------------------------------------------------------- building blocks
 
+def holds_run(path):
+    """Whether a directory already holds a run's metrics or final model (which must not be overwritten)."""
+    return (path / "metrics.jsonl").exists() or (path / "final").exists()
+
+
 def make_run_dir(cfg):
     """The run directory, created by rank 0 and shared with the others. Refuses a directory that
     already holds a run, so nothing written earlier is overwritten."""
@@ -226,7 +231,7 @@ def make_run_dir(cfg):
     if is_main():
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         path = Path(cfg.run_dir or f"runs/{cfg.exp_name}_{stamp}").resolve()
-        if (path / "metrics.jsonl").exists() or (path / "final").exists():
+        if holds_run(path):
             raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
         path.mkdir(parents=True, exist_ok=True)
     return Path(broadcast_object(str(path)))
@@ -249,7 +254,8 @@ def load_model(cfg, dtype, name_or_path=None):
     shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name_or_path = str(resolve_path(name_or_path or cfg.model.name_or_path) or name_or_path or cfg.model.name_or_path)
+    name = name_or_path or cfg.model.name_or_path
+    name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
     if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
