@@ -15,6 +15,8 @@ Conventions
 """
 
 import contextlib
+import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,219 @@ def _target_mask(labels):
     return labels[:, 1:] != IGNORE_INDEX
 
 
+# ------------------------------------------------------------------------------------------------
+# How the model is called: a chunked output head and padding-free packing
+# ------------------------------------------------------------------------------------------------
+
+# Target positions per chunk of the output head (config key loss_chunk_tokens; null = one chunk).
+# Peak memory of the head is then about 10 bytes x chunk x V (bf16 logits, their float32 copy, one
+# float32 temporary), e.g. 640 MiB at V = 128k, whatever the micro-batch; and 512 rows still make a
+# matrix product large enough to run at full speed.
+DEFAULT_LOSS_CHUNK_TOKENS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardSettings:
+    """How policy_logps and intuition_pass call a model; the math does not depend on them.
+
+    loss_chunk_tokens: int or None. Compute the output head in chunks of this many target positions
+        (None: all target positions at once, the logits of all of them in memory).
+    packing: bool. Concatenate the rows of a batch into one sequence without padding (position ids
+        restart at every row, attention stays within a row) instead of padding them to one length.
+    """
+    loss_chunk_tokens: Optional[int] = DEFAULT_LOSS_CHUNK_TOKENS
+    packing: bool = False
+
+
+_SETTINGS = ForwardSettings()
+
+
+@contextlib.contextmanager
+def forward_settings(**changes):
+    """Inside this block, model calls use ForwardSettings with `changes` (loss_chunk_tokens, packing)."""
+    global _SETTINGS
+    saved = _SETTINGS
+    _SETTINGS = dataclasses.replace(saved, **changes)
+    try:
+        yield _SETTINGS
+    finally:
+        _SETTINGS = saved
+
+
+class ChunkedTargetLogps(torch.autograd.Function):
+    """log p(target) (and the argmax) of a linear output head, computed chunk by chunk.
+
+    forward(hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) long, chunk int, argmax bool)
+    -> (logps (N,) float32, or float64 for float64 inputs; argmax (N,) long, empty unless asked).
+    Forward: logits of `chunk` rows at a time, upcast to float32, reduced to the log-prob of the
+    target and the log-sum-exp (kept: N floats). Backward recomputes the logits instead of storing
+    them, in blocks of vocabulary columns sized to hold as many logits as one forward chunk:
+    d logp_n / d logits_nv = 1[v = t_n] - softmax_nv, so each block's gradient is exact on its own,
+    and grad_weight[block] is one matrix product over all N rows, as in the unchunked backward (a
+    running sum over token chunks would round at every chunk in bf16, or need a float32 (V, H) copy).
+    The products run in the dtype the forward's F.linear produced (bf16 under autocast of float32
+    weights), and the gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, argmax):
+        N = hidden.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logps = torch.empty(N, dtype=acc, device=hidden.device)
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        best = torch.empty(N if argmax else 0, dtype=torch.long, device=hidden.device)
+        ctx.compute_dtype = hidden.dtype
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias)
+            ctx.compute_dtype = logits.dtype
+            logits = logits.to(acc)
+            lse[rows] = torch.logsumexp(logits, -1)
+            logps[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            if argmax:
+                best[rows] = logits.argmax(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(best)
+        return logps, best
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, _grad_argmax):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        N, V = hidden.shape[0], weight.shape[0]
+        dtype = ctx.compute_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # Explicit casts below decide every dtype; an autocast region around backward must not.
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            g = grad_logps.to(lse.dtype)
+            grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else None
+            grad_w = torch.empty_like(weight) if need_w else None
+            grad_b = torch.empty_like(bias) if need_b else None
+            columns = V if N <= ctx.chunk else max(1, ctx.chunk * V // N)
+            for start in range(0, V, columns):
+                cols = slice(start, start + columns)
+                w = weight[cols].to(dtype)
+                logits = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
+                # -g * softmax, in place on the float32 logits, then +g at each row's target
+                grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+                inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
+                grad[inside, targets[inside] - start] += g[inside]
+                if need_b:
+                    grad_b[cols] = grad.sum(0).to(bias.dtype)
+                grad = grad.to(dtype)
+                if need_w:
+                    grad_w[cols] = (grad.T @ h).to(weight.dtype)
+                if need_h:
+                    grad_h += grad @ w
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _chunkable(model, head):
+    """Whether the head can be computed by ChunkedTargetLogps: a plain linear layer whose output the
+    model returns unchanged (some models scale or soft-cap the logits after lm_head)."""
+    config = getattr(model, "config", None)
+    changes_logits = any(getattr(config, key, None) not in (None, 1, 1.0)
+                         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return isinstance(head, torch.nn.Linear) and not changes_logits
+
+
+@contextlib.contextmanager
+def chunked_head(model, targets, chunk, argmax=False):
+    """Inside this block, lm_head returns ChunkedTargetLogps of its input instead of logits.
+
+    Use inside target_positions_only, so that the head's input is the (1, N, H) hidden states of the
+    target positions. targets: (N,) long. Yields a dict; after the call, the model's output `logits`
+    is logps (1, N) (with gradient) and dict["argmax"] is (N,) long when argmax.
+    The projection runs inside lm_head's own call, within the model's forward: where FSDP2 has
+    unsharded the weight, and on the model's output tensor, whose backward hook FSDP2 relies on.
+    """
+    head = model.get_output_embeddings()
+    out = {}
+
+    def forward(hidden):
+        logps, best = ChunkedTargetLogps.apply(hidden[0], head.weight, head.bias, targets.to(hidden.device),
+                                               int(chunk), argmax)
+        out["argmax"] = best
+        out["logps"] = logps[None]
+        return out["logps"]
+
+    saved = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        yield out
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def pack_rows(input_ids, attention_mask, labels):
+    """Rows of a padded batch as one sequence without padding.
+
+    input_ids, attention_mask, labels: (B, T); each row's tokens are where attention_mask is 1,
+    contiguous (right or left padding). Returns (keep (B, T) bool, the tokens kept in row-major
+    order; position_ids (1, L): 0, 1, ... restarting at every row; labels (1, L), with -100 at each
+    row's first token, which in the packed sequence would otherwise be predicted by the row before).
+    With these labels the target positions of the packed sequence are exactly those of the padded
+    rows, in the same (row-major) order.
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    starts = torch.cumsum(lengths, 0) - lengths  # (B,) first packed index of each row
+    L = int(lengths.sum())
+    index = torch.arange(L, device=input_ids.device)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)
+    position_ids = (index - starts[row])[None]
+    packed_labels = labels[keep].clone()
+    packed_labels[starts[lengths > 0]] = IGNORE_INDEX
+    return keep, position_ids, packed_labels[None]
+
+
+def _target_logps(model, input_ids, attention_mask, labels, intuitive_ids=None, lam=0.0, argmax=False):
+    """One forward of `model`, returning the log-probs of the target tokens (and the argmax there).
+
+    input_ids, attention_mask, labels: (B, T). intuitive_ids: (B, T) long, read blended when lam > 0.
+    Honours the ForwardSettings of forward_settings(): chunked head, packing.
+    Returns (token_logps (N,), argmax (N,) long or None, mask (B, T-1) bool), the N target positions
+    in the row-major order of `mask`.
+    """
+    settings = _SETTINGS
+    mask = _target_mask(labels)
+    targets = labels[:, 1:][mask]
+    if settings.packing:
+        keep, position_ids, packed_labels = pack_rows(input_ids, attention_mask, labels)
+        # No attention mask: transformers then keeps attention within each run of position ids
+        # (a block-diagonal mask for sdpa/eager, the varlen kernel for flash_attention_2).
+        inputs = dict(input_ids=input_ids[keep][None], position_ids=position_ids, attention_mask=None)
+        model_mask = _target_mask(packed_labels)
+        intuitive_ids = intuitive_ids[keep][None] if intuitive_ids is not None else None
+    else:
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+        model_mask = mask
+    blend = intuitive_ids is not None and lam > 0
+    chunk = settings.loss_chunk_tokens
+    head = model.get_output_embeddings()
+    chunked = chunk is not None and _chunkable(model, head)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(target_positions_only(model, model_mask))
+        if blend:
+            stack.enter_context(blended_input_embeddings(model, intuitive_ids, lam))
+        if chunked:
+            out = stack.enter_context(chunked_head(model, targets, chunk, argmax))
+        output = model(**inputs, use_cache=False).logits
+    if chunked:
+        if output is not out["logps"]:
+            raise ValueError(f"{type(model).__name__} changes the logits after lm_head, so the chunked loss head "
+                             "cannot be used with it; set loss_chunk_tokens=null")
+        return output[0], (out["argmax"] if argmax else None), mask
+    logits = output[0]  # (N, V)
+    return gather_logps(logits, targets), (logits.argmax(-1) if argmax else None), mask
+
+
 def policy_logps(model, input_ids, attention_mask, labels, intuitive_ids=None, lam=0.0):
     """One forward of `model`; log-probabilities of the target tokens.
 
@@ -116,13 +331,8 @@ def policy_logps(model, input_ids, attention_mask, labels, intuitive_ids=None, l
     With intuitive_ids given and lam > 0 the model reads blended embeddings (spec §1.3).
     Returns (logps (B, T-1) float32, zero off the mask; mask (B, T-1) bool).
     """
-    mask = _target_mask(labels)
-    blend = intuitive_ids is not None and lam > 0
-    with target_positions_only(model, mask):
-        with blended_input_embeddings(model, intuitive_ids, lam) if blend else contextlib.nullcontext():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    token_logps = gather_logps(logits[0], labels[:, 1:][mask])  # (N,)
-    # masked_scatter fills the mask in row-major order, the order hidden[:, :-1][mask] used.
+    token_logps, _, mask = _target_logps(model, input_ids, attention_mask, labels, intuitive_ids, lam)
+    # masked_scatter fills the mask in row-major order, the order of the target positions.
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
     return logps.masked_scatter(mask, token_logps), mask
 
@@ -137,13 +347,10 @@ def intuition_pass(model, input_ids, attention_mask, labels):
     x'[b, t+1] = argmax logits[b, t] where labels[b, t+1] != -100, else x[b, t+1]; x'[b, 0] = x[b, 0]:
     the prompt and the padding are never replaced.
     """
-    mask = _target_mask(labels)
-    with target_positions_only(model, mask):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[0]  # (N, V)
+    token_logps, best, mask = _target_logps(model, input_ids, attention_mask, labels, argmax=True)
     intuitive_ids = input_ids.clone()
     shifted = intuitive_ids[:, 1:]  # a view: writing into it writes x'[:, 1:]
-    shifted[mask] = logits.argmax(-1).to(intuitive_ids.dtype)
-    token_logps = gather_logps(logits, labels[:, 1:][mask])
+    shifted[mask] = best.to(intuitive_ids.dtype)
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
     return intuitive_ids, logps.masked_scatter(mask, token_logps)
 

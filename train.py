@@ -32,6 +32,8 @@ from utils import REPO_DIR, ConfigError, barrier, broadcast_object, is_main, lau
 CONFIG_DIR = REPO_DIR / "config"
 LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # The keys each loss takes, with their allowed values (None = any value passing the range check below).
 LOSS_KEYS = {
     "sft": {},
@@ -169,6 +171,7 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    check_kernel_options(cfg)
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -200,6 +203,23 @@ def validate_config(cfg, world=None):
         if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConfigError(f"{key}={value} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
                               f"point {key} at a local copy")
+
+
+def check_kernel_options(cfg):
+    """The efficiency keys: loss_chunk_tokens, packing, compile, compile_backend, model.attn_implementation."""
+    import importlib.util
+
+    _number(cfg, "loss_chunk_tokens", 1, integer=True, optional=True)
+    _choice(cfg, "packing", (True, False))
+    _choice(cfg, "compile", (True, False))
+    _choice(cfg, "compile_backend", COMPILE_BACKENDS)
+    _choice(cfg, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not _use_cuda(cfg):
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa on the CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn --no-build-isolation); or use sdpa")
 
 
 def planned_world_size(cfg):
@@ -256,7 +276,8 @@ def load_model(cfg, dtype, name_or_path=None):
 
     name = name_or_path or cfg.model.name_or_path
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
-    kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
+    kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code,
+              attn_implementation=cfg.model.attn_implementation)
     if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):

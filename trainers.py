@@ -75,6 +75,8 @@ class BasicTrainer:
 
     def wrap(self, model, trainable):
         """Put a model on this process's device (FSDPTrainer: shard it)."""
+        if self.cfg.compile:
+            compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
         return model.to(self.device)
 
     def gradient_sync(self, enabled):
@@ -96,6 +98,10 @@ class BasicTrainer:
     def load_optimizer_state(self, state):
         """Load a state from optimizer_state() (given on rank 0; the others may get None)."""
         self.optimizer.load_state_dict(state)
+
+    def forward_settings(self):
+        """How the losses call the models: chunked output head, packing (losses.forward_settings)."""
+        return losses.forward_settings(loss_chunk_tokens=self.cfg.loss_chunk_tokens, packing=self.cfg.packing)
 
     # ------------------------------------------------------------ set-up
 
@@ -146,10 +152,10 @@ class BasicTrainer:
             batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
             tokens += sum(int(m.sum()) for m in masks)
-            slots += sum(m.numel() for m in masks)
+            slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
             if train:
                 self.gradient_sync(j == len(mine) - 1)
-            with contextlib.nullcontext() if train else torch.no_grad():
+            with contextlib.nullcontext() if train else torch.no_grad(), self.forward_settings():
                 row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, batch, lam)
                 valid = valid.float() * (not ignore)
                 if train:
@@ -338,6 +344,8 @@ class FSDPTrainer(BasicTrainer):
         if trainable and self.cfg.activation_checkpointing:
             # recompute each block's activations in backward instead of storing them
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.compile:
+            compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
         # Only rank 0 read the weights (train.load_model); the others built the model on the meta device.
         # Rank 0 keeps its full tensors until every rank has copied its shard from them.
         full = model.state_dict() if is_main() else None
@@ -377,6 +385,23 @@ class FSDPTrainer(BasicTrainer):
 
         set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state or {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def compile_blocks(model, block_name, backend="inductor"):
+    """torch.compile the forward of every decoder block (modules of class `block_name`), in place.
+
+    Only the blocks' own forward is compiled: FSDP2's unshard/reshard hooks, activation checkpointing
+    (which calls the block) and the loss's hooks on the embeddings and lm_head stay eager, around it,
+    and the parameter names (state dicts, checkpoints) do not change. Identical blocks share one
+    compiled graph. Returns the number of blocks compiled.
+    """
+    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+    if not blocks:
+        raise ValueError(f"model.block_name={block_name} matches no module of {type(model).__name__}; "
+                         "compile needs the decoder layer class")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
+    return len(blocks)
 
 
 def _broadcast_weights_from_rank0(model, full_state, device):

@@ -136,7 +136,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
 @pytest.mark.parametrize("arg, message", [
     ("nosuchkey=1", r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
     ("loss.gamm=0.9", r"unknown config key 'loss.gamm' \(did you mean 'gamma'\?\); keys in loss: beta"),
-    ("model.dtype=bf16", r"unknown config key 'model.dtype'; keys in model: block_name"),
+    ("model.dtype=bf16", r"unknown config key 'model.dtype'; keys in model: attn_implementation, block_name"),
     ("wandb.projetc=x", r"did you mean 'project'"),
 ])
 def test_unknown_keys_on_the_command_line_are_named_with_the_allowed_ones(arg, message):
