@@ -163,6 +163,8 @@ class ChunkedTargetLogps(torch.autograd.Function):
     running sum over token chunks would round at every chunk in bf16, or need a float32 (V, H) copy).
     The products run in the dtype the forward's F.linear produced (bf16 under autocast of float32
     weights), and the gradients come back in each input's own dtype.
+    When all N rows fit in one chunk, the forward keeps their softmax for backward instead (no
+    recomputation): that is one chunk's logits, the memory the unchunked head would hold anyway.
     """
 
     @staticmethod
@@ -173,6 +175,7 @@ class ChunkedTargetLogps(torch.autograd.Function):
         lse = torch.empty(N, dtype=acc, device=hidden.device)
         best = torch.empty(N if argmax else 0, dtype=torch.long, device=hidden.device)
         ctx.compute_dtype = hidden.dtype
+        probs = None
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             logits = F.linear(hidden[rows], weight, bias)
@@ -182,7 +185,9 @@ class ChunkedTargetLogps(torch.autograd.Function):
             logps[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
             if argmax:
                 best[rows] = logits.argmax(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if N <= chunk and any(ctx.needs_input_grad[:3]):
+                probs = logits.sub_(lse[:, None]).exp_()  # (N, V), in place: the logits are not needed again
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(best)
         return logps, best
@@ -190,7 +195,7 @@ class ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_argmax):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
         N, V = hidden.shape[0], weight.shape[0]
         dtype = ctx.compute_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -205,9 +210,12 @@ class ChunkedTargetLogps(torch.autograd.Function):
             for start in range(0, V, columns):
                 cols = slice(start, start + columns)
                 w = weight[cols].to(dtype)
-                logits = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
-                # -g * softmax, in place on the float32 logits, then +g at each row's target
-                grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+                if probs is None:  # recompute this block's softmax from the logits
+                    logits = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
+                    grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: -g * softmax
+                else:  # one block of all V columns, kept by the forward
+                    grad = probs * -g[:, None]
+                # + g at each row's target
                 inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
                 grad[inside, targets[inside] - start] += g[inside]
                 if need_b:
