@@ -172,6 +172,15 @@ def test_forward_settings_are_restored_after_the_block_even_after_an_error():
     assert "forward" not in model.lm_head.__dict__  # lm_head's own forward is back
 
 
+def test_a_model_that_changes_its_logits_after_lm_head_is_refused_by_the_chunked_head():
+    model = tiny_model()
+    model.register_forward_hook(lambda module, args, out: type(out)(logits=out.logits * 2))
+    with pytest.raises(ValueError, match="loss_chunk_tokens=null"):
+        losses.policy_logps(model, *sft_batch().values())
+    with losses.forward_settings(loss_chunk_tokens=None):  # the plain head reads whatever the model returns
+        losses.policy_logps(model, *sft_batch().values())
+
+
 # ------------------------------------------------------------------ every loss, chunked and packed
 
 @pytest.mark.parametrize("name", list(CONFIGS))
