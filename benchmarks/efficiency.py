@@ -19,8 +19,9 @@ It prints figures and asserts nothing. Three parts, each a comparison inside one
            (packing=true). Non-padding fraction of the processed slots, and tokens/s of SFT and IFT
            steps over the whole epoch (real tokens / time), the batchings interleaved batch by batch.
 Peak memory: on CUDA max_memory_allocated; on the CPU the allocator's events under torch.profiler
-(ift_cost.cpu_step_growth: exactly the tensor bytes PyTorch allocates). On a shared CPU use one thread
-(the default here) and compare ratios measured in the same run; the load average is printed.
+(ift_cost.cpu_step_growth: exactly the tensor bytes PyTorch allocates). Time: wall time on CUDA, the
+process's CPU time on the CPU. On a shared CPU use one thread (the default here) and compare ratios
+measured in the same run; the load average is printed.
 """
 
 import argparse
@@ -95,13 +96,17 @@ def peak_growth(device, fn):
 
 
 def timed(device, fn):
+    """Seconds fn() took: wall time on CUDA; on the CPU this process's CPU time, which (with one thread)
+    is the work itself, where wall time also counts the time other jobs on a shared CPU held the core."""
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    t0 = time.process_time()
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def build_model(args, vocab):
@@ -165,7 +170,7 @@ def part_head(args):
 def part_step(args):
     print(f"\n## step: hidden {args.hidden}, {args.layers} layers, B = {args.batch}, T = {args.seq}, {args.dtype}, "
           f"AdamW; chunked = loss_chunk_tokens {args.chunk}", flush=True)
-    print("| V | loss | head | step s (median) | peak MiB (step + resident) | chunked / unchunked time | "
+    print("| V | loss | head | step s (median, CPU time on the CPU) | peak MiB (step + resident) | chunked / unchunked time | "
           "chunked / unchunked memory |\n|---|---|---|---|---|---|---|")
     ift_sft = []
     for V in args.vocabs:
