@@ -159,6 +159,27 @@ def test_chunked_head_in_bfloat16_matches_the_unchunked_float32_upcast():
     torch.testing.assert_close(weight.grad.float(), want[1].float(), rtol=2e-2, atol=2e-2)
 
 
+def test_chunked_head_under_bfloat16_autocast_is_as_accurate_as_the_unchunked_head():
+    """The trainer's mixed precision: float32 parameters, forward under autocast to bf16. Both heads
+    round their bf16 products differently, so each is compared with the same model in float64: the
+    chunked head's gradients must be no further from it than the unchunked head's."""
+    results = {}
+    for chunk, autocast in ((None, True), (3, True), (None, False)):
+        model = tiny_model(dtype=torch.float32 if autocast else torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                losses.forward_settings(loss_chunk_tokens=chunk):
+            loss, _ = losses.ift_loss(model, *sft_batch().values(), lam=LAM)
+        loss.backward()
+        assert loss.dtype == next(model.parameters()).grad.dtype
+        results[chunk, autocast] = loss.double(), {k: p.grad.double() for k, p in model.named_parameters()}
+    exact = results[None, False]
+    error = {key: {k: ((g - exact[1][k]).norm() / exact[1][k].norm()).item() for k, g in results[key][1].items()}
+             for key in ((None, True), (3, True))}
+    torch.testing.assert_close(results[3, True][0], results[None, True][0], rtol=1e-6, atol=1e-6)
+    for k in exact[1]:
+        assert error[3, True][k] <= 1.1 * error[None, True][k] + 1e-3, k
+
+
 def test_forward_settings_are_restored_after_the_block_even_after_an_error():
     before = losses._SETTINGS
     with pytest.raises(RuntimeError, match="boom"):
