@@ -405,8 +405,11 @@ def encode_chat(tokenizer, prompt_messages, answer, eot_token=None):
     - the answer ends with the end-of-turn token that follows its text (end_of_turn_token; eot_token
       None = detected from the template), which is the last target: whatever the template puts
       after it (a newline, say) is cut off.
-    Raises DataError when the template does not render the prompt as a prefix of the chat, or emits
-    no end-of-turn token after the answer."""
+    Raises DataError for a slow tokenizer (no offsets), when the template does not render the prompt
+    as a prefix of the chat, or when it emits no end-of-turn token after the answer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: the split of prompt and answer needs "
+                        "its offset mapping; load the tokenizer with use_fast=True (a tokenizer.json)")
     eot_token = eot_token or end_of_turn_token(tokenizer)
     prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
     chat_text = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": answer}],
