@@ -75,21 +75,25 @@ def test_every_sample_row_splits_the_whole_chat_tokenisation_exactly(family_dirs
 def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_dirs, family):
     tok = _tokenizer(family_dirs, family)
     eot_id = tok.convert_tokens_to_ids(END_OF_TURN[family])
+    cut_prompts = cut_answers = 0
     for name in DATASETS:
         pairs = name != "ultrachat"
         full = pd.load_split([name + "_sample"], "test", tok, 4096, 4096, pairs)
-        cut = pd.load_split([name + "_sample"], "test", tok, 48, 24, pairs)
+        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs)  # sample answers: <= 8 tokens
         assert len(cut) == len(full)
         sides = [("chosen_ids", full.chosen_ids)] + ([("rejected_ids", full.rejected_ids)] if pairs else [])
         for i in range(len(full)):
             p, q = full.prompt_ids[i], cut.prompt_ids[i]
             # the first token (bos, or the template's first) and the end of the prompt survive
             assert q[0] == p[0] and q[1:] == p[len(p) - len(q) + 1:]
+            cut_prompts += len(q) < len(p)
             for side, answers in sides:
                 a, b = answers[i], getattr(cut, side)[i]
-                assert len(q) + len(b) <= 48 and len(b) >= 1
+                assert len(q) + len(b) <= 32 and len(b) >= 1
                 assert b[-1] == eot_id and b[:-1] == a[:len(b) - 1]  # a prefix of the answer, then eot
                 assert b == a or len(b) < len(a)
+                cut_answers += len(b) < len(a)
+    assert cut_prompts > 0 and cut_answers > 0  # both cuts happened
 
 
 @pytest.mark.parametrize("family", FAMILIES)
