@@ -515,10 +515,13 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
     eot_token = end_of_turn_token(tokenizer, eot_token)
     origins = origins or [f"row {i}" for i in range(len(rows))]
 
-    def encode(batch):
+    def encode(batch, indices):
         out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-        for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-            p, answers = encode_row(tokenizer, prompt, [chosen, rejected] if pairs else [chosen], eot_token)
+        for i, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
+            try:
+                p, answers = encode_row(tokenizer, prompt, [chosen, rejected] if pairs else [chosen], eot_token)
+            except DataError as e:
+                raise DataError(f"{origins[i]}: {e}") from None
             p, answers = truncate(p, answers, max_length, max_prompt_length)
             out["prompt_ids"].append(p)
             out["chosen_ids"].append(answers[0])
@@ -534,8 +537,8 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
     if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, desc="tokenising",
-                                                  cache_file_name=str(cache), new_fingerprint=key)
+        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, with_indices=True, batch_size=256,
+                                                  desc="tokenising", cache_file_name=str(cache), new_fingerprint=key)
     finally:
         if quiet:
             datasets.enable_progress_bars()

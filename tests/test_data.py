@@ -321,6 +321,8 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
         pd.encode_chat(tok, SINGLE["prompt"], "Five.", "<pad>")
     with pytest.raises(pd.DataError, match=r"model.eot_token must be a token string"):
         pd.end_of_turn_token(tok, 5)
+    with pytest.raises(pd.DataError, match=r"^dataset 'hh_sample' \(test\) row 0: the chat template emits no "):
+        pd.load_split(["hh_sample"], "test", tok, 512, 256, pairs=True, eot_token="<pad>")  # names the row
 
 
 # ---------------------------------------------------------------- runs refused before anything is written
