@@ -31,6 +31,11 @@ def resolve_path(path):
     return None
 
 
+def holds_run(path):
+    """Whether a directory already holds a run's metrics or final model (which must not be overwritten)."""
+    return (path / "metrics.jsonl").exists() or (path / "final").exists()
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
