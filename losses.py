@@ -1,7 +1,9 @@
 """Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO and ORPO.
 
 Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
-follows IFT_SPEC.md section by section (the section numbers in the comments refer to it).
+follows IFT_SPEC.md section by section (the section numbers in the comments refer to it). At the end,
+the registry: one small dataclass per loss (its config keys, what it needs, its per-row loss), which
+is all the trainer sees, and `reduce_rows`, the one reduction of per-row losses.
 
 Conventions
 - B rows, T tokens. `labels` is `input_ids` with -100 wherever there is no loss (prompt, padding).
