@@ -34,7 +34,8 @@ class Model:
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16: the trained model's dtype (FSDP: its "
                                           "compute dtype)", choices=DTYPES)
     reference_dtype: str = option("float32", "the frozen reference model's dtype (DPO/IPO only)", choices=DTYPES)
-    block_name: str = option("MistralDecoderLayer", "decoder block class that FSDP2 shards (and checkpoints) one by one")
+    block_name: str = option("MistralDecoderLayer",
+                             "decoder block class that FSDP2 shards (and checkpoints) one by one")
     trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
 
 
@@ -132,18 +133,15 @@ def rewrite_argv(argv):
     Hydra's own flags (-cn/--config-name, -cd, -m, --cfg, ... in their `=` and two-word forms) and
     hydra.* overrides pass untouched. Raises ConfigError naming an unknown key and the allowed ones."""
     takes_value = {s for a in get_args_parser()._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
-    out, is_flag_value = [], False
-    overrides = []
-    for arg in argv:
-        if is_flag_value or arg.startswith("-"):
-            is_flag_value = arg in takes_value  # `-cn config`: the next word is the flag's
-            out.append(arg)
-        else:
-            overrides.append(len(out))
-            out.append(arg)
-    rewritten = expand_short_overrides([out[i] for i in overrides])
-    check_overrides(rewritten)
-    for i, arg in zip(overrides, rewritten):
+    positions, flag_value = [], False  # where the overrides are; flag_value: this word is the flag's (`-cn config`)
+    for i, arg in enumerate(argv):
+        if not flag_value and not arg.startswith("-"):
+            positions.append(i)
+        flag_value = arg in takes_value
+    overrides = expand_short_overrides([argv[i] for i in positions])
+    check_overrides(overrides)
+    out = list(argv)
+    for i, arg in zip(positions, overrides):
         out[i] = arg
     return out
 
@@ -178,24 +176,27 @@ def check_overrides(args):
     Group choices (loss=..., model=...), deletions (~key) and hydra.* are left to Hydra."""
     for arg in args:
         key, eq, _ = arg.lstrip("+").partition("=")
-        if not eq or key.startswith(("~", "hydra.")) or key == "hydra":
+        if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
             continue
-        head, _, rest = key.partition(".")
-        if head == "loss" and rest:
-            _check_loss_key(key, rest, chosen_losses(args))
-            continue
-        declaration, path = (GROUPS["model"], rest) if head == "model" and rest else (Run, key)
-        prefix = "model." if declaration is Model else ""
-        for part in path.split("."):
-            fields = {f.name: f for f in dataclasses.fields(declaration)} if declaration else {}
-            if declaration is Run:
-                fields = {**fields, **dict.fromkeys(GROUPS)}
-            if part not in fields:
-                where = f"in {prefix[:-1]}" if prefix else "at the top level"
-                raise unknown_key(key, fields, where)
-            field = fields[part]
-            declaration = field.type if field is not None and dataclasses.is_dataclass(field.type) else None
-            prefix += part + "."
+        if key.startswith("loss."):
+            _check_loss_key(key, key.removeprefix("loss."), chosen_losses(args))
+        else:
+            _check_declared(key)
+
+
+def _check_declared(key):
+    """A dotted top-level or model key against Run / Model and their nested sections."""
+    parts, declaration, prefix = key.split("."), Run, ""
+    if parts[0] == "model" and len(parts) > 1:
+        parts, declaration, prefix = parts[1:], Model, "model."
+    for part in parts:
+        fields = {f.name: f.type for f in dataclasses.fields(declaration)} if declaration else {}
+        if declaration is Run:
+            fields.update(dict.fromkeys(GROUPS))  # loss=..., model=...: group choices
+        if part not in fields:
+            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level")
+        declaration = fields[part] if dataclasses.is_dataclass(fields[part]) else None
+        prefix += part + "."
 
 
 def _check_loss_key(key, option_name, names):

@@ -86,7 +86,7 @@ def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     for args, message in ((["+lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
-                          (["loss=sft", "gamma=0.9"], "config error: loss=sft has no key 'gamma'; it belongs to loss=ift"),
+                          (["loss=sft", "gamma=0.9"], "config error: loss=sft has no key 'gamma'; it belongs to "),
                           (["lr=-1"], "config error: lr=-1"),
                           ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with")):
         proc = run_cli(f"run_dir={tmp_path / 'r'}", *args, timeout=120)
@@ -164,7 +164,8 @@ def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     assert all(s["exact"] for s in samples)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # the saved model, by itself
-    model, tok = AutoModelForCausalLM.from_pretrained(run_dir / "final"), AutoTokenizer.from_pretrained(run_dir / "final")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
     ids = tok.apply_chat_template([{"role": "user", "content": MEMORISE[0][0]}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
