@@ -1,8 +1,8 @@
 """The config, declared once: every top-level and model key here, every loss key beside its loss in
 losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
-and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml and
-config/loss/*.yaml from them (the tests fail while a file differs). Model files (config/model/*.yaml)
-hold per-model values and are checked against `Model`.
+and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml,
+config/loss/*.yaml and the keys' comments of config/model/*.yaml from them (the tests fail while a
+file differs); a model file's values and header comment are its own.
 
 Adding a key: one `option(...)` line in the right dataclass, then `python config_schema.py`.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from hydra._internal.utils import get_args_parser
+from omegaconf import OmegaConf
 
 import losses
 from options import check, default_of, option, unknown_key
@@ -28,7 +29,7 @@ PATH_COMMENT = "hub id or local directory (relative paths: to the working dir, t
 @dataclass
 class Model:
     """The keys of every config/model/*.yaml (values differ per model; these defaults are tiny.yaml's)."""
-    name: str = option("tiny", "a label (used in exp_name)")
+    name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
     tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16: the trained model's dtype (FSDP: its "
@@ -284,7 +285,7 @@ hydra:
   job:
     chdir: false
 """
-COMMENT_COLUMN = 23
+COMMENT_COLUMN = 23  # where comments start (model files: 36, their longer values)
 
 
 def _yaml_value(value):
@@ -295,37 +296,46 @@ def _yaml_value(value):
     if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
         mantissa, exponent = f"{value:.1e}".split("e")
         return f"{mantissa}e{int(exponent)}"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(map(_yaml_value, value)) + "]"
     return str(value)
 
 
-def yaml_lines(declaration, indent=""):
-    """The YAML lines of a declaration: `key: default  # comment`, comments at COMMENT_COLUMN."""
+def yaml_lines(declaration, values=None, indent="", column=COMMENT_COLUMN):
+    """The YAML lines of a declaration: `key: value  # comment`, the values from `values` (a mapping)
+    or else the declared defaults, the comments from the declaration, starting at `column`."""
     lines = []
     for field in dataclasses.fields(declaration):
-        meta, value = field.metadata, default_of(field)
+        meta = field.metadata
+        value = values[field.name] if values is not None else default_of(field)
         for line in (meta["before"] or "").split("\n") if meta["before"] else ():
             lines.append(f"{indent}# {line}" if line else "")
-        nested = dataclasses.is_dataclass(value)
+        nested = dataclasses.is_dataclass(field.type)
         text = f"{indent}{field.name}:" + ("" if nested else f" {_yaml_value(value)}")
         comment, *more = meta["comment"].split("\n")
         if comment:
-            text = (text.ljust(COMMENT_COLUMN) if len(text) < COMMENT_COLUMN else text + "  ") + f"# {comment}"
+            text = (text.ljust(column) if len(text) < column else text + "  ") + f"# {comment}"
         lines.append(text)
-        lines += [" " * COMMENT_COLUMN + f"# {line}" for line in more]
+        lines += [" " * column + f"# {line}" for line in more]
         if nested:
-            lines += yaml_lines(type(value), indent + "  ")
+            lines += yaml_lines(field.type, None if values is None else value, indent + "  ", column)
     return lines
 
 
 def yaml_files():
-    """{path: text} of every YAML file written from the declarations."""
+    """{path: text} of every YAML file written from the declarations. A model file keeps its header
+    comment and its values; its keys and their comments come from `Model`."""
     files = {CONFIG_DIR / "config.yaml": CONFIG_HEADER + "\n" + "\n".join(yaml_lines(Run)) + "\n" + HYDRA_BLOCK}
     for name, cls in losses.LOSSES.items():
         header = "".join(f"# {line.strip()}\n" for line in cls.__doc__.strip().split("\n"))
         files[CONFIG_DIR / "loss" / f"{name}.yaml"] = header + f"name: {name}\n" + "".join(
             line + "\n" for line in yaml_lines(cls))
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the leading comment
+        values = OmegaConf.load(path)
+        check(values, Model, "model.", where=f"in config/model/{path.name}")
+        files[path] = header + "".join(line + "\n" for line in yaml_lines(Model, values, column=36))
     return files
 
 
