@@ -18,6 +18,7 @@ from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
 import losses
+from launch import use_cuda
 from options import check, default_of, option, unknown_key
 from utils import REPO_DIR, ConfigError, holds_run, resolve_path
 
@@ -32,9 +33,10 @@ class Model:
     name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
     tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
-    policy_dtype: str = option("float32", "float32 | bfloat16 | float16: the trained model's dtype (FSDP: its "
-                                          "compute dtype)", choices=DTYPES)
-    reference_dtype: str = option("float32", "the frozen reference model's dtype (DPO/IPO only)", choices=DTYPES)
+    policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
+                                          "float32, final/ is saved in this", choices=DTYPES)
+    reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
+                                             "only)", choices=DTYPES)
     block_name: str = option("MistralDecoderLayer",
                              "decoder block class that FSDP2 shards (and checkpoints) one by one")
     trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
@@ -108,6 +110,14 @@ class Run:
                                            high=1, high_open=True)
     max_grad_norm: Optional[float] = option(10.0, "clip the global gradient norm to this; null = no clipping (the "
                                                   "norm is still logged)", low=0, low_open=True)
+    on_nonfinite: str = option("error", "a step whose loss or gradient norm is NaN/inf is never applied to the weights."
+                                        "\nerror: stop the run naming the step and metric (checkpoints and "
+                                        "metrics.jsonl so far stay,\nno final/) | skip: drop that update, log it "
+                                        "(skipped_steps) and go on. A non-finite eval\nloss: error stops, skip logs "
+                                        "it and goes on", choices=("error", "skip"))
+    max_skipped_steps: int = option(10, "stop anyway after this many skipped updates in a row (float16's "
+                                        "gradient-scaler\noverflows count too: they are skipped whatever "
+                                        "on_nonfinite says)", low=1)
 
     eval_every: int = option(640, "evaluate every this many training examples (and always at the end)", low=1,
                              before="\n---- evaluation and logging")
@@ -238,6 +248,9 @@ def check_run(cfg, world):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
+        raise ConfigError("model.policy_dtype=float16 is not supported on the CPU; use bfloat16 (same speed, "
+                          "no loss scaling needed) or float32, or run on a GPU")
     if cfg.trainer == "BasicTrainer" and world > 1:
         raise ConfigError(f"trainer=BasicTrainer runs in one process, but {world} were launched; "
                           "use trainer=FSDPTrainer")

@@ -44,7 +44,22 @@ def launch(run, cfg):
         run(cfg, 0, 1, free_port())
     else:
         import torch.multiprocessing as mp
-        mp.spawn(_spawned, args=(run, cfg, world, free_port()), nprocs=world, join=True)
+        try:
+            mp.spawn(_spawned, args=(run, cfg, world, free_port()), nprocs=world, join=True)
+        except mp.ProcessRaisedException as e:
+            _reraise_one_line_error(e)
+            raise
+
+
+def _reraise_one_line_error(e):
+    """A spawned rank's error arrives as its traceback text; raise the errors whose message says it all
+    (a non-finite step: every rank stops at the same step) as themselves, for main's one-line exit."""
+    from trainers import NonFiniteError
+    last = str(e).strip().splitlines()[-1]
+    for cls in (NonFiniteError,):
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if last.startswith(prefix):
+            raise cls(last[len(prefix):]) from None
 
 
 def _spawned(local_rank, run, cfg, world, port):

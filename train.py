@@ -43,6 +43,7 @@ def main():
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
+    from trainers import NonFiniteError
     try:
         validate_config(cfg)
         launch(cfg)
@@ -50,6 +51,8 @@ def compose_and_launch(cfg: DictConfig):
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
+    except NonFiniteError as e:  # names the step and the metric; what was written before it stays
+        sys.exit(f"training stopped: {e}")
 
 
 def validate_config(cfg, world=None):
@@ -140,11 +143,10 @@ def build(cfg, device):
         dropped = train_data.n_dropped + eval_data.n_dropped
         print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
               + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-    if cfg.resume_from is None:
-        policy = load_model(cfg, cfg.model.policy_dtype)
-    else:  # the checkpoint holds the weights exactly as trained: FSDP2 keeps float32 master weights
-        dtype = "float32" if cfg.trainer == "FSDPTrainer" else cfg.model.policy_dtype
-        policy = load_model(cfg, dtype, str(resolve_path(cfg.resume_from)))
+    # The policy's parameters are float32 in every trainer (policy_dtype is only the compute dtype):
+    # updates of lr x (Adam's ~1) are far below bfloat16's resolution of a weight and would round away.
+    # A checkpoint holds these float32 weights as trained.
+    policy = load_model(cfg, "float32", None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)))
     # the reference is always the original model
     reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
     trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
