@@ -39,6 +39,9 @@ class Model:
                                              "only)", choices=DTYPES)
     block_name: str = option("MistralDecoderLayer",
                              "decoder block class that FSDP2 shards (and checkpoints) one by one")
+    eot_token: Optional[str] = option(None, "the token that ends an assistant turn (always a target; generation "
+                                            "stops\nat it); null = what the chat template emits after an assistant "
+                                            "message")
     trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
 
 
@@ -254,6 +257,9 @@ def check_run(cfg, world):
     if cfg.trainer == "BasicTrainer" and world > 1:
         raise ConfigError(f"trainer=BasicTrainer runs in one process, but {world} were launched; "
                           "use trainer=FSDPTrainer")
+    if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
+        raise ConfigError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: "
+                          "no optimizer step to take; raise n_examples or lower batch_size")
     if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps × ranks "
                           f"= {cfg.gradient_accumulation_steps} × {world}")
@@ -283,7 +289,7 @@ CONFIG_HEADER = f"""\
 defaults:
   - _self_
   - loss: {DEFAULTS['loss']}          # {' | '.join(losses.LOSSES)}   (config/loss/*.yaml)
-  - model: {DEFAULTS['model']}        # tiny | mistral7b | zephyr7b-sft | llama7b | qwen2-0_5b   (config/model/*.yaml)
+  - model: {DEFAULTS['model']}        # tiny | mistral7b | zephyr7b-sft | llama7b | qwen2-0_5b | qwen2_5-0_5b-instruct | llama3_1-8b
   - override hydra/job_logging: none
   - override hydra/hydra_logging: none
 """

@@ -6,16 +6,13 @@
     python train.py trainer=FSDPTrainer               # FSDP2, one process per GPU (or nproc on the CPU)
     torchrun --nnodes 2 --nproc_per_node 8 train.py trainer=FSDPTrainer ...   # joins torchrun's launch
 
-A run is compose -> check -> build -> launch -> train: Hydra composes config/ with the command line
-(`main`), the declarations in config_schema.py check every key (`validate_config`), each process builds
-its data, run directory and models (`build`), `launch` starts the processes, and `run` trains and
-reports. Every dataset row is checked before any model loads, so a typo never costs a 7B model load.
+A run is compose (Hydra, `main`) -> check (config_schema.py's declarations, `validate_config`) ->
+build (data, run directory, models: `build`) -> launch (`launch`) -> train and report (`run`). Every
+dataset row is checked before any model loads, so a typo never costs a 7B model load.
 """
 
-import datetime
 import json
 import sys
-from pathlib import Path
 
 import hydra
 import torch
@@ -25,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import config_schema
 import launch as launcher
 import losses
-from utils import ConfigError, barrier, broadcast_object, holds_run, is_main, main_process_first, resolve_path, \
-    set_seed
+from utils import ConfigError, barrier, is_main, main_process_first, make_run_dir, resolve_path, set_seed
 
 
 # ---------------------------------------------------------------- compose and check
@@ -56,8 +52,7 @@ def compose_and_launch(cfg: DictConfig):
 
 
 def validate_config(cfg, world=None):
-    """Raise ConfigError naming the key and the allowed values for anything impossible, before anything
-    loads. world: the ranks the run will have (default: what launch would start)."""
+    """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks."""
     config_schema.check_keys(cfg)
     config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
 
@@ -68,19 +63,6 @@ def launch(cfg):
 
 
 # ---------------------------------------------------------------- build
-
-def make_run_dir(cfg):
-    """The run directory, created by rank 0 and shared with the others. Refuses a directory that
-    already holds a run, so nothing written earlier is overwritten."""
-    path = None
-    if is_main():
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        path = Path(cfg.run_dir or f"runs/{cfg.exp_name}_{stamp}").resolve()
-        if holds_run(path):
-            raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
-        path.mkdir(parents=True, exist_ok=True)
-    return Path(broadcast_object(str(path)))
-
 
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
@@ -109,46 +91,64 @@ def load_model(cfg, dtype, name_or_path=None):
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
 
 
-def load_data(cfg, tokenizer, pairs):
+def load_data(cfg, tokenizer, pairs, eot_token=None):
     from preference_datasets import load_split
 
     kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
-              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None)
+              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
+              eot_token=eot_token)
     with main_process_first():
         train = load_split(cfg.datasets, "train", **kw)
         evals = load_split(cfg.datasets, "test", **kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
-        evals = _first_rows(evals, cfg.n_eval_examples)
+        evals = evals.first(cfg.n_eval_examples)
     return train, evals
 
 
-def _first_rows(data, n):
-    from dataclasses import replace
-    cut = lambda xs: xs[:n] if xs is not None else None  # noqa: E731
-    return replace(data, prompt_ids=cut(data.prompt_ids), chosen_ids=cut(data.chosen_ids),
-                   rejected_ids=cut(data.rejected_ids), prompts=cut(data.prompts), answers=cut(data.answers))
+def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
+    """Refuse, before any model loads and before the run dir exists, a run that cannot take one
+    optimizer step or whose label masks are wrong (preference_datasets.mask_audit); returns the
+    mask audit of one training row, to print."""
+    from preference_datasets import DataError, mask_audit
+
+    if len(train_data) < cfg.batch_size:
+        raise DataError(f"datasets={list(cfg.datasets)} have {len(train_data)} training rows, fewer than one batch "
+                        f"(batch_size={cfg.batch_size}); lower batch_size or add rows")
+    mask_audit(eval_data, tokenizer, eot_token)
+    return mask_audit(train_data, tokenizer, eot_token)
+
+
+def stop_at_end_of_turn(model, tokenizer, eot_token):
+    """Make generation stop at the end-of-turn token as well as at eos: generate() (greedy_samples)
+    reads model.generation_config, and save_pretrained writes it to generation_config.json, where
+    lm-eval-harness, vLLM and generate() find it."""
+    stop = [tokenizer.convert_tokens_to_ids(eot_token)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def build(cfg, device):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
     models, in that order, so bad data costs no model load and leaves no run directory."""
+    from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
     loss = losses.build(cfg.loss)
     tokenizer = load_tokenizer(cfg)
-    train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs)
-    run_dir = make_run_dir(cfg)
+    eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
+    train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
+    audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
+    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name)
     if is_main():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        dropped = train_data.n_dropped + eval_data.n_dropped
-        print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
-              + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-    # The policy's parameters are float32 in every trainer (policy_dtype is only the compute dtype):
-    # updates of lr x (Adam's ~1) are far below bfloat16's resolution of a weight and would round away.
-    # A checkpoint holds these float32 weights as trained.
+        print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
+    # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
+    # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
     policy = load_model(cfg, "float32", None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)))
-    # the reference is always the original model
-    reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
+    stop_at_end_of_turn(policy, tokenizer, eot_token)
+    reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
     trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
     if cfg.resume_from is not None:
         trainer.resume(resolve_path(cfg.resume_from))
@@ -159,7 +159,7 @@ def build(cfg, device):
 
 def run(cfg, local_rank=0, world=1, port=None):
     """Everything one rank does: join the process group, build, train, report."""
-    cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
         trainer = build(cfg, device)
@@ -172,9 +172,8 @@ def run(cfg, local_rank=0, world=1, port=None):
 def report(cfg, trainer, device):
     """Print the run's summary; with n_samples, answer held-out prompts greedily into samples.jsonl."""
     first, last = trainer.eval_losses[0], trainer.eval_losses[-1]
-    print(f"run dir: {trainer.run_dir}")
-    print(f"non-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
-    print(f"eval loss: {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%} over the run)")
+    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}\n"
+          f"eval loss: {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%} over the run)")
     if cfg.n_samples == 0:
         return
     model = trainer.policy
@@ -194,13 +193,14 @@ def report(cfg, trainer, device):
 @torch.no_grad()
 def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
     """Greedy answers to the first n held-out prompts, with exact match against the reference answer
-    (both stripped). Returns a list of dicts (prompt, reference, answer, exact)."""
+    (both stripped); generation stops at model.generation_config's eos ids (stop_at_end_of_turn).
+    Returns a list of dicts (prompt, reference, answer, exact)."""
     model.eval()
     out = []
     for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
         out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
                     "exact": answer == ref.strip()})

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import config_schema
 import train
 from conftest import FAST, make_cfg, read_rows, run_inprocess
-from utils import REPO_DIR, ConfigError
+from utils import REPO_DIR, ConfigError, make_run_dir
 
 
 def run_cli(*args, timeout=300):
@@ -209,7 +209,7 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         train.validate_config(make_cfg(f"run_dir={tmp_path}"))  # before anything starts
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.make_run_dir(make_cfg(f"run_dir={tmp_path}"))
+        make_run_dir(str(tmp_path), "x")
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
