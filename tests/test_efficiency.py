@@ -10,12 +10,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
+import conftest
+import launch
 import losses
 import train
 import trainers
-from test_train import make_cfg, run_inprocess
+from conftest import FAST, make_cfg, run_inprocess
 from utils import ConfigError
 
 torch.set_num_threads(1)
@@ -32,13 +33,8 @@ LAM = 0.4
 
 
 def tiny_model(tie=False, seed=0, dtype=torch.float64):
-    """A random 2-layer Mistral (hidden 32, 4 heads, 2 kv heads, vocab 64)."""
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=tie)
-    config._attn_implementation = "sdpa"
-    return transformers.MistralForCausalLM(config).to(dtype)
+    """conftest's random 2-layer Mistral (vocab 64), in `dtype`."""
+    return conftest.tiny_model(tie=tie, seed=seed).to(dtype)
 
 
 # (prompt length, answer length) of each row: very different lengths, right-padded to the longest.
@@ -287,7 +283,7 @@ def test_chunked_head_packing_and_compile_under_fsdp2_give_the_single_process_re
     the trainer's order (checkpointing, compile, shard), against eager blocks in one process."""
     import torch.multiprocessing as mp
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(train._free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(launch.free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
     for name in CONFIGS:
         assert_same(results[name], loss_rows_and_grads(name, UNCHUNKED), rtol=1e-9, atol=1e-11)
@@ -364,8 +360,8 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(checkpointing):
 
 def test_a_run_with_packing_chunked_head_and_compile_equals_a_plain_run(tmp_path):
     """The trainer's wiring of the three options (and packing's token counts) in a short run."""
-    plain = run_inprocess(tmp_path, "plain", "loss_chunk_tokens=null")
-    fast = run_inprocess(tmp_path, "fast", "packing=true", "loss_chunk_tokens=3", "compile=true",
+    plain = run_inprocess(tmp_path / "plain", *FAST, "loss_chunk_tokens=null")
+    fast = run_inprocess(tmp_path / "fast", *FAST, "packing=true", "loss_chunk_tokens=3", "compile=true",
                          "compile_backend=aot_eager")
     assert len(plain) == len(fast) > 2
     for ra, rb in zip(plain, fast):
