@@ -214,7 +214,7 @@ def mixed_length_data(args):
         ids = rng.integers(1, 32000, n).tolist()
         prompts.append(ids[: max(1, n // 4)])
         answers.append(ids[max(1, n // 4):])
-    return TokenizedData(prompt_ids=prompts, chosen_ids=answers, rejected_ids=None, prompts=[], answers=[])
+    return TokenizedData(prompt_ids=prompts, chosen_ids=answers, rejected_ids=None, prompts=[], answers=[], origins=[])
 
 
 def part_packing(args):
