@@ -158,8 +158,10 @@ def forward_settings(**changes):
 class ChunkedTargetLogps(torch.autograd.Function):
     """log p(target) (and the argmax) of a linear output head, computed chunk by chunk.
 
-    forward(hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) long, chunk int, argmax bool)
-    -> (logps (N,) float32, or float64 for float64 inputs; argmax (N,) long, empty unless asked).
+    forward(hidden (..., N, H), weight (V, H), bias (V,) or None, targets (..., N) long, chunk int, argmax
+    bool) -> (logps (..., N) float32, or float64 for float64 inputs; argmax (..., N) long, empty unless
+    asked). The leading dims are flattened; the outputs are new tensors, not views (a model whose
+    output is a view would trip FSDP2's backward hook on any in-place op).
     Forward: logits of `chunk` rows at a time, upcast to float32, reduced to the log-prob of the
     target and the log-sum-exp (kept: N floats). Backward recomputes the logits instead of storing
     them, in blocks of vocabulary columns sized to hold as many logits as one forward chunk:
@@ -174,16 +176,19 @@ class ChunkedTargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk, argmax):
-        N = hidden.shape[0]
+        lead = hidden.shape[:-1]
+        flat_hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        N = flat_hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logps = torch.empty(N, dtype=acc, device=hidden.device)
+        logps_out = torch.empty(lead, dtype=acc, device=hidden.device)
+        best_out = torch.empty(lead if argmax else (0,), dtype=torch.long, device=hidden.device)
+        logps, best = logps_out.view(-1), best_out.view(-1)  # filled through these flat views
         lse = torch.empty(N, dtype=acc, device=hidden.device)
-        best = torch.empty(N if argmax else 0, dtype=torch.long, device=hidden.device)
         ctx.compute_dtype = hidden.dtype
         probs = None
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            logits = F.linear(hidden[rows], weight, bias)
+            logits = F.linear(flat_hidden[rows], weight, bias)
             ctx.compute_dtype = logits.dtype
             logits = logits.to(acc)
             lse[rows] = torch.logsumexp(logits, -1)
@@ -194,20 +199,21 @@ class ChunkedTargetLogps(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()  # (N, V), in place: the logits are not needed again
         ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         ctx.chunk = chunk
-        ctx.mark_non_differentiable(best)
-        return logps, best
+        ctx.mark_non_differentiable(best_out)
+        return logps_out, best_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_argmax):
         hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
+        shape, hidden, targets = hidden.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         N, V = hidden.shape[0], weight.shape[0]
         dtype = ctx.compute_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # Explicit casts below decide every dtype; an autocast region around backward must not.
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(dtype)
-            g = grad_logps.to(lse.dtype)
+            g = grad_logps.reshape(-1).to(lse.dtype)
             grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else None
             grad_w = torch.empty_like(weight) if need_w else None
             grad_b = torch.empty_like(bias) if need_b else None
@@ -230,7 +236,7 @@ class ChunkedTargetLogps(torch.autograd.Function):
                     grad_w[cols] = (grad.T @ h).to(weight.dtype)
                 if need_h:
                     grad_h += grad @ w
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_h = grad_h.to(hidden.dtype).reshape(shape) if need_h else None
         return grad_h, grad_w, grad_b, None, None, None
 
 
@@ -257,11 +263,10 @@ def chunked_head(model, targets, chunk, argmax=False):
     out = {}
 
     def forward(hidden):
-        logps, best = ChunkedTargetLogps.apply(hidden[0], head.weight, head.bias, targets.to(hidden.device),
+        logps, best = ChunkedTargetLogps.apply(hidden, head.weight, head.bias, targets.to(hidden.device)[None],
                                                int(chunk), argmax)
-        out["argmax"] = best
-        out["logps"] = logps[None]
-        return out["logps"]
+        out["argmax"], out["logps"] = best.reshape(-1), logps
+        return logps
 
     saved = head.__dict__.get("forward")
     head.forward = forward
