@@ -1,4 +1,4 @@
-"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO and ORPO.
+"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO, ORPO, and the DFT and SimPO baselines.
 
 Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
 follows IFT_SPEC.md section by section (the section numbers in the comments refer to it).
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
+LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo", "dft", "simpo")
 PREFERENCE_LOSS_TYPES = ("dpo", "ipo")
 LAMBDA_SCHEDULES = (None, "linear", "warmup")
 LAMBDA_DISTURBS = (None, "normal")
@@ -387,6 +387,22 @@ def ift_rows(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagat
     return row_losses, valid, metrics
 
 
+def dft_rows(model, input_ids, attention_mask, labels):
+    """Per-row DFT loss (Dynamic Fine-Tuning, Wu et al. 2025, arXiv 2508.05629): SFT with each token's
+    NLL weighted by its own probability, detached: sum_t -sg(p_t) · log p_t / n, averaged over rows
+    like SFT. Tokens the model already finds likely count fully; unlikely ones are damped.
+
+    input_ids, attention_mask, labels: (B, T).
+    Returns (row_losses (B,) with gradient; valid (B,) bool, n > 0; metrics (B,) detached: loss,
+    nll (the unweighted mean NLL), weight_mean (the mean of sg(p_t) over the row's targets)).
+    """
+    logps, mask = policy_logps(model, input_ids, attention_mask, labels)
+    weights = logps.detach().exp()  # sg(p_t); row_mean ignores what sits off the mask
+    row_losses = row_mean(-weights * logps, mask)
+    return row_losses, mask.any(-1), {"loss": row_losses.detach(), "nll": row_mean(-logps.detach(), mask),
+                                      "weight_mean": row_mean(weights, mask)}
+
+
 def _mean_over_valid(row_losses, valid, row_metrics):
     """(loss, metrics): means over the valid rows, 0 when there is none; metrics are 0-dim detached."""
     count = valid.sum().clamp(min=1)
@@ -475,6 +491,17 @@ def orpo_loss(chosen_logps, rejected_logps, beta):
     return -chosen_logps - beta * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
 
 
+def simpo_loss(chosen_logps, rejected_logps, beta, gamma_margin):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free and length-normalised,
+    -log σ(β · (chosen_logps − rejected_logps) − gamma_margin).
+
+    chosen_logps, rejected_logps: (B,) per-token MEAN log-probs of each response.
+    Returns (losses (B,), chosen_rewards (B,) = β · chosen_logps, rejected_rewards (B,)), rewards detached.
+    """
+    losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma_margin)
+    return losses, (beta * chosen_logps).detach(), (beta * rejected_logps).detach()
+
+
 def _pad_right(t, length, value):
     """t (B, T) -> (B, length), padded on the right with `value`."""
     return F.pad(t, (0, length - t.shape[1]), value=value)
@@ -527,7 +554,7 @@ def needs_reference(loss_cfg):
 
 def needs_pairs(loss_cfg):
     """True when the loss trains on (chosen, rejected) pairs: dpo / ipo / orpo."""
-    return loss_cfg.get("name") in ("dpo", "ipo", "orpo")
+    return loss_cfg.get("name") in ("dpo", "ipo", "orpo", "simpo")
 
 
 def batch_loss(loss_cfg, policy, reference, batch, lam):
@@ -592,6 +619,24 @@ def batch_loss(loss_cfg, policy, reference, batch, lam):
             "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
         }
+    elif name == "dft":
+        row_losses, valid, metrics = dft_rows(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    elif name == "simpo":
+        pol = concatenated_logps(policy, batch)
+        chosen = pol["chosen_logps"] / pol["chosen_n"].clamp(min=1)
+        rejected = pol["rejected_logps"] / pol["rejected_n"].clamp(min=1)
+        row_losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, _required(loss_cfg, "beta"),
+                                                                  _required(loss_cfg, "gamma_margin"))
+        valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
+        metrics = {
+            "loss": row_losses.detach(),
+            "rewards_chosen": chosen_rewards,
+            "rewards_rejected": rejected_rewards,
+            "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+            "rewards_margin": chosen_rewards - rejected_rewards,
+            "logps_chosen": chosen.detach(),
+            "logps_rejected": rejected.detach(),
+        }
     else:
         raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
 
@@ -599,3 +644,31 @@ def batch_loss(loss_cfg, policy, reference, batch, lam):
     row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
     metrics = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in metrics.items()}
     return row_losses, valid, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Method-independent evaluation metrics
+# ------------------------------------------------------------------------------------------------
+
+def shared_eval_metrics(model, batch):
+    """Held-out metrics computed the same way whatever the training loss (λ = 0, no weights), so that
+    runs of different methods can be compared: each method's own loss cannot.
+
+    batch: SFT keys (input_ids, attention_mask, labels) or pair keys (chosen_* / rejected_*), each (B, T).
+    Returns a dict of (B,) float tensors: `nll`, the per-token mean NLL of the chosen answer; with pairs
+    also `margin`, mean log p(chosen) − mean log p(rejected) (per-token means, as ORPO and SimPO use), and
+    `pref_accuracy`, 1.0 where the chosen answer is the more likely one by that measure, else 0.0.
+    """
+    if "chosen_input_ids" not in batch:
+        logps, mask = policy_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return {"nll": row_mean(-logps, mask)}
+    out = concatenated_logps(model, batch)
+    chosen = out["chosen_logps"] / out["chosen_n"].clamp(min=1)
+    rejected = out["rejected_logps"] / out["rejected_n"].clamp(min=1)
+    return {"nll": -chosen, "margin": chosen - rejected, "pref_accuracy": (chosen > rejected).to(chosen.dtype)}
+
+
+def chosen_view(batch):
+    """The chosen half of a pair batch under the SFT keys (input_ids, attention_mask, labels), for
+    evaluating a loss that trains on single answers on preference data."""
+    return {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}

@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM with IFT, SFT, DPO, IPO or ORPO.
+"""Fine-tune a causal LM with IFT, SFT, DPO, IPO, ORPO, DFT or SimPO.
 
     python train.py                                   # IFT on the bundled tiny model and sample data (CPU)
     python train.py loss=sft lr=1e-4 n_epochs=2       # any key of config/, Hydra syntax
@@ -30,7 +30,7 @@ from utils import REPO_DIR, ConfigError, barrier, broadcast_object, is_main, lau
     main_process_first, resolve_path, set_seed  # noqa: E402
 
 CONFIG_DIR = REPO_DIR / "config"
-LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
+LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo", "dft", "simpo")
 DTYPES = ("float32", "bfloat16", "float16")
 # The keys each loss takes, with their allowed values (None = any value passing the range check below).
 LOSS_KEYS = {
@@ -42,6 +42,8 @@ LOSS_KEYS = {
     "dpo": {"beta": None, "label_smoothing": None, "reference_free": (True, False)},
     "ipo": {"beta": None, "reference_free": (True, False)},
     "orpo": {"beta": None},
+    "dft": {},
+    "simpo": {"beta": None, "gamma_margin": None},
 }
 
 
@@ -136,6 +138,9 @@ def validate_config(cfg, world=None):
         _number(cfg, "loss.label_smoothing", 0, 0.5, high_open=True)
     if name == "orpo":
         _number(cfg, "loss.beta", 0)
+    if name == "simpo":
+        _number(cfg, "loss.beta", 0, low_open=True)
+        _number(cfg, "loss.gamma_margin", 0)
 
     _number(cfg, "lr", 0, low_open=True)
     _number(cfg, "weight_decay", 0)
@@ -169,6 +174,8 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    if OmegaConf.select(cfg, "model.from_scratch", default=False) not in (True, False):
+        raise ConfigError(f"model.from_scratch={cfg.model.from_scratch!r} is not allowed; choose one of True, False")
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -254,6 +261,7 @@ def load_model(cfg, dtype, name_or_path=None):
     shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    scratch = name_or_path is None and cfg.model.get("from_scratch", False)
     name = name_or_path or cfg.model.name_or_path
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
@@ -261,6 +269,12 @@ def load_model(cfg, dtype, name_or_path=None):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **kw)
+    if scratch:
+        # Random weights from config.json, seeded by `seed` alone: each seed is its own initialisation,
+        # and the policy and a reference model (two calls) start from the same weights.
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, **kw)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
 
 
@@ -271,10 +285,22 @@ def load_data(cfg, tokenizer, pairs):
               dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None)
     with main_process_first():
         train = load_split(cfg.datasets, "train", **kw)
-        evals = load_split(cfg.datasets, "test", **kw)
+        evals = load_eval_split(cfg.datasets, kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = _first_rows(evals, cfg.n_eval_examples)
     return train, evals
+
+
+def load_eval_split(datasets, kw):
+    """The held-out rows, with their rejected answers whenever every row has one (whatever the loss),
+    so that every method's evaluation reports the same preference metrics (margin, pref_accuracy)."""
+    from preference_datasets import DataError, load_split
+    if not kw["pairs"]:
+        try:
+            return load_split(datasets, "test", **{**kw, "pairs": True})
+        except DataError:  # a dataset without rejected answers (or a bad row, which the next call names)
+            pass
+    return load_split(datasets, "test", **kw)
 
 
 def _first_rows(data, n):

@@ -150,7 +150,12 @@ class BasicTrainer:
             if train:
                 self.gradient_sync(j == len(mine) - 1)
             with contextlib.nullcontext() if train else torch.no_grad():
-                row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, batch, lam)
+                own = batch
+                if not train and "chosen_input_ids" in batch and not losses.needs_pairs(self.cfg.loss):
+                    own = losses.chosen_view(batch)  # preference eval data, a loss that trains on one answer
+                row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, own, lam)
+                if not train:  # the metrics every method logs the same way (nll; margin, pref_accuracy on pairs)
+                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.policy, batch)}
                 valid = valid.float() * (not ignore)
                 if train:
                     ((row_losses * valid).sum() * (self.world / n_rows)).backward()
