@@ -11,6 +11,7 @@ only then load models, so a typo never costs a 7B model load.
 """
 
 import datetime
+import itertools
 import os
 import socket
 import sys
@@ -232,16 +233,70 @@ def holds_run(path):
 
 
 def make_run_dir(cfg):
-    """The run directory, created by rank 0 and shared with the others. Refuses a directory that
-    already holds a run, so nothing written earlier is overwritten."""
+    """The run directory, reserved by rank 0 and shared with the others. Refuses a directory that
+    already holds a run, so nothing written earlier is overwritten; a default name taken by another
+    launcher in the same second gets a suffix (_1, _2, ...)."""
     path = None
     if is_main():
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        path = Path(cfg.run_dir or f"runs/{cfg.exp_name}_{stamp}").resolve()
-        if holds_run(path):
-            raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
-        path.mkdir(parents=True, exist_ok=True)
+        if cfg.run_dir is not None:
+            path = Path(cfg.run_dir).resolve()
+            if not reserve_run_dir(path):
+                raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
+        else:
+            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            base = Path(f"runs/{cfg.exp_name}_{stamp}").resolve()
+            path = next(p for p in itertools.chain([base], (Path(f"{base}_{i}") for i in itertools.count(1)))
+                        if reserve_run_dir(p))
     return Path(broadcast_object(str(path)))
+
+
+def reserve_run_dir(path):
+    """Claim `path` for this run, atomically: the exclusive creation (O_EXCL) of its metrics.jsonl
+    succeeds in exactly one process, so parallel launchers can never share a run directory (checking
+    first and creating after could not promise that). False when the directory already holds a run."""
+    if (path / "final").exists():
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / "metrics.jsonl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- sweeps (python train.py -m ...)
+
+def swept_keys(argv=None):
+    """The keys a `-m` command line sweeps: `loss=sft,ift seed=0,1 lr=1e-3` -> ['loss', 'seed']."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+
+
+def sweep_job_name():
+    """hydra.sweep.subdir: this job's values of the swept keys, e.g. 'loss=sft,seed=0', so the jobs of a
+    sweep are told apart by what differs between them (a '/' in a value becomes '_')."""
+    from hydra.core.hydra_config import HydraConfig
+
+    swept = set(swept_keys())
+    parts = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
+
+
+# config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
+OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
+OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
+
+
+def sweep_run_dir(cfg):
+    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.run_dir is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return cfg
 
 
 def load_tokenizer(cfg):
@@ -414,7 +469,7 @@ def _free_port():
 def main(cfg: DictConfig):
     from preference_datasets import DataError
     try:
-        validate_config(cfg)
+        validate_config(sweep_run_dir(cfg))
         launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -185,7 +185,8 @@ print("checked", cfg.loss.name, cfg.model.name)
 ' "$@"
 """)
     shim.chmod(0o755)
-    scripts = sorted((REPO_DIR / "commands").glob("*.sh"))
+    # run_frozen_lake.sh also builds data and plays games: tests/test_frozen_lake.py runs it end to end
+    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
     assert len(scripts) >= 6
     for script in scripts:
         proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
