@@ -75,7 +75,17 @@ def greedy_decode(model, prompts, max_new_tokens, eos_id, pad_id, track_ids=(), 
 
 
 def load_rows(data_dir):
-    return [json.loads(line) for line in open(Path(data_dir) / "test.jsonl", encoding="utf-8")]
+    path = Path(data_dir) / "test.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (write it with python -m experiments.frozen_lake.build_data)")
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def write_json(path, obj):
+    """Write through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
@@ -108,7 +118,7 @@ def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
                "unparseable_rate": unparseable / len(rows),
                "mean_length": float(np.mean([m for m, _ in solved])) if solved else None,
                "mean_optimal": float(np.mean([o for _, o in solved])) if solved else None}
-    (run_dir / "task_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_json(run_dir / "task_metrics.json", metrics)
     if picture_map is None:
         picture_map = next((i for i, r in enumerate(rows) if len(r["map"]) == 6), 0)
     shown = answers[picture_map]
@@ -184,7 +194,7 @@ def write_results(metrics_by_run, path):
         by_method.setdefault(method_of(run_dir), []).append(m["success_rate"])
     out = {k: {"success_rate": v, "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                "n_seeds": len(v)} for k, v in by_method.items()}
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(path, out)
     return out
 
 
