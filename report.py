@@ -219,6 +219,9 @@ def plot_eval_curves(groups, path):
         ax.set_title("Held-out loss during training (each method's own loss: not comparable across methods;\n"
                      "no run logged the shared `nll`); mean over seeds, band = ± 1 std", fontsize=9)
     ax.set_yscale("log")  # losses fall by orders of magnitude from a random start
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
