@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from experiments.frozen_lake import build_data, game
 from experiments.frozen_lake.evaluate_env import greedy_decode, write_results
-from preference_datasets import encode_prompt, ensure_chat_template, load_split
+from preference_datasets import encode_chat, ensure_chat_template, load_split
 from utils import REPO_DIR
 
 TINY = REPO_DIR / "models" / "tiny-mistral"
@@ -34,8 +34,9 @@ def test_every_cell_and_every_move_is_one_token(tokenizer):
         for a, b in itertools.product(alphabet, repeat=2):
             assert tokenizer.tokenize(a + b) == [a, b]
     desc = ["SFFH", "FHFF", "FFFH", "HFFG"]
-    ids = encode_prompt(tokenizer, [{"role": "user", "content": game.prompt_text(desc)}])[1]
-    tokens = tokenizer.convert_ids_to_tokens(ids)
+    prompt_ids, answer_ids = encode_chat(tokenizer, [{"role": "user", "content": game.prompt_text(desc)}], "RRDD")
+    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
+    assert tokenizer.convert_ids_to_tokens(answer_ids) == ["R", "R", "D", "D", "</s>"]
     start = tokens.index("S")  # the map: 4 rows of 4 one-letter tokens separated by newline tokens
     assert tokens[start:start + 19] == list("SFFH") + ["Ċ"] + list("FHFF") + ["Ċ"] + list("FFFH") + ["Ċ"] + list("HFFG")
 

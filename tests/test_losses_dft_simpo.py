@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import losses
-from tests.test_losses_preference import log_sigmoid, pair_batch, sft_batch, summed_logps, tiny_model
+from conftest import tiny_model
+from test_losses_preference import log_sigmoid, pair_batch, sft_batch, summed_logps
 
 torch.set_num_threads(1)
 
@@ -37,7 +38,7 @@ def test_simpo_loss_and_rewards_match_the_closed_form(beta, gamma_margin):
 
 
 def test_simpo_through_batch_loss_uses_per_token_mean_log_probs():
-    policy = tiny_model(0)
+    policy = tiny_model()
     batch = pair_batch()
     cfg = {"name": "simpo", "beta": 2.0, "gamma_margin": 0.5}
     row_losses, valid, metrics = losses.batch_loss(cfg, policy, None, batch, lam=0.0)
@@ -54,7 +55,7 @@ def test_simpo_through_batch_loss_uses_per_token_mean_log_probs():
 
 def test_dft_loss_and_gradient_match_a_float64_loop():
     """Row loss sum_t -sg(p_t) log p_t / n, and the gradient of exactly that (p_t held constant)."""
-    policy, twin = tiny_model(0), tiny_model(0)
+    policy, twin = tiny_model(), tiny_model()
     batch = sft_batch()
     row_losses, valid, metrics = losses.batch_loss({"name": "dft"}, policy, None, batch, lam=0.0)
     assert valid.all() and set(metrics) == {"loss", "nll", "weight_mean"}

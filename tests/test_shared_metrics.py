@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import train
 from preference_datasets import load_split
-from tests.test_train import make_cfg
+from conftest import make_cfg
 
 FAST = ["n_examples=32", "batch_size=16", "eval_batch_size=8", "n_eval_examples=12", "eval_every=16",
         "warmup_steps=0", "datasets=[ultrafeedback_sample]", "max_length=96", "max_prompt_length=64"]

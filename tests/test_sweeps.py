@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import report
 import train
+import utils
 from utils import REPO_DIR, ConfigError
 
 TINY_RUN = ["n_examples=32", "batch_size=16", "eval_batch_size=16", "n_eval_examples=16", "eval_every=32",
@@ -47,9 +48,9 @@ def test_the_swept_keys_come_from_the_command_line():
 
 def test_exactly_one_of_many_parallel_launchers_reserves_a_run_dir(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
-        won = pool.map(train.reserve_run_dir, [tmp_path / "run"] * 8)
+        won = pool.map(utils.reserve_run_dir, [tmp_path / "run"] * 8)
     assert sum(won) == 1
-    assert not train.reserve_run_dir(tmp_path / "run")
+    assert not utils.reserve_run_dir(tmp_path / "run")
 
 
 def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
@@ -58,13 +59,12 @@ def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatc
         def now(cls, tz=None):
             return datetime.datetime(2026, 1, 1, 12, 0, 0)
 
-    monkeypatch.setattr(train.datetime, "datetime", Frozen)
+    monkeypatch.setattr(datetime, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
-    cfg = OmegaConf.create({"run_dir": None, "exp_name": "x"})
-    first, second = train.make_run_dir(cfg), train.make_run_dir(cfg)
+    first, second = utils.make_run_dir(None, "x"), utils.make_run_dir(None, "x")
     assert first.name == "x_2026-01-01_12-00-00" and second.name == "x_2026-01-01_12-00-00_1"
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.make_run_dir(OmegaConf.create({"run_dir": str(first), "exp_name": "x"}))
+        utils.make_run_dir(str(first), "x")
 
 
 def test_sft_then_dpo_runs_from_one_command_and_dpo_starts_from_the_sft_model(tmp_path):

@@ -92,15 +92,18 @@ def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
     """Play every map of `rows` with the run's final/ model; write the run's task files; return its metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preference_datasets import encode_prompt, ensure_chat_template
+    from preference_datasets import encode_chat, end_of_turn_token, ensure_chat_template
 
     run_dir = Path(run_dir)
     tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(str(run_dir / "final")))
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "final"), dtype=torch.float32)
-    prompts = [encode_prompt(tokenizer, r["chosen"][:-1])[1] for r in rows]
+    eot = end_of_turn_token(tokenizer)
+    # The prompt exactly as training tokenised it (the ids before the answer's first character); the
+    # answer passed here only marks where the prompt ends, none of its tokens are kept.
+    prompts = [encode_chat(tokenizer, r["chosen"][:-1], r["chosen"][-1]["content"], eot)[0] for r in rows]
     action_ids = [tokenizer.convert_tokens_to_ids(a) for a in ACTIONS]
-    new_ids, probs = greedy_decode(model, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   track_ids=action_ids)
+    new_ids, probs = greedy_decode(model, prompts, max_new_tokens, tokenizer.convert_tokens_to_ids(eot),
+                                   tokenizer.pad_token_id, track_ids=action_ids)
     answers, solved, unparseable = [], [], 0
     with open(run_dir / "frozen_lake_answers.jsonl", "w", encoding="utf-8") as f:
         for row, ids in zip(rows, new_ids):
