@@ -98,7 +98,7 @@ def task_specs(args):
 def check_model_dir(run_dir):
     """RUN_DIR/final must be a Hugging Face model directory; checked before anything loads."""
     final = run_dir / "final"
-    if not (final / "config.json").is_file():
+    if not (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
         raise EvalError(f"no model to evaluate: {final}/config.json does not exist "
                         f"(RUN_DIR must be a run directory whose training finished)")
 
@@ -132,7 +132,11 @@ def load_lm(final, device, dtype, batch_size):
     import torch
     from lm_eval.models.huggingface import HFLM
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFLM(pretrained=str(final), device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=False)
+    model = {"pretrained": str(final)}
+    if (final / "adapter_config.json").is_file():  # lora.merge=false: the adapter on top of its base
+        base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = {"pretrained": base, "peft": str(final), "tokenizer": str(final)}
+    return HFLM(**model, device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=False)
 
 
 def run_tasks(lm, specs, manager, limit=None, log_samples=False):

@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
+import lora  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -69,7 +70,10 @@ def check_override_keys(args):
 
     top = OmegaConf.load(CONFIG_DIR / "config.yaml")
     sections = {"model": OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"), "wandb": top.wandb,
-                "dataset_paths": top.dataset_paths, "loss": {k: None for v in LOSS_KEYS.values() for k in v}}
+                "dataset_paths": top.dataset_paths, "loss": {k: None for v in LOSS_KEYS.values() for k in v},
+                "lora": OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml")}
+    if any(a.startswith("lora.") for a in args) and not any(a.startswith("lora=") for a in args):
+        raise ConfigError("lora.* keys need lora=default on the command line too (LoRA is off by default)")
     for arg in args:
         key, eq, _ = arg.partition("=")
         if not eq or key[:1] in "+~" or key.startswith("hydra"):
@@ -169,6 +173,7 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    lora.check_config(cfg, cuda=_use_cuda(cfg))
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -248,10 +253,11 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype, name_or_path=None):
+def load_model(cfg, dtype, name_or_path=None, **extra):
     """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
     reads them; the others build the architecture on the meta device (no memory) and receive their
-    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
+    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
+    extra: more from_pretrained arguments (QLoRA's quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = name_or_path or cfg.model.name_or_path
@@ -261,7 +267,7 @@ def load_model(cfg, dtype, name_or_path=None):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **kw)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw, **extra)
 
 
 def load_data(cfg, tokenizer, pairs):
@@ -335,12 +341,14 @@ def run(cfg, local_rank=0, world=1, port=None):
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
         if cfg.resume_from is None:
-            policy = load_model(cfg, cfg.model.policy_dtype)
+            policy = load_model(cfg, cfg.model.policy_dtype, **lora.load_kwargs(cfg))
         else:  # the checkpoint holds the weights exactly as trained: FSDP2 keeps float32 master weights
             dtype = "float32" if cfg.trainer == "FSDPTrainer" else cfg.model.policy_dtype
             policy = load_model(cfg, dtype, str(resolve_path(cfg.resume_from)))
-        # the reference is always the original model
-        reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
+        if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
+            policy, reference = lora.apply(cfg, policy), None
+        else:  # the reference is always the original model
+            reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
         if cfg.resume_from is not None:
             trainer.resume(resolve_path(cfg.resume_from))
