@@ -84,6 +84,22 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         deltas += 1
     assert deltas == 4 * 7
 
+    # evaluate.py reads the adapter-only final/ on top of its base: the same answers as peft's model
+    import evaluate
+    from peft import PeftModel
+    from test_evaluate import our_greedy_answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    evaluate.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
+                   "--device", "cpu", "--log-samples"])
+    samples = [json.loads(line) for line in open(tmp_path / "adapter" / "eval" / "samples_ift_quick.jsonl")]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "adapter" / "final")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter" / "final")
+    with torch.no_grad():
+        ours = [our_greedy_answer(model.eval(), tokenizer, s["doc"]["question"], 24) for s in samples]
+    assert [s["response"].strip() for s in samples] == [a.strip() for a in ours]
+    with torch.no_grad(), model.disable_adapter():  # and not the base model's answers
+        assert ours != [our_greedy_answer(model, tokenizer, s["doc"]["question"], 24) for s in samples]
+
 
 @pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo"])
 def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
