@@ -139,6 +139,10 @@ class AdaptersDisabled:
         return self.policy.get_output_embeddings()
 
     def parameters(self):
+        # Under FSDP2 the policy's root stays gathered after an eval forward (reshard_after_forward is
+        # off for it): reshard first, so every rank yields its own shards, as for a plain reference.
+        if hasattr(self.policy, "reshard"):
+            self.policy.reshard()
         return (p for p in self.policy.parameters() if not p.requires_grad)
 
     def eval(self):

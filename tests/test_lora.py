@@ -160,16 +160,23 @@ def _dpo_batch():
     return collate(data, list(range(4)), tokenizer.pad_token_id)
 
 
-def test_fsdp2_two_ranks_train_lora_like_one_process(tmp_path):
+FSDP_LOSSES = {
+    "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3", "lora.trainable_modules=[embed_tokens]"],
+    "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],  # the reference: the sharded base, adapters off
+}
+
+
+@pytest.mark.parametrize("loss", sorted(FSDP_LOSSES))
+def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
     from test_distributed import assert_same_run
-    run = [*STEPS, "lr=1e-3", "max_grad_norm=1.0", "loss=ift", "gamma=0.9", "loss.min_lambda=0.3",
-           "loss.max_lambda=0.3", *LORA, "lora.dropout=0.0", "lora.trainable_modules=[embed_tokens]"]
+    run = [*STEPS, "lr=1e-3", "max_grad_norm=1.0", *LORA, "lora.dropout=0.0", *FSDP_LOSSES[loss]]
     one = launch_run(tmp_path / "one", *run, "trainer=FSDPTrainer", "nproc=1", "gradient_accumulation_steps=2")
     two = launch_run(tmp_path / "two", *run, "trainer=FSDPTrainer", "nproc=2")
     assert_same_run(one, two)
     base = load_file(BASE / "model.safetensors")
-    assert not torch.equal(two[1]["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # listed: trained
-    assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # not listed: frozen
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(two[1][embed], base[embed]) == (loss == "dpo")  # trained only where listed
+    assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # never listed: frozen
 
 
 def test_merging_takes_the_frozen_weights_from_the_base_when_given():
