@@ -141,8 +141,8 @@ def load_lm(final, device, dtype, batch_size):
 
 def run_tasks(lm, specs, manager, limit=None, log_samples=False):
     """Run `specs` on `lm`, one simple_evaluate call per (few-shot count, chat setting), since
-    simple_evaluate takes one of each. Returns {task name: (lm-eval results, its samples or None)}
-    where lm-eval results is lm-eval's output for that call."""
+    simple_evaluate takes one of each. Returns {task name: simple_evaluate's output for the call
+    that ran it} (its "results", "n-shot", "n-samples", "group_subtasks", and "samples" if logged)."""
     from lm_eval import simple_evaluate
     out = {}
     groups = {}
@@ -151,6 +151,7 @@ def run_tasks(lm, specs, manager, limit=None, log_samples=False):
     for (shots, chat), names in groups.items():
         res = simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
                               apply_chat_template=chat, fewshot_as_multiturn=chat and bool(shots),
+                              # standard errors of means are closed-form; bootstrap serves other aggregates
                               log_samples=log_samples, bootstrap_iters=1000)
         for name in names:
             out[name] = res
