@@ -173,6 +173,11 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    _choice(cfg, "on_nonfinite", ("error", "skip"))
+    _number(cfg, "max_skipped_steps", 1, integer=True)
+    if not _use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
+        raise ConfigError("model.policy_dtype=float16 is not supported on the CPU; use bfloat16 (same speed, "
+                          "no loss scaling needed) or float32, or run on a GPU")
     lora.check_config(cfg, cuda=_use_cuda(cfg))
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
@@ -340,11 +345,13 @@ def run(cfg, local_rank=0, world=1, port=None):
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-        if cfg.resume_from is None:
-            policy = load_model(cfg, cfg.model.policy_dtype, **lora.load_kwargs(cfg))
-        else:  # the checkpoint holds the weights exactly as trained: FSDP2 keeps float32 master weights
-            dtype = "float32" if cfg.trainer == "FSDPTrainer" else cfg.model.policy_dtype
-            policy = load_model(cfg, dtype, str(resolve_path(cfg.resume_from)))
+        # The policy's parameters are float32 in every trainer (policy_dtype is only the compute dtype):
+        # updates of lr x (Adam's ~1) are far below bfloat16's resolution of a weight and would round away.
+        # A checkpoint holds these float32 weights as trained. With LoRA only the adapters train (float32,
+        # lora.py); the frozen base stays in policy_dtype, which is what saves the memory.
+        policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
+                            None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)),
+                            **lora.load_kwargs(cfg))
         if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
             policy, reference = lora.apply(cfg, policy), None
         else:  # the reference is always the original model
@@ -395,6 +402,7 @@ def _free_port():
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig):
     from preference_datasets import DataError
+    from trainers import NonFiniteError
     try:
         validate_config(cfg)
         launch(cfg)
@@ -402,6 +410,8 @@ def main(cfg: DictConfig):
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
+    except NonFiniteError as e:  # names the step and the metric; what was written before it stays
+        sys.exit(f"training stopped: {e}")
 
 
 def launch(cfg):
@@ -415,7 +425,22 @@ def launch(cfg):
         run(resolved, 0, 1, _free_port())
     else:
         import torch.multiprocessing as mp
-        mp.spawn(_spawned, args=(resolved, world, _free_port()), nprocs=world, join=True)
+        try:
+            mp.spawn(_spawned, args=(resolved, world, _free_port()), nprocs=world, join=True)
+        except mp.ProcessRaisedException as e:
+            _reraise_one_line_error(e)
+            raise
+
+
+def _reraise_one_line_error(e):
+    """A spawned rank's error arrives as its traceback text; raise the errors whose message says it all
+    (a non-finite step: every rank stops at the same step) as themselves, for main's one-line exit."""
+    from trainers import NonFiniteError
+    last = str(e).strip().splitlines()[-1]
+    for cls in (NonFiniteError,):
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if last.startswith(prefix):
+            raise cls(last[len(prefix):]) from None
 
 
 def _spawned(local_rank, cfg, world, port):
