@@ -221,3 +221,31 @@ def test_lora_keys_without_choosing_lora_are_named():
         train.check_override_keys(["lora.r=8"])
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.alpah' \(did you mean 'alpha'\?\)"):
         train.check_override_keys(["lora=default", "lora.alpah=8"])
+
+
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):
+    """policy_dtype=bfloat16: the base (the memory) stays bf16, the adapters are float32 master
+    weights, and the forward computes in bf16 under autocast; final/ is merged and saved in bf16."""
+    from transformers import AutoModelForCausalLM
+    from trainers import BasicTrainer
+    cfg = make_cfg(*LORA, "model.policy_dtype=bfloat16")
+    torch.manual_seed(0)
+    model = lora.apply(cfg, AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16))
+    trainer = BasicTrainer.__new__(BasicTrainer)  # only wrap() is exercised: no data, no optimizer
+    trainer.cfg, trainer.device, trainer.compute_dtype = cfg, torch.device("cpu"), torch.bfloat16
+    model = trainer.wrap(model, trainable=True)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16  # computed under autocast
+    logits.float().logsumexp(-1).sum().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+    _, final = launch_run(tmp_path / "bf16", *STEPS, "n_examples=16", "loss=sft", "datasets=[ultrachat_sample]",
+                          *LORA, "model.policy_dtype=bfloat16")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    base = load_file(BASE / "model.safetensors")
+    assert torch.equal(final["model.norm.weight"], base["model.norm.weight"].to(torch.bfloat16))
+    assert not torch.equal(final["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
