@@ -10,6 +10,7 @@ What the rest of the repository sees:
 """
 
 import torch
+from omegaconf import OmegaConf
 
 from utils import ConfigError
 
@@ -46,10 +47,10 @@ def check_config(cfg, cuda):
         raise ConfigError(f"lora.dropout must be in [0, 1), got {c.dropout!r}")
     for key in ("target_modules", "trainable_modules"):
         value = c[key]
-        if value is None and key == "target_modules":
+        if key == "target_modules" and value is None:  # the model family's list
             continue
-        if not (hasattr(value, "__len__") and all(isinstance(v, str) and v for v in value)) or isinstance(value, str) \
-                or (key == "target_modules" and len(value) == 0):
+        names = list(value) if OmegaConf.is_list(value) else None
+        if names is None or not all(isinstance(n, str) and n for n in names) or (key == "target_modules" and not names):
             raise ConfigError(f"lora.{key} must be a list of module names like [q_proj, v_proj], got {value!r}")
     if c.merge not in (True, False):
         raise ConfigError(f"lora.merge must be true or false, got {c.merge!r}")
