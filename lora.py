@@ -47,10 +47,10 @@ def check_config(cfg, cuda):
         raise ConfigError(f"lora.dropout must be in [0, 1), got {c.dropout!r}")
     for key in ("target_modules", "trainable_modules"):
         value = c[key]
-        if key == "target_modules" and value is None:  # the model family's list
+        if value is None:  # target_modules: the model family's list; trainable_modules: none
             continue
         names = list(value) if OmegaConf.is_list(value) else None
-        if names is None or not all(isinstance(n, str) and n for n in names) or (key == "target_modules" and not names):
+        if not names or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"lora.{key} must be a list of module names like [q_proj, v_proj], got {value!r}")
     if c.merge not in (True, False):
         raise ConfigError(f"lora.merge must be true or false, got {c.merge!r}")
@@ -102,9 +102,10 @@ def apply(cfg, model):
 
     c = cfg.lora
     config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=target_modules(cfg, model),
-                        modules_to_save=list(c.trainable_modules) or None, bias="none", task_type="CAUSAL_LM")
+                        modules_to_save=list(c.trainable_modules) if c.trainable_modules else None, bias="none",
+                        task_type="CAUSAL_LM")
     if c.quantize is not None:
-        # upcasts the few non-quantised parameters (norms) to float32 for stable training
+        # upcasts the parameters left unquantised (embeddings, head, norms) to float32 for stable training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, config)
 
