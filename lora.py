@@ -3,14 +3,14 @@ target Linear W (out x in) gains a trainable low-rank update, W x + (alpha / r) 
 with A (r x in) random and B (out x r) zero at the start, so training starts from the base model.
 
 What the rest of the repository sees:
-- train.py: `check_config` before anything loads, `load_kwargs` (QLoRA's 4-bit loading) and `apply`.
+- config_schema.py: the `lora` keys' declaration (`Lora`) and `check_run` before anything loads.
+- train.py: `load_kwargs` (QLoRA's 4-bit loading) and `apply`.
 - trainers.py: the policy is a peft model whose only trainable parameters are the adapters (and
   `lora.trainable_modules`); DPO/IPO's reference is `AdaptersDisabled(policy)`, the same weights with
   the adapters switched off, so no second copy is held; `save_final` writes final/.
 """
 
 import torch
-from omegaconf import OmegaConf
 
 from utils import ConfigError
 
@@ -33,30 +33,12 @@ def enabled(cfg):
     return cfg.get("lora") is not None
 
 
-def check_config(cfg, cuda):
-    """Raise ConfigError for impossible LoRA settings, before any model loads. cuda: whether the
-    run will compute on a CUDA device."""
+def check_run(cfg, cuda):
+    """Raise ConfigError for LoRA settings that no single key's declaration (config_schema.Lora) can
+    refuse, before any model loads. cuda: whether the run will compute on a CUDA device."""
     if not enabled(cfg):
         return
-    c = cfg.lora
-    if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r < 1:
-        raise ConfigError(f"lora.r must be an integer >= 1, got {c.r!r}")
-    if isinstance(c.alpha, bool) or not isinstance(c.alpha, (int, float)) or c.alpha <= 0:
-        raise ConfigError(f"lora.alpha must be a number > 0, got {c.alpha!r}")
-    if isinstance(c.dropout, bool) or not isinstance(c.dropout, (int, float)) or not 0 <= c.dropout < 1:
-        raise ConfigError(f"lora.dropout must be in [0, 1), got {c.dropout!r}")
-    for key in ("target_modules", "trainable_modules"):
-        value = c[key]
-        if value is None:  # target_modules: the model family's list; trainable_modules: none
-            continue
-        names = list(value) if OmegaConf.is_list(value) else None
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"lora.{key} must be a list of module names like [q_proj, v_proj], got {value!r}")
-    if c.merge not in (True, False):
-        raise ConfigError(f"lora.merge must be true or false, got {c.merge!r}")
-    if c.quantize not in QUANTIZE:
-        raise ConfigError(f"lora.quantize={c.quantize!r} is not allowed; choose one of null, 4bit")
-    if c.quantize is not None:
+    if cfg.lora.quantize is not None:
         if not cuda:
             raise ConfigError("lora.quantize=4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit base model does not "
                               "train on the CPU; use lora.quantize=null here")

@@ -10,11 +10,9 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import evaluate
-import train
+from conftest import run_inprocess
 from utils import REPO_DIR
 
 sys.path.insert(0, str(REPO_DIR / "eval_tasks"))
@@ -25,13 +23,9 @@ import ift_quick  # noqa: E402
 def trained_run(tmp_path_factory):
     """A run directory with final/ from a short SFT run of the tiny model."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=train.expand_short_overrides([
-            f"run_dir={run_dir}", "loss=sft", "datasets=[ultrachat_sample]", "n_examples=96", "batch_size=16",
-            "lr=2e-3", "optimizer=AdamW", "warmup_steps=0", "n_eval_examples=16", "eval_batch_size=16",
-            "eval_every=1000", "do_first_eval=false"]))
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    run_inprocess(run_dir, "loss=sft", "datasets=[ultrachat_sample]", "n_examples=96", "batch_size=16", "lr=2e-3",
+                  "optimizer=AdamW", "warmup_steps=0", "n_eval_examples=16", "eval_batch_size=16", "eval_every=1000",
+                  "do_first_eval=false")
     return run_dir
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config_schema
 import lora
 import losses
 import train
-from test_train import launch_run, make_cfg
+from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
 
 BASE = REPO_DIR / "models" / "tiny-mistral"
@@ -194,10 +195,10 @@ def test_merging_takes_the_frozen_weights_from_the_base_when_given():
 
 @pytest.mark.parametrize("overrides, message", [
     (["lora.quantize=4bit", "device=cpu"], "lora.quantize=4bit (QLoRA) needs a CUDA GPU"),
-    (["lora.r=0"], "lora.r must be an integer >= 1, got 0"),
-    (["lora.dropout=1.0"], "lora.dropout must be in [0, 1), got 1.0"),
-    (["lora.quantize=8bit"], "lora.quantize='8bit' is not allowed; choose one of null, 4bit"),
-    (["lora.target_modules=[]"], "lora.target_modules must be a list of module names"),
+    (["lora.r=0"], "lora.r=0 is out of range: allowed [1, inf)"),
+    (["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: allowed [0, 1)"),
+    (["lora.quantize=8bit"], "lora.quantize='8bit' is not allowed; choose one of None, 4bit"),
+    (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
 ])
 def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
@@ -218,9 +219,9 @@ def test_resuming_a_lora_run_is_refused_with_one_line(tmp_path):
 
 def test_lora_keys_without_choosing_lora_are_named():
     with pytest.raises(ConfigError, match=r"lora\.\* keys need lora=default on the command line"):
-        train.check_override_keys(["lora.r=8"])
+        config_schema.check_overrides(["lora.r=8"])
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.alpah' \(did you mean 'alpha'\?\)"):
-        train.check_override_keys(["lora=default", "lora.alpah=8"])
+        config_schema.check_overrides(["lora=default", "lora.alpah=8"])
 
 
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):

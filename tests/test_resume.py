@@ -5,7 +5,7 @@ one that never stopped (data order from (seed, epoch), lambda noise from (seed, 
 import pytest
 
 import train
-from test_train import launch_run, make_cfg
+from conftest import launch_run, make_cfg
 from utils import ConfigError
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
