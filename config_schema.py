@@ -1,8 +1,8 @@
-"""The config, declared once: every top-level and model key here, every loss key beside its loss in
-losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
+"""The config, declared once: every top-level, model and lora key here, every loss key beside its loss
+in losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
 and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml,
-config/loss/*.yaml and the keys' comments of config/model/*.yaml from them (the tests fail while a
-file differs); a model file's values and header comment are its own.
+config/loss/*.yaml, config/lora/default.yaml and the keys' comments of config/model/*.yaml from them
+(the tests fail while a file differs); a model file's values and header comment are its own.
 
 Adding a key: one `option(...)` line in the right dataclass, then `python config_schema.py`.
 """
@@ -17,6 +17,7 @@ from typing import Optional
 from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
+import lora
 import losses
 from launch import use_cuda
 from options import check, default_of, option, unknown_key
@@ -34,6 +35,8 @@ class Model:
     name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
     tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
+    from_scratch: bool = option(False, "true: random weights from name_or_path's config.json (seeded by `seed`), "
+                                       "not its weights")
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
                                           "float32, final/ is saved in this", choices=DTYPES)
     reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
@@ -46,6 +49,24 @@ class Model:
                                             "stops\nat it); null = what the chat template emits after an assistant "
                                             "message")
     trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
+
+
+@dataclass
+class Lora:
+    """LoRA through peft: `lora=default` (off unless chosen). The base model's weights are frozen and
+    only the low-rank adapters train (plus trainable_modules). See lora.py and the README's LoRA section."""
+    r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
+    alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
+    dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
+    target_modules: Optional[list] = option(None, "null = by model family (attention and MLP projections, "
+                                                  "lora.FAMILY_TARGETS), or a\nlist of module names such as "
+                                                  "[q_proj, v_proj]")
+    trainable_modules: Optional[list] = option(None, "base modules that train fully as well, e.g. [embed_tokens, "
+                                                     "lm_head]; the embedding\ntable (and with it IFT's blended "
+                                                     "embeddings' table) stays frozen unless listed here")
+    merge: bool = option(True, "final/: the merged model, a plain Hugging Face directory; false = the adapter alone")
+    quantize: Optional[str] = option(None, "null | 4bit: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes "
+                                           "(CUDA GPUs only)", choices=lora.QUANTIZE)
 
 
 @dataclass
@@ -149,7 +170,7 @@ class Run:
 
 
 DEFAULTS = {"loss": "ift", "model": "tiny"}  # the groups' default choices (config.yaml's defaults list)
-GROUPS = {"loss": None, "model": Model}      # loss sections are declared by the registered losses
+GROUPS = {"loss": None, "model": Model, "lora": Lora}  # loss sections are declared by the registered losses
 
 
 # ---------------------------------------------------------------- the command line
@@ -201,6 +222,8 @@ def check_overrides(args):
     """Refuse an override (with or without +) of a key no declaration has, naming the allowed keys
     and the closest one, and a loss key for a loss that lacks it, naming the losses that have it.
     Group choices (loss=..., model=...), deletions (~key) and hydra.* are left to Hydra."""
+    if any(a.lstrip("+").startswith("lora.") for a in args) and not any(a.startswith("lora=") for a in args):
+        raise ConfigError("lora.* keys need lora=default on the command line too (LoRA is off by default)")
     for arg in args:
         key, eq, _ = arg.lstrip("+").partition("=")
         if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
@@ -214,8 +237,8 @@ def check_overrides(args):
 def _check_declared(key):
     """A dotted top-level or model key against Run / Model and their nested sections."""
     parts, declaration, prefix = key.split("."), Run, ""
-    if parts[0] == "model" and len(parts) > 1:
-        parts, declaration, prefix = parts[1:], Model, "model."
+    if parts[0] in ("model", "lora") and len(parts) > 1:
+        parts, declaration, prefix = parts[1:], GROUPS[parts[0]], parts[0] + "."
     for part in parts:
         fields = {f.name: f.type for f in dataclasses.fields(declaration)} if declaration else {}
         if declaration is Run:
@@ -246,6 +269,8 @@ def check_keys(cfg):
     top = {k: v for k, v in cfg.items() if k not in GROUPS}
     check(top, Run, ignore=GROUPS)
     check(cfg.model, Model, "model.")
+    if cfg.get("lora") is not None:  # chosen with lora=default
+        check(cfg.lora, Lora, "lora.")
     losses.build(cfg.loss)
 
 
@@ -285,6 +310,7 @@ def check_run(cfg, world):
                           f"= {cfg.gradient_accumulation_steps} × {world}")
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
+    lora.check_run(cfg, cuda=use_cuda(cfg))
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)
@@ -305,11 +331,12 @@ CONFIG_HEADER = f"""\
 # The defaults train IFT on the bundled tiny model and sample data on the CPU; the commands/ scripts
 # hold the paper's Mistral-7B recipes.
 # The keys, defaults and comments are declared in config_schema.py (loss keys: in losses.py), and
-# `python config_schema.py` writes this file and config/loss/*.yaml from them.
+# `python config_schema.py` writes this file, config/loss/*.yaml and config/lora/default.yaml from them.
 defaults:
   - _self_
   - loss: {DEFAULTS['loss']}          # {' | '.join(losses.LOSSES)}   (config/loss/*.yaml)
   - model: {DEFAULTS['model']}        # tiny | mistral7b | zephyr7b-sft | llama7b | qwen2-0_5b | qwen2_5-0_5b-instruct | llama3_1-8b
+  - lora: null         # null = full fine-tuning | default = LoRA through peft   (config/lora/default.yaml)
   - override hydra/job_logging: none
   - override hydra/hydra_logging: none
 """
@@ -317,9 +344,9 @@ HYDRA_BLOCK = """
 hydra:
   run:
     dir: .             # hydra writes nothing of its own; the run dir is ours (run_dir)
-  sweep:
-    dir: runs/multirun_${now:%Y-%m-%d_%H-%M-%S}  # --multirun: hydra's record of the sweep (multirun.yaml)
-    subdir: .          # each job writes only its own run_dir
+  sweep:                # python train.py -m loss=sft,ift seed=0,1: one sweep folder, one run folder per job
+    dir: runs/sweep_${swept_keys:}_${now:%Y-%m-%d_%H-%M-%S}   # e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
+    subdir: ${sweep_job_name:}                              # e.g. loss=sft,seed=0 (the swept values)
   output_subdir: null
   job:
     chdir: false
@@ -369,6 +396,9 @@ def yaml_files():
         header = "".join(f"# {line.strip()}\n" for line in cls.__doc__.strip().split("\n"))
         files[CONFIG_DIR / "loss" / f"{name}.yaml"] = header + f"name: {name}\n" + "".join(
             line + "\n" for line in yaml_lines(cls))
+    files[CONFIG_DIR / "lora" / "default.yaml"] = "".join(
+        f"# {line.strip()}\n" for line in Lora.__doc__.strip().split("\n")) + "".join(
+        line + "\n" for line in yaml_lines(Lora))
     for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the leading comment

@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM with IFT, SFT, DPO, IPO or ORPO.
+"""Fine-tune a causal LM with IFT, SFT, DPO, IPO, ORPO, DFT or SimPO.
 
     python train.py                                   # IFT on the bundled tiny model and sample data (CPU)
     python train.py loss=sft lr=1e-4 n_epochs=2       # any key of config/, Hydra syntax
@@ -11,8 +11,10 @@ build (data, run directory, models: `build`) -> launch (`launch`) -> train and r
 dataset row is checked before any model loads, so a typo never costs a 7B model load.
 """
 
+import contextlib
 import json
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import config_schema
 import launch as launcher
+import lora
 import losses
 from utils import ConfigError, barrier, is_main, main_process_first, make_run_dir, resolve_path, set_seed
 
@@ -41,7 +44,7 @@ def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     from trainers import NonFiniteError
     try:
-        validate_config(cfg)
+        validate_config(sweep_run_dir(cfg))
         launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
@@ -49,6 +52,47 @@ def compose_and_launch(cfg: DictConfig):
         sys.exit(f"data error: {e}")
     except NonFiniteError as e:  # names the step and the metric; what was written before it stays
         sys.exit(f"training stopped: {e}")
+
+
+# ---------------------------------------------------------------- sweeps (python train.py -m ...)
+
+def swept_keys(argv=None):
+    """The keys a `-m` command line sweeps: `loss=sft,ift seed=0,1 lr=1e-3` -> ['loss', 'seed']."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+
+
+def sweep_job_name():
+    """hydra.sweep.subdir: this job's values of the swept keys, e.g. 'loss=sft,seed=0', so the jobs of a
+    sweep are told apart by what differs between them (a '/' in a value becomes '_')."""
+    from hydra.core.hydra_config import HydraConfig
+
+    swept = set(swept_keys())
+    parts = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
+
+
+# config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
+OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
+OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
+
+
+def sweep_run_dir(cfg):
+    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory
+    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.run_dir is None:
+            cfg.run_dir = str(job_dir)
+        elif job_dir.resolve() != Path(cfg.run_dir).resolve():
+            with contextlib.suppress(OSError):  # Hydra made it for the job, which writes elsewhere: leave no litter
+                job_dir.rmdir()
+    return cfg
 
 
 def validate_config(cfg, world=None):
@@ -75,12 +119,14 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype, name_or_path=None):
+def load_model(cfg, dtype, name_or_path=None, **extra):
     """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
     reads them; the others build the architecture on the meta device (no memory) and receive their
-    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
+    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
+    extra: more from_pretrained arguments (QLoRA's quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    scratch = name_or_path is None and cfg.model.get("from_scratch", False)
     name = name_or_path or cfg.model.name_or_path
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code,
@@ -89,7 +135,13 @@ def load_model(cfg, dtype, name_or_path=None):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **kw)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    if scratch:
+        # Random weights from config.json, seeded by `seed` alone: each seed is its own initialisation,
+        # and the policy and a reference model (two calls) start from the same weights.
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, **kw)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw, **extra)
 
 
 def load_data(cfg, tokenizer, pairs, eot_token=None):
@@ -100,10 +152,22 @@ def load_data(cfg, tokenizer, pairs, eot_token=None):
               eot_token=eot_token)
     with main_process_first():
         train = load_split(cfg.datasets, "train", **kw)
-        evals = load_split(cfg.datasets, "test", **kw)
+        evals = load_eval_split(cfg.datasets, kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = evals.first(cfg.n_eval_examples)
     return train, evals
+
+
+def load_eval_split(datasets, kw):
+    """The held-out rows, with their rejected answers whenever every row has one (whatever the loss),
+    so that every method's evaluation reports the same preference metrics (margin, pref_accuracy)."""
+    from preference_datasets import DataError, load_split
+    if not kw["pairs"]:
+        try:
+            return load_split(datasets, "test", **{**kw, "pairs": True})
+        except DataError:  # a dataset without rejected answers (or a bad row, which the next call names)
+            pass
+    return load_split(datasets, "test", **kw)
 
 
 def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
@@ -147,9 +211,14 @@ def build(cfg, device):
         print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
     # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
     # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
-    policy = load_model(cfg, "float32", None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)))
+    # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory saved.
+    policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
+                        None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)), **lora.load_kwargs(cfg))
     stop_at_end_of_turn(policy, tokenizer, eot_token)
-    reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
+    if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
+        policy, reference = lora.apply(cfg, policy), None
+    else:
+        reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
     trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
     if cfg.resume_from is not None:
         trainer.resume(resolve_path(cfg.resume_from))
