@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+import checkpoints  # noqa: E402
 from utils import REPO_DIR, ConfigError, barrier, broadcast_object, is_main, launched_by_torchrun, \
     main_process_first, resolve_path, set_seed  # noqa: E402
 
@@ -153,11 +154,6 @@ def validate_config(cfg, world=None):
     _number(cfg, "n_eval_examples", 1, integer=True, optional=True)
     _number(cfg, "n_samples", 0, integer=True)
     _number(cfg, "save_every", 1, integer=True, optional=True)
-    if cfg.resume_from is not None:
-        path = resolve_path(cfg.resume_from)
-        if path is None or not (path / "trainer_state.pt").is_file() or not (path / "config.json").is_file():
-            raise ConfigError(f"resume_from={cfg.resume_from} is not a checkpoint folder (one holding config.json and "
-                              "trainer_state.pt, e.g. <run_dir>/checkpoints/step-100)")
     _number(cfg, "max_new_tokens", 1, integer=True)
     _number(cfg, "seed", 0, integer=True)
     _number(cfg, "nproc", 1, integer=True, optional=True)
@@ -169,8 +165,10 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
-    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
-        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
+    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
+                          "with resume_from=latest")
+    checkpoints.validate(cfg)  # checkpoint keys, and the fingerprint of the checkpoint to resume
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
 
@@ -231,9 +229,10 @@ def make_run_dir(cfg):
     if is_main():
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         path = Path(cfg.run_dir or f"runs/{cfg.exp_name}_{stamp}").resolve()
-        if holds_run(path):
+        if holds_run(path) and not checkpoints.resumes_in_place(cfg):
             raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
         path.mkdir(parents=True, exist_ok=True)
+        checkpoints.prepare_run_dir(cfg, path)  # in place: leftovers removed, metrics cut to the checkpoint
     return Path(broadcast_object(str(path)))
 
 
@@ -304,7 +303,8 @@ def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
 
 def run(cfg, local_rank=0, world=1, port=None):
     """Everything one rank does: join the process group, check and load the data, make the run dir,
-    load the models, train, report."""
+    load the models, train, report. Returns checkpoints.EXIT_PREEMPTED when a signal stopped the
+    run (after saving a checkpoint), else 0."""
     import losses
     from trainers import TRAINERS
 
@@ -334,17 +334,16 @@ def run(cfg, local_rank=0, world=1, port=None):
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-        if cfg.resume_from is None:
-            policy = load_model(cfg, cfg.model.policy_dtype)
-        else:  # the checkpoint holds the weights exactly as trained: FSDP2 keeps float32 master weights
-            dtype = "float32" if cfg.trainer == "FSDPTrainer" else cfg.model.policy_dtype
-            policy = load_model(cfg, dtype, str(resolve_path(cfg.resume_from)))
-        # the reference is always the original model
+        policy = load_model(cfg, cfg.model.policy_dtype)  # a resumed run then reads its checkpoint's shards
         reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
-        if cfg.resume_from is not None:
-            trainer.resume(resolve_path(cfg.resume_from))
-        trainer.train()
+        checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        with checkpoints.preemption_signals(cfg.preempt_signals):
+            trainer.train()
+        if trainer.preempted:
+            return checkpoints.EXIT_PREEMPTED
         if is_main():
             print(f"run dir: {run_dir}")
             print(f"non-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
@@ -356,6 +355,7 @@ def run(cfg, local_rank=0, world=1, port=None):
             report_samples(greedy_samples(model, tokenizer, eval_data, cfg.n_samples, cfg.max_new_tokens, device),
                            run_dir)
         barrier()
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -389,29 +389,32 @@ def main(cfg: DictConfig):
     from preference_datasets import DataError
     try:
         validate_config(cfg)
-        launch(cfg)
+        status = launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
+    sys.exit(status)  # checkpoints.EXIT_PREEMPTED after a preemption signal (checkpoint written)
 
 
 def launch(cfg):
-    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not."""
+    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
+    Returns the exit status: 0, or checkpoints.EXIT_PREEMPTED when a signal stopped the run."""
     cfg = OmegaConf.create(cfg)
     world = planned_world_size(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.trainer != "FSDPTrainer" or launched_by_torchrun():
-        run(resolved)
+        return run(resolved)
     elif world == 1:  # FSDP2 needs a process group even for one rank
-        run(resolved, 0, 1, _free_port())
-    else:
-        import torch.multiprocessing as mp
-        mp.spawn(_spawned, args=(resolved, world, _free_port()), nprocs=world, join=True)
+        return run(resolved, 0, 1, _free_port())
+    # the launched processes get the scheduler's signals forwarded from this one
+    return checkpoints.spawn(_spawned, (resolved, world, _free_port()), world, cfg.preempt_signals)
 
 
 def _spawned(local_rank, cfg, world, port):
-    run(cfg, local_rank, world, port)
+    status = run(cfg, local_rank, world, port)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
