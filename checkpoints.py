@@ -33,6 +33,8 @@ import re
 import shutil
 import signal
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,8 @@ NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_che
             "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
             "max_new_tokens", "wandb", "hydra")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+# DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 # Test-only: "POINT@STEP" makes the save of step STEP SIGKILL its own process at POINT (see _crash_point).
 CRASH_ENV = "IFT_TEST_KILL_AT"
 
@@ -100,6 +104,12 @@ def resumes_in_place(cfg):
     return path is not None and path.parent.parent == Path(cfg.run_dir).resolve()
 
 
+def finished_in_place(cfg):
+    """Whether a resume in place finds its run finished (final/ written): then there is nothing to do,
+    and a requeued `resume_from=latest` command simply ends."""
+    return resumes_in_place(cfg) and (Path(cfg.run_dir) / "final").exists()
+
+
 def read_trainer_state(directory):
     return torch.load(Path(directory) / TRAINER_STATE, weights_only=True, map_location="cpu")
 
@@ -123,7 +133,7 @@ def validate(cfg):
             raise ConfigError(f"preempt_signals has '{name}'; allowed: {', '.join(SIGNALS)}")
     if cfg.resume_from == "latest" and cfg.run_dir is None:
         raise ConfigError("resume_from=latest continues the run in run_dir: set run_dir to that run's directory")
-    if cfg.run_dir is not None and (Path(cfg.run_dir) / "final").exists() and resumes_in_place(cfg):
+    if finished_in_place(cfg) and cfg.resume_from != "latest":
         raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run (final/ exists): nothing to resume")
     checkpoint = resume_checkpoint(cfg)
     if checkpoint is not None and resumes_in_place(cfg):
@@ -302,6 +312,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.wait()
+        start = time.perf_counter()
         folder = self.run_dir / "checkpoints" / f"step-{step}"
         tmp = folder.with_name(folder.name + ".tmp")
         if is_main():
@@ -321,23 +332,25 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         if self.cfg.save_async:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=_no_dist())
-            self.pending = (future, tmp, folder, meta)
+            self.pending = (future, tmp, folder, meta, start)
+            _report(f"checkpoint step-{step}: training resumes after {time.perf_counter() - start:.2f} s; "
+                    "the shards are written in the background")
         else:
             dcp.save(state, storage_writer=writer, no_dist=_no_dist())
             barrier()  # every rank's shards are written before rank 0 publishes the folder
-            self._publish(tmp, folder, meta)
+            self._publish(tmp, folder, meta, start)
             barrier()
 
     def wait(self):
         """Finish an asynchronous save (rank 0 publishes it once every rank's shards are written)."""
         if self.pending is None:
             return
-        future, tmp, folder, meta = self.pending
+        future, tmp, folder, meta, start = self.pending
         self.pending = None
         future.result()
         # DCP's coordinator (rank 0) finishes only after gathering every rank's write results, so the
         # folder is complete when rank 0 publishes it; the other ranks have nothing left to do
-        self._publish(tmp, folder, meta)
+        self._publish(tmp, folder, meta, start)
 
     def poll(self):
         """Publish a finished asynchronous save without waiting for one still being written."""
@@ -354,7 +367,7 @@ class Checkpointer:
                 "wandb_run_id": wandb.id if wandb is not None else self.wandb_run_id,
                 "fingerprint": {"config": config_fingerprint(self.cfg), "data": data_fingerprint(trainer.train_data)}}
 
-    def _publish(self, tmp, folder, meta):
+    def _publish(self, tmp, folder, meta, start):
         """Rank 0: trainer_state.pt, fsync everything, rename into place, then apply keep_last."""
         if not is_main():
             return
@@ -365,6 +378,8 @@ class Checkpointer:
         _crash_point("rename", step)
         tmp.rename(folder)
         fsync_dir(folder.parent)
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        _report(f"saved {folder} ({size:.1f} MiB) in {time.perf_counter() - start:.2f} s")
         _crash_point("retention", step)
         prune(self.run_dir, self.cfg.keep_last)
 
@@ -376,6 +391,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         directory = Path(directory)
+        start = time.perf_counter()
         differences = check_fingerprint(self.cfg, directory, trainer.train_data)
         meta = read_trainer_state(directory)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
@@ -399,6 +415,8 @@ class Checkpointer:
         # with a different number of ranks, rank r continues the random streams of saved rank r mod R
         set_rng_state(torch.load(directory / f"rng-rank{rank() % meta['world_size']}.pt", weights_only=True))
         if is_main():
+            _report(f"resumed from {directory} (step {meta['step']}, written by {meta['world_size']} rank(s), read by "
+                    f"{world_size()}) in {time.perf_counter() - start:.2f} s")
             row = {"split": "resume", "step": meta["step"], "checkpoint": str(directory),
                    "ranks": [meta["world_size"], world_size()], "forced": bool(differences),
                    "differences": {k: [a, b] for k, (a, b) in differences.items()}}
@@ -422,6 +440,13 @@ class Checkpointer:
             print(f"\nstopped by {name} after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}\n"
                   f"to continue, run the same command with run_dir={self.run_dir} resume_from=latest "
                   f"(exit status {EXIT_PREEMPTED})", flush=True)
+
+
+def _report(line):
+    """A line from rank 0 that does not break the progress bar."""
+    from tqdm import tqdm
+    if is_main():
+        tqdm.write(line)
 
 
 def _no_dist():

@@ -328,6 +328,9 @@ def run(cfg, local_rank=0, world=1, port=None):
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
         train_data, eval_data = load_data(cfg, tokenizer, pairs=losses.needs_pairs(cfg.loss))
+        checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
+        if checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
+            checkpoints.check_fingerprint(cfg, checkpoint, train_data)
         run_dir = make_run_dir(cfg)  # only once the data is known to be good
         if is_main():
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -337,7 +340,6 @@ def run(cfg, local_rank=0, world=1, port=None):
         policy = load_model(cfg, cfg.model.policy_dtype)  # a resumed run then reads its checkpoint's shards
         reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
-        checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
         if checkpoint is not None:
             trainer.resume(checkpoint)
         with checkpoints.preemption_signals(cfg.preempt_signals):
@@ -389,6 +391,9 @@ def main(cfg: DictConfig):
     from preference_datasets import DataError
     try:
         validate_config(cfg)
+        if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
+            print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
+            return
         status = launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")

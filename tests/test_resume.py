@@ -144,6 +144,32 @@ def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, re
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1, no leftovers
 
 
+def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Stopped after step 2 as by a signal (stop_requested answers yes), then resumed in place: wandb
+    is asked to continue the first run's id."""
+    import types
+    inits = []
+
+    def init(**kw):
+        inits.append(kw)
+        return types.SimpleNamespace(id=kw["id"] or "run-one", log=lambda *a, **k: None, finish=lambda: None)
+
+    import wandb
+    monkeypatch.setattr(wandb, "init", init)
+    asks = iter(range(1, 100))
+    monkeypatch.setattr(checkpoints.Checkpointer, "stop_requested", lambda self, device: next(asks) == 2)
+    cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true")
+    train.validate_config(cfg)
+    assert train.launch(cfg) == checkpoints.EXIT_PREEMPTED
+    assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
+    resumed = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
+                       "resume_from=latest")
+    train.validate_config(resumed)
+    assert train.launch(resumed) == 0
+    assert [kw["id"] for kw in inits] == [None, "run-one"] and (tmp_path / "final").exists()
+    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-4"
     changed = ["lr=2e-3", "seed=1", "loss=sft", "datasets=[ultrachat_sample]"]
