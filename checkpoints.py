@@ -262,6 +262,36 @@ def prepare_run_dir(cfg, run_dir):
         print(f"resume_from=latest: {run_dir} has no complete checkpoint yet; starting the run from the beginning")
 
 
+# ---------------------------------------------------------------- a model without weights
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and
+    real buffers: buffers such as rotary frequencies are computed in __init__ and are in no checkpoint."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:  # an already-meta parameter is a tied one: keep it shared
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def materialize(model, device):
+    """Uninitialised storage on `device` for a model built by parameters_on_meta (sharded or not),
+    keeping its buffers' values. Its parameters must then be loaded from a checkpoint."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
 # ---------------------------------------------------------------- RNG states
 
 def rng_state():

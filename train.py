@@ -247,15 +247,21 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype, name_or_path=None):
+def load_model(cfg, dtype, name_or_path=None, weights=True):
     """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
     reads them; the others build the architecture on the meta device (no memory) and receive their
-    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory."""
+    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
+    weights=False (a resumed run): no rank reads them; parameters stay on the meta device until the
+    trainer gives them storage for the checkpoint's shards."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = name_or_path or cfg.model.name_or_path
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
+    if not weights:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        with checkpoints.parameters_on_meta():
+            return AutoModelForCausalLM.from_config(config, **kw)
     if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
@@ -337,7 +343,8 @@ def run(cfg, local_rank=0, world=1, port=None):
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-        policy = load_model(cfg, cfg.model.policy_dtype)  # a resumed run then reads its checkpoint's shards
+        # a resumed run reads no base weights: each rank reads its shards of the checkpoint's instead
+        policy = load_model(cfg, cfg.model.policy_dtype, weights=checkpoint is None)
         reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
         if checkpoint is not None:

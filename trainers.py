@@ -77,6 +77,9 @@ class BasicTrainer:
 
     def wrap(self, model, trainable):
         """Put a model on this process's device (FSDPTrainer: shard it)."""
+        if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
+            checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
+            model.tie_weights()
         return model.to(self.device)
 
     def gradient_sync(self, enabled):
@@ -335,7 +338,9 @@ class FSDPTrainer(BasicTrainer):
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if self.world > 1:
+        if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
+            checkpoints.materialize(model, self.device)  # every rank built it without weights: the checkpoint fills them
+        elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)
 

@@ -1,7 +1,7 @@
 """How long a checkpoint takes to save and to resume, with 1 and 2 ranks (checkpoints.py).
 
-For each rank count R: a run of `train.py` writes checkpoints/step-2 (save_every), then a second run
-resumes from it into a new run directory. Both print their timings ("saved ... in X s", "resumed ...
+For each rank count R: a run of `train.py` writes checkpoints/step-2 and step-4 (save_every), then a
+second run resumes from step-4 into a new run directory. Both print their timings ("saved ... in X s", "resumed ...
 in X s"); this script collects and prints them. It asserts nothing.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/checkpoint_io.py                   # the bundled tiny model
@@ -38,7 +38,7 @@ def random_model(hidden, layers, folder):
 
 
 def train(args, *overrides):
-    cmd = [sys.executable, str(REPO / "train.py"), "loss=sft", "optimizer=AdamW", "n_examples=32", "batch_size=8",
+    cmd = [sys.executable, str(REPO / "train.py"), "loss=sft", "optimizer=AdamW", "n_examples=48", "batch_size=8",
            "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000", "do_first_eval=false", "max_length=128",
            "max_prompt_length=64", f"device={args.device}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -62,17 +62,17 @@ def main():
             n = random_model(args.hidden, args.layers, tmp / "model")
             model = [f"model.name_or_path={tmp / 'model'}", f"model.tokenizer_name_or_path={TINY}"]
             print(f"random Mistral: hidden {args.hidden}, {args.layers} layers, {n / 1e6:.1f}M parameters")
-        print(f"{'ranks':>5} {'checkpoint (MiB)':>17} {'save (s)':>9} {'resume (s)':>11}")
+        print(f"{'ranks':>5} {'checkpoint (MiB)':>17} {'1st save (s)':>13} {'2nd save (s)':>13} {'resume (s)':>11}")
         for ranks in map(int, args.ranks.split(",")):
             layout = ["trainer=FSDPTrainer", f"nproc={ranks}"] if ranks > 1 else []
             first = tmp / f"save{ranks}"
             out = train(args, *model, *layout, f"run_dir={first}", "save_every=16",
                         f"save_async={str(args.save_async).lower()}")
-            saved = re.search(r"saved \S+step-2 \(([\d.]+) MiB\) in ([\d.]+) s", out)
+            saved = re.findall(r"saved \S+step-\d+ \(([\d.]+) MiB\) in ([\d.]+) s", out)
             out = train(args, *model, *layout, f"run_dir={tmp / f'resume{ranks}'}",
-                        f"resume_from={first / 'checkpoints' / 'step-2'}")
+                        f"resume_from={first / 'checkpoints' / 'step-4'}")
             resumed = re.search(r"resumed from \S+ .* in ([\d.]+) s", out)
-            print(f"{ranks:>5} {saved.group(1):>17} {saved.group(2):>9} {resumed.group(1):>11}")
+            print(f"{ranks:>5} {saved[0][0]:>17} {saved[0][1]:>13} {saved[1][1]:>13} {resumed.group(1):>11}")
 
 
 if __name__ == "__main__":
