@@ -106,9 +106,11 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
 
 
 def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_path):
-    """SIGTERM reaches the launching process, which forwards it to both ranks; they agree on the step."""
+    """SIGTERM reaches the launching process, which forwards it to both ranks; they agree on the step.
+    The shards are written in the background (save_async) and published once both ranks are done."""
     run_dir = tmp_path / "run"
-    status, out = signal_after_step(start_cli(run_dir, "trainer=FSDPTrainer", "nproc=2", "device=cpu"), run_dir, 2)
+    proc = start_cli(run_dir, "trainer=FSDPTrainer", "nproc=2", "device=cpu", "save_async=true")
+    status, out = signal_after_step(proc, run_dir, 2)
     assert status == checkpoints.EXIT_PREEMPTED, out[-3000:]
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert {p.name for p in (run_dir / "checkpoints" / f"step-{stopped}").glob("rng-rank*.pt")} == \
@@ -120,6 +122,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
 
 def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-2"
+    assert not (checkpoint / "model.safetensors").exists()  # Hugging Face weights only when asked for
     resumed = launch(tmp_path / "run", "trainer=FSDPTrainer", "nproc=2", f"resume_from={checkpoint}")
     assert_continues(reference, resumed, ACROSS_RANKS)
     # another run's checkpoint: the new run_dir holds only what came after it
@@ -146,7 +149,8 @@ def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, re
 
 def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     """Stopped after step 2 as by a signal (stop_requested answers yes), then resumed in place: wandb
-    is asked to continue the first run's id."""
+    is asked to continue the first run's id. With save_hf_checkpoints the checkpoint is also a Hugging
+    Face model directory."""
     import types
     inits = []
 
@@ -158,10 +162,14 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", init)
     asks = iter(range(1, 100))
     monkeypatch.setattr(checkpoints.Checkpointer, "stop_requested", lambda self, device: next(asks) == 2)
-    cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true")
+    cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
+                   "save_hf_checkpoints=true")
     train.validate_config(cfg)
     assert train.launch(cfg) == checkpoints.EXIT_PREEMPTED
     assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
+    from transformers import AutoModelForCausalLM  # save_hf_checkpoints: the checkpoint loads for evaluation
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2")).__name__ == \
+        "MistralForCausalLM"
     resumed = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                        "resume_from=latest")
     train.validate_config(resumed)
