@@ -339,7 +339,7 @@ class FSDPTrainer(BasicTrainer):
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
         if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
-            checkpoints.materialize(model, self.device)  # every rank built it without weights: the checkpoint fills them
+            checkpoints.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
         elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)
