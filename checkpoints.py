@@ -6,8 +6,9 @@ A checkpoint is a folder `RUN/checkpoints/step-N/`:
                                    every rank writes (and on resume reads) only its own shards, and a
                                    checkpoint written by R ranks loads on any R' (DCP reshards)
     rng-rank<r>.pt                 the RNG states (python, numpy, torch CPU and CUDA) of rank r
-    trainer_state.pt               step, scheduler, token counters, world size, wandb run id and the
-                                   fingerprint of everything that changes the math (rank 0)
+    trainer_state.pt               step, scheduler, float16 loss scale, token and skipped-step counters,
+                                   world size, wandb run id, and the fingerprint of everything that
+                                   changes the math (rank 0)
     config.json, model.safetensors a Hugging Face copy of the weights, only with save_hf_checkpoints=true
 
 It is written into `step-N.tmp/`, every file and the folder are fsynced, and only then is it renamed to
@@ -56,7 +57,7 @@ NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_che
             "max_new_tokens", "wandb", "hydra")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
 # Test-only: "POINT@STEP" makes the save of step STEP SIGKILL its own process at POINT (see _crash_point).
 CRASH_ENV = "IFT_TEST_KILL_AT"
 
@@ -108,6 +109,15 @@ def finished_in_place(cfg):
     """Whether a resume in place finds its run finished (final/ written): then there is nothing to do,
     and a requeued `resume_from=latest` command simply ends."""
     return resumes_in_place(cfg) and (Path(cfg.run_dir) / "final").exists()
+
+
+def read_checkpoint(directory):
+    """A checkpoint's model and optimizer state as full tensors, in one process, without a model:
+    {"model": {name: tensor}, "optimizer": {"state": {name: {...}}, "param_groups": [...]}}.
+    For inspecting a checkpoint (a 7B one needs its whole size in memory)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(checkpoint_id=str(directory))  # every key, unsharded
 
 
 def read_trainer_state(directory):
@@ -394,6 +404,8 @@ class Checkpointer:
         return {"format": FORMAT_VERSION, "step": step, "total_steps": trainer.total_steps,
                 "scheduler": trainer.scheduler.state_dict(), "tokens_seen": trainer.tokens_seen,
                 "slots_seen": trainer.slots_seen, "world_size": world_size(),
+                "skipped_steps": trainer.skipped_steps, "consecutive_skips": trainer.consecutive_skips,
+                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
                 "wandb_run_id": wandb.id if wandb is not None else self.wandb_run_id,
                 "fingerprint": {"config": config_fingerprint(self.cfg), "data": data_fingerprint(trainer.train_data)}}
 
@@ -440,6 +452,9 @@ class Checkpointer:
         trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
         trainer.start_step = meta["step"]
         trainer.tokens_seen, trainer.slots_seen = meta["tokens_seen"], meta["slots_seen"]
+        trainer.skipped_steps, trainer.consecutive_skips = meta["skipped_steps"], meta["consecutive_skips"]
+        if trainer.scaler is not None and meta["scaler"] is not None:  # float16's loss scale goes on from where it was
+            trainer.scaler.load_state_dict(meta["scaler"])
         if resumes_in_place(self.cfg):
             self.wandb_run_id = meta["wandb_run_id"]
         # with a different number of ranks, rank r continues the random streams of saved rank r mod R

@@ -165,6 +165,11 @@ def validate_config(cfg, world=None):
     _choice(cfg, "model.policy_dtype", DTYPES)
     _choice(cfg, "model.reference_dtype", DTYPES)
     _choice(cfg, "model.trust_remote_code", (True, False))
+    _choice(cfg, "on_nonfinite", ("error", "skip"))
+    _number(cfg, "max_skipped_steps", 1, integer=True)
+    if not _use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
+        raise ConfigError("model.policy_dtype=float16 is not supported on the CPU; use bfloat16 (same speed, "
+                          "no loss scaling needed) or float32, or run on a GPU")
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
                           "with resume_from=latest")
@@ -343,8 +348,11 @@ def run(cfg, local_rank=0, world=1, port=None):
             dropped = train_data.n_dropped + eval_data.n_dropped
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
                   + (f" ({dropped} dropped: no target token left)" if dropped else ""))
-        # a resumed run reads no base weights: each rank reads its shards of the checkpoint's instead
-        policy = load_model(cfg, cfg.model.policy_dtype, weights=checkpoint is None)
+        # The policy's parameters are float32 in every trainer (policy_dtype is only the compute dtype):
+        # updates of lr x (Adam's ~1) are far below bfloat16's resolution of a weight and would round away.
+        # A resumed run reads no base weights: each rank reads its shards of the checkpoint's instead.
+        policy = load_model(cfg, "float32", weights=checkpoint is None)
+        # the reference is always the original model
         reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
         if checkpoint is not None:
@@ -396,6 +404,7 @@ def _free_port():
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg: DictConfig):
     from preference_datasets import DataError
+    from trainers import NonFiniteError
     try:
         validate_config(cfg)
         if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
@@ -406,6 +415,8 @@ def main(cfg: DictConfig):
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
+    except NonFiniteError as e:  # names the step and the metric; what was written before it stays
+        sys.exit(f"training stopped: {e}")
     sys.exit(status)  # checkpoints.EXIT_PREEMPTED after a preemption signal (checkpoint written)
 
 
@@ -419,8 +430,24 @@ def launch(cfg):
         return run(resolved)
     elif world == 1:  # FSDP2 needs a process group even for one rank
         return run(resolved, 0, 1, _free_port())
-    # the launched processes get the scheduler's signals forwarded from this one
-    return checkpoints.spawn(_spawned, (resolved, world, _free_port()), world, cfg.preempt_signals)
+    import torch.multiprocessing as mp
+    try:
+        # the launched processes get the scheduler's signals forwarded from this one
+        return checkpoints.spawn(_spawned, (resolved, world, _free_port()), world, cfg.preempt_signals)
+    except mp.ProcessRaisedException as e:
+        _reraise_one_line_error(e)
+        raise
+
+
+def _reraise_one_line_error(e):
+    """A spawned rank's error arrives as its traceback text; raise the errors whose message says it all
+    (a non-finite step: every rank stops at the same step) as themselves, for main's one-line exit."""
+    from trainers import NonFiniteError
+    last = str(e).strip().splitlines()[-1]
+    for cls in (NonFiniteError,):
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if last.startswith(prefix):
+            raise cls(last[len(prefix):]) from None
 
 
 def _spawned(local_rank, cfg, world, port):

@@ -9,9 +9,14 @@ Semantics that do not depend on the number of ranks R or accumulation steps A:
   sum(row losses) / (rows in the global batch), so accumulated gradients equal the full-batch one.
   FSDP averages gradients over ranks, hence the extra factor R.
 - Logged metrics are means over every row of the global batch (sums all-reduced, then divided).
+
+Numerics, the same in both trainers: parameters and optimizer state are float32, model.policy_dtype
+is only the compute dtype (autocast here, FSDP2's MixedPrecisionPolicy in FSDPTrainer), and an update
+is applied only when the step's loss and global gradient norm are finite (`apply_update`).
 """
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -43,6 +48,11 @@ class BasicTrainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
         self.world, self.rank = world_size(), rank()
+        # policy_dtype is the compute dtype; parameters and optimizer state are always float32.
+        self.compute_dtype = getattr(torch, cfg.model.policy_dtype)
+        # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
+        self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
+        self.skipped_steps = self.consecutive_skips = 0  # updates not applied: non-finite loss or gradient
         self.n_micro = cfg.gradient_accumulation_steps * self.world
         self.steps_per_epoch = len(train_data) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -76,11 +86,18 @@ class BasicTrainer:
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
     def wrap(self, model, trainable):
-        """Put a model on this process's device (FSDPTrainer: shard it)."""
+        """Put a model on this process's device (FSDPTrainer: shard it). The policy's parameters are
+        float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
+        frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it."""
         if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
             checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
-        return model.to(self.device)
+        model = model.to(self.device)
+        if trainable:
+            model.float()
+            if self.compute_dtype != torch.float32:
+                _autocast_forward(model, self.device.type, self.compute_dtype)
+        return model
 
     def gradient_sync(self, enabled):
         """Whether the next backward reduces gradients across ranks (a no-op in one process)."""
@@ -150,7 +167,8 @@ class BasicTrainer:
                 row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, batch, lam)
                 valid = valid.float() * (not ignore)
                 if train:
-                    ((row_losses * valid).sum() * (self.world / n_rows)).backward()
+                    loss = (row_losses * valid).sum() * (self.world / n_rows)
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             for k, v in row_metrics.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().float() * valid).sum()
         keys = sorted(sums)
@@ -173,11 +191,11 @@ class BasicTrainer:
             lam = self.lam(step, disturb=True)
             sums, tokens, slots = self.run_micro_batches(micro_batches(batch, self.train_lengths, self.n_micro),
                                                          len(batch), lam, train=True)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip, check and log the true gradients
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
             dt = time.perf_counter() - t0
             self.tokens_seen += tokens
             self.slots_seen += slots
@@ -185,12 +203,14 @@ class BasicTrainer:
                    **{k: v / len(batch) for k, v in sums.items()}}
             if cfg.loss.name == "ift":
                 row["lambda"] = lam
-            row.update(lr=lr, grad_norm=grad_norm, step_time_s=dt, tokens_per_s=tokens / dt)
+            row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
+                       tokens_per_s=tokens / dt)
+            if self.scaler is not None:
+                row["loss_scale"] = self.scaler.get_scale()
             self.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss is {row['loss']} at step {step + 1}; metrics so far are in "
-                                         f"{self.run_dir / 'metrics.jsonl'}")
+            if error:  # after logging the step's row; nothing of this step reached the weights
+                raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
                 self.evaluate(step=step + 1)
             saved = cfg.save_every is not None and _crossed(step, cfg.batch_size, cfg.save_every) \
@@ -214,6 +234,46 @@ class BasicTrainer:
         self.save(self.run_dir / "final")
         self.finish_logging()
 
+    def apply_update(self, step, loss, grad_norm):
+        """The optimizer and scheduler step, only if the step's loss and gradient norm are finite
+        (both are global: the same on every rank, so all ranks decide alike). Otherwise the update is
+        skipped and counted, and the result is an error message when the run must stop: on_nonfinite
+        is `error`, or `max_skipped_steps` updates in a row were skipped. Under float16's gradient
+        scaler a non-finite gradient norm is an overflow of the scaled gradients, which the scaler
+        expects: it is skipped and the scale lowered, whatever on_nonfinite says. Gradients are
+        zeroed in every case. Returns None or the error message (step is 1-based)."""
+        bad = [(name, value) for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
+        if not bad:
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_skips = 0
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.scaler is not None:
+            # The scaler's own update() reads each rank's local overflow flag, which differs between the
+            # shards of one gradient; the new scale is set from the global decision instead, so every
+            # rank keeps the same scale. (Unlike update(), this leaves the growth counter as it was.)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        name, value = bad[0]
+        what = f"{name} is {value} at step {step}"
+        if self.cfg.on_nonfinite == "error" and not (self.scaler is not None and name == "grad_norm"):
+            return (f"{what}; the update was not applied and the run stopped (on_nonfinite=error). Checkpoints "
+                    f"and metrics.jsonl up to here are in {self.run_dir}; lower lr or set max_grad_norm")
+        if self.consecutive_skips >= self.cfg.max_skipped_steps:
+            return (f"{what}: {self.consecutive_skips} skipped updates in a row (max_skipped_steps="
+                    f"{self.cfg.max_skipped_steps}); the run stopped. Checkpoints and metrics.jsonl up to here "
+                    f"are in {self.run_dir}")
+        if is_main():
+            tqdm.write(f"{what}: update skipped ({self.consecutive_skips} in a row, {self.skipped_steps} in all)")
+        return None
+
     @torch.no_grad()
     def evaluate(self, step):
         """Mean loss and metrics over the eval rows, with IFT's undisturbed lambda of this step."""
@@ -231,6 +291,13 @@ class BasicTrainer:
         if self.cfg.loss.name == "ift":
             row["lambda"] = lam
         self.log(row)
+        if not math.isfinite(row["loss"]):  # the eval rows' mean is global: all ranks decide alike
+            what = f"eval loss is {row['loss']} at step {step}"
+            if self.cfg.on_nonfinite == "error":
+                raise NonFiniteError(f"{what}; the run stopped (on_nonfinite=error). Checkpoints and "
+                                     f"metrics.jsonl up to here are in {self.run_dir}")
+            if is_main():
+                tqdm.write(f"{what}; training goes on (on_nonfinite=skip)")
         self.eval_losses.append(row["loss"])
         if is_main():
             tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
@@ -291,6 +358,28 @@ class BasicTrainer:
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm was NaN or infinite and on_nonfinite says stop. No update of that step
+    was applied; the message names the step and the metric."""
+
+
+def _autocast_forward(model, device_type, dtype):
+    """Make `model`'s forward run under torch.autocast(device_type, dtype): matrix products compute
+    in `dtype` while the parameters (and their gradients) stay float32, what FSDP2's
+    MixedPrecisionPolicy does for FSDPTrainer. Only the model's forward is affected, hooks on its
+    submodules included (IFT's blended embeddings: the lookup stays float32, so the blend does too);
+    the loss math after it (log-softmax, Relation Propagation, reductions) runs outside autocast, in
+    float32. The forward is replaced on the instance, so state dicts and save_pretrained are unchanged."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
 
 
 def _crossed(step, batch_size, every):
