@@ -216,8 +216,9 @@ def _read_local_rows(path):
     if path.suffix != ".jsonl":
         return [(f"{path}: row {i}", row) for i, row in enumerate(_read_whole_file(path))]
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _utf8(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -230,11 +231,22 @@ def _read_local_rows(path):
     return rows
 
 
+def _utf8(data, path, first_line=1):
+    """bytes (of `path`, starting at line first_line) -> str, or DataError naming the file and the
+    line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = first_line + data.count(b"\n", 0, e.start)
+        raise DataError(f"{path}: line {line_no}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                        "re-encode the file as UTF-8") from None
+
+
 def _read_whole_file(path):
     """Rows of a .json or .parquet file."""
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
@@ -243,8 +255,12 @@ def _read_whole_file(path):
             raise DataError(f"{path}: a .json file must hold a list of row objects")
         return rows
     if path.suffix == ".parquet":
-        import datasets
-        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+        import pyarrow
+        import pyarrow.parquet
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)}")
 
 
@@ -347,55 +363,118 @@ def ensure_chat_template(tokenizer):
     return tokenizer
 
 
-def encode_prompt(tokenizer, prompt_messages):
-    """Token ids of the prompt rendered with the chat template up to the start of the answer,
-    with the tokenizer's bos prepended once."""
-    text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return text, ids
+EOT_PROBE = "IFT-END-OF-TURN-PROBE"  # an answer no template emits itself: what follows it ends the turn
 
 
-def encode_answer(tokenizer, prompt_messages, prompt_text, answer):
-    """Token ids of the assistant answer as the chat template renders it after the prompt, up to
-    and including its end-of-turn (eos) token; what the template puts after eos is not a target."""
-    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": answer}], tokenize=False)
-    if not full.startswith(prompt_text):
+def end_of_turn_token(tokenizer, configured=None):
+    """The token that ends an assistant turn (always a target; greedy generation stops at it).
+
+    `configured` (model.eot_token) wins; otherwise it is the first special token the chat template
+    emits after an assistant message's content: '</s>' for the Zephyr template, '<|im_end|>' for
+    ChatML, '<|eot_id|>' for Llama-3. It must be one token of the vocabulary."""
+    token = configured
+    if token is not None and not isinstance(token, str):
+        raise DataError(f"model.eot_token must be a token string like '<|im_end|>' or null, got {token!r}")
+    if token is None:
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": EOT_PROBE}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        tail = text[text.rindex(EOT_PROBE) + len(EOT_PROBE):]
+        special = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
+        special |= set(tokenizer.all_special_tokens)
+        emitted = tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"])
+        token = next((t for t in emitted if t in special), None)
+        if token is None:
+            raise DataError(f"the chat template emits no special token after an assistant message (it emits "
+                            f"{tail!r}); set model.eot_token to the token that ends an assistant turn")
+    if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+        raise DataError(f"model.eot_token={token!r} is not a single token of the tokenizer")
+    return token
+
+
+def encode_chat(tokenizer, prompt_messages, answer, eot_token=None):
+    """(prompt_ids, answer_ids) of one chat, split from ONE tokenisation of the whole rendered chat.
+
+    The chat (prompt messages + the assistant answer) is rendered with the chat template and
+    tokenised once (bos prepended when the tokenizer has one and the template does not emit it), so
+    prompt_ids + answer_ids is exactly a prefix of the whole chat's ids: the model trains on the
+    tokens it sees at inference, not on an answer tokenised on its own (which gains a leading-space
+    token with metaspace tokenizers). The split is by characters, with the fast tokenizer's offsets:
+    - the answer starts at the first character after the prompt rendered with the generation prompt;
+      a token is a target if it holds at least one answer character, so a token straddling the
+      boundary (prompt characters merged with the first answer characters) is a target;
+    - the answer ends with the end-of-turn token that follows its text (end_of_turn_token; eot_token
+      None = detected from the template), which is the last target: whatever the template puts
+      after it (a newline, say) is cut off.
+    Raises DataError for a slow tokenizer (no offsets), when the template does not render the prompt
+    as a prefix of the chat, or when it emits no end-of-turn token after the answer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: the split of prompt and answer needs "
+                        "its offset mapping; load the tokenizer with use_fast=True (a tokenizer.json)")
+    eot_token = eot_token or end_of_turn_token(tokenizer)
+    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    chat_text = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": answer}],
+                                              tokenize=False)
+    if not chat_text.startswith(prompt_text):
         raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the chat; "
                         "set a compatible template")
-    text = full[len(prompt_text):]
-    eos = tokenizer.eos_token
-    if eos and eos in text:
-        text = text[: text.rindex(eos) + len(eos)]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = len(prompt_text)
+    eot_at = chat_text.find(eot_token, start + len(answer.strip()))  # templates may strip the content
+    if eot_at < 0:
+        raise DataError(f"the chat template emits no end-of-turn token {eot_token!r} after an assistant answer; "
+                        "set model.eot_token to the token that ends an assistant turn")
+    end = eot_at + len(eot_token)
+    enc = tokenizer(chat_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    n_prompt = next(i for i, (_, e) in enumerate(offsets) if e > start)      # tokens wholly before the answer
+    n_chat = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(ids))  # ... up to the end of turn
+    if offsets[n_chat - 1][1] != end or ids[n_chat - 1] != tokenizer.convert_tokens_to_ids(eot_token):
+        raise DataError(f"the end-of-turn token {eot_token!r} is not tokenised as one token after the answer")
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[0] != bos:
+        ids, n_prompt, n_chat = [bos] + ids, n_prompt + 1, n_chat + 1
+    return ids[:n_prompt], ids[n_prompt:n_chat]
+
+
+def encode_row(tokenizer, prompt_messages, answers, eot_token):
+    """(prompt_ids, [answer_ids, ...]) for answers sharing one prompt (chosen[, rejected]), each split
+    from its own whole-chat tokenisation (encode_chat). The prompt is their longest common prefix:
+    only a boundary-straddling token can make them differ, and the rest of a side's prompt then
+    becomes the first targets of that side, so prompt + answer stays that side's chat prefix."""
+    encoded = [encode_chat(tokenizer, prompt_messages, a, eot_token) for a in answers]
+    prompt = encoded[0][0]
+    for p, _ in encoded[1:]:
+        n = next((i for i, (x, y) in enumerate(zip(prompt, p)) if x != y), min(len(prompt), len(p)))
+        prompt = prompt[:n]
+    return prompt, [p[len(prompt):] + a for p, a in encoded]
 
 
 def truncate(prompt_ids, answers, max_length, max_prompt_length):
     """Fit prompt + the longest answer into max_length, as the reference code does: first cut the
     prompt to max_prompt_length keeping its END (the question is usually last) and its bos, then, if
-    still too long, cut every answer to what is left: at least max_length - max_prompt_length tokens,
-    so a row loses all its targets only when max_prompt_length == max_length (it is then dropped)."""
+    still too long, cut every answer to what is left, keeping its last token (the end-of-turn token,
+    which stays the last target). At least max_length - max_prompt_length tokens are left for the
+    answers, so a row loses all its targets only when max_prompt_length == max_length."""
     longest = max(len(a) for a in answers)
     if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
         keep = max_prompt_length - 1
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep:] if keep > 0 else prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
-    return prompt_ids, [a[:room] for a in answers]
+    return prompt_ids, [a if len(a) <= room else a[:room - 1] + a[-1:] if room > 0 else [] for a in answers]
 
 
 @dataclass
 class TokenizedData:
     """Tokenised rows, kept as plain lists for fast collation.
-    prompt_ids[i]: the prompt (bos + chat template), chosen_ids[i] / rejected_ids[i]: the answers.
-    prompts[i] / answers[i]: the normalised text, kept for greedy sampling and exact match."""
+    prompt_ids[i]: the prompt (bos + chat template), chosen_ids[i] / rejected_ids[i]: the answers,
+    each ending with the end-of-turn token (encode_chat); every answer has at least one token.
+    prompts[i] / answers[i]: the normalised text, kept for greedy sampling and exact match.
+    origins[i]: where the row came from ("dataset 'hh_sample' (train) row 3"), for error messages."""
     prompt_ids: list
     chosen_ids: list
     rejected_ids: Optional[list]
     prompts: list = field(repr=False)
     answers: list = field(repr=False)
-    n_dropped: int = 0
+    origins: list = field(repr=False)
 
     def __len__(self):
         return len(self.prompt_ids)
@@ -411,33 +490,38 @@ class TokenizedData:
         return np.array([len(p) + a for p, a in zip(self.prompt_ids, answer)], dtype=np.int64)
 
 
-TOKENIZE_VERSION = 1  # bump when encode_prompt / encode_answer / truncate change what they produce
+TOKENIZE_VERSION = 2  # bump when encode_chat / encode_row / truncate change what they produce
 
 
-def _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs):
+def _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token):
     """sha256 of the rows, the tokenizer (vocabulary, merges, special tokens, chat template) and the settings."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     h.update(json.dumps([TOKENIZE_VERSION, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
-                         max_length, max_prompt_length, pairs, type(tokenizer).__name__]).encode())
+                         max_length, max_prompt_length, pairs, type(tokenizer).__name__, eot_token]).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs):
-    """Tokenise normalised rows once. Rows left with no target token (an answer that renders to no
-    tokens) are dropped and counted in `n_dropped`; `pairs` keeps the rejected answers."""
+def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token=None, origins=None):
+    """Tokenise normalised rows once (encode_row, then truncate); `pairs` keeps the rejected answers.
+    eot_token: the end-of-turn token (None = detected from the chat template, end_of_turn_token).
+    origins: a name per row for error messages (default 'row i'). A row left with no target token
+    (its prompt fills max_length, possible only when max_prompt_length == max_length) raises DataError."""
     import datasets
 
-    def encode(batch):
+    eot_token = end_of_turn_token(tokenizer, eot_token)
+    origins = origins or [f"row {i}" for i in range(len(rows))]
+
+    def encode(batch, indices):
         out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-        for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
-            text, p = encode_prompt(tokenizer, prompt)
-            answers = [encode_answer(tokenizer, prompt, text, chosen)]
-            if pairs:
-                answers.append(encode_answer(tokenizer, prompt, text, rejected))
+        for i, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
+            try:
+                p, answers = encode_row(tokenizer, prompt, [chosen, rejected] if pairs else [chosen], eot_token)
+            except DataError as e:
+                raise DataError(f"{origins[i]}: {e}") from None
             p, answers = truncate(p, answers, max_length, max_prompt_length)
             out["prompt_ids"].append(p)
             out["chosen_ids"].append(answers[0])
@@ -446,31 +530,34 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs):
 
     # Cached on disk under a key of everything the result depends on, so a second run (or the other
     # ranks, which wait for rank 0) reads the token ids instead of re-rendering every chat.
-    key = _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs)
+    key = _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token)
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "ift_tokenized" / f"{key}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
     quiet = len(rows) < 20_000
     if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, batch_size=256, desc="tokenising",
-                                                  cache_file_name=str(cache), new_fingerprint=key)
+        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, with_indices=True, batch_size=256,
+                                                  desc="tokenising", cache_file_name=str(cache), new_fingerprint=key)
     finally:
         if quiet:
             datasets.enable_progress_bars()
     cols = ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()  # plain lists, read once
-    keep = [i for i, (c, r) in enumerate(zip(cols["chosen_ids"], cols["rejected_ids"])) if c and (r or not pairs)]
-    pick = lambda col: [cols[col][i] for i in keep]  # noqa: E731
+    empty = next((i for i, (c, r) in enumerate(zip(cols["chosen_ids"], cols["rejected_ids"]))
+                  if not c or (pairs and not r)), None)
+    if empty is not None:
+        raise DataError(f"{origins[empty]}: no answer token is left after truncation (its prompt fills "
+                        f"max_length={max_length}); set max_prompt_length below max_length")
     return TokenizedData(
-        prompt_ids=pick("prompt_ids"), chosen_ids=pick("chosen_ids"),
-        rejected_ids=pick("rejected_ids") if pairs else None,
-        prompts=[rows[i]["prompt"] for i in keep], answers=[rows[i]["chosen"] for i in keep],
-        n_dropped=len(rows) - len(keep))
+        prompt_ids=cols["prompt_ids"], chosen_ids=cols["chosen_ids"],
+        rejected_ids=cols["rejected_ids"] if pairs else None,
+        prompts=[r["prompt"] for r in rows], answers=[r["chosen"] for r in rows], origins=origins)
 
 
-def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None):
-    """Normalise, check and tokenise the rows of `split` from every dataset in `names`."""
-    rows = []
+def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None, eot_token=None):
+    """Normalise, check and tokenise the rows of `split` from every dataset in `names`
+    (eot_token: the end-of-turn token, None = detected from the chat template)."""
+    rows, origins = [], []
     for name in names:
         part = load_normalised(name, split, dataset_paths)
         if pairs:
@@ -480,9 +567,43 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
                                 "compares chosen with rejected answers; use a preference dataset such as "
                                 "ultrafeedback, hh, shp or orca (or their _sample versions)")
         rows += part
+        origins += [f"dataset '{name}' ({split}) row {i}" for i in range(len(part))]
     if not rows:
         raise DataError(f"datasets {list(names)} have no '{split}' rows")
-    return tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs)
+    return tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token, origins)
+
+
+def mask_audit(data, tokenizer, eot_token, row=0, head=40, tail=8):
+    """The mask audit a run prints before it starts: row `row` of `data` rendered with its targets
+    marked (the prompt as text, then each target token in [brackets], so token boundaries show; an
+    answer longer than head + tail tokens shows its first `head` and last `tail`), and the target
+    counts. Raises DataError naming the dataset and row when a row has no target token, or when
+    the end-of-turn token is a target nowhere (every answer should end with it)."""
+    eot_id = tokenizer.convert_tokens_to_ids(eot_token)
+    sides = [data.chosen_ids] + ([data.rejected_ids] if data.pairs else [])
+    for answers in sides:
+        empty = next((i for i, a in enumerate(answers) if not a), None)
+        if empty is not None:
+            raise DataError(f"{data.origins[empty]}: the row has no target token")
+    ending = sum(a[-1] == eot_id for answers in sides for a in answers)
+    if not any(eot_id in a for answers in sides for a in answers):
+        raise DataError(f"{data.origins[0]} (and every other row): the end-of-turn token {eot_token!r} is never a "
+                        "target; set model.eot_token to the token that ends an assistant turn")
+    prompt, answer = data.prompt_ids[row], data.chosen_ids[row]
+    shown = list(range(len(answer))) if len(answer) <= head + tail else \
+        list(range(head)) + [None] + list(range(len(answer) - tail, len(answer)))
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    # each token's text is what it adds to the decoded prefix, so leading spaces and merges show
+    pieces = ["…" if k is None else "[" + text(prompt + answer[:k + 1])[len(text(prompt + answer[:k])):] + "]"
+              for k in shown]
+    escape = lambda s: s.replace("\n", "\\n")  # noqa: E731
+    n_targets = sum(len(a) for answers in sides for a in answers)
+    prompt_text = text(prompt)
+    return (f"mask audit, {data.origins[row]}: {len(prompt)} prompt tokens (not trained), {len(answer)} target "
+            f"tokens in [brackets]; all {len(data)} rows: {n_targets} target tokens, {ending} of "
+            f"{sum(map(len, sides))} answers end with the end-of-turn token {eot_token!r}\n"
+            f"  prompt: {'…' if len(prompt_text) > 300 else ''}{escape(prompt_text[-300:])}\n"
+            f"  target: {escape(''.join(pieces))}")
 
 
 # ---------------------------------------------------------------- batching

@@ -10,6 +10,7 @@ Order of work: validate the config, check every dataset row (errors name file, r
 only then load models, so a typo never costs a 7B model load.
 """
 
+import contextlib
 import datetime
 import os
 import socket
@@ -264,9 +265,13 @@ def load_model(cfg, dtype, name_or_path=None, weights=True):
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
     if not weights:
+        from transformers import GenerationConfig
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with checkpoints.parameters_on_meta():
-            return AutoModelForCausalLM.from_config(config, **kw)
+            model = AutoModelForCausalLM.from_config(config, **kw)
+        with contextlib.suppress(OSError):  # as from_pretrained would: the model's own generation settings
+            model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+        return model
     if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
@@ -274,11 +279,12 @@ def load_model(cfg, dtype, name_or_path=None, weights=True):
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
 
 
-def load_data(cfg, tokenizer, pairs):
+def load_data(cfg, tokenizer, pairs, eot_token=None):
     from preference_datasets import load_split
 
     kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
-              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None)
+              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
+              eot_token=eot_token)
     with main_process_first():
         train = load_split(cfg.datasets, "train", **kw)
         evals = load_split(cfg.datasets, "test", **kw)
@@ -291,19 +297,48 @@ def _first_rows(data, n):
     from dataclasses import replace
     cut = lambda xs: xs[:n] if xs is not None else None  # noqa: E731
     return replace(data, prompt_ids=cut(data.prompt_ids), chosen_ids=cut(data.chosen_ids),
-                   rejected_ids=cut(data.rejected_ids), prompts=cut(data.prompts), answers=cut(data.answers))
+                   rejected_ids=cut(data.rejected_ids), prompts=cut(data.prompts), answers=cut(data.answers),
+                   origins=cut(data.origins))
+
+
+def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
+    """Refuse, before any model loads and before the run dir exists, a run that cannot take one
+    optimizer step or whose label masks are wrong (preference_datasets.mask_audit); returns the
+    mask audit of one training row, to print."""
+    from preference_datasets import DataError, mask_audit
+
+    if len(train_data) < cfg.batch_size:
+        raise DataError(f"datasets={list(cfg.datasets)} have {len(train_data)} training rows, fewer than one batch "
+                        f"(batch_size={cfg.batch_size}); lower batch_size or add rows")
+    if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
+        raise ConfigError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: "
+                          "no optimizer step to take; raise n_examples or lower batch_size")
+    mask_audit(eval_data, tokenizer, eot_token)
+    return mask_audit(train_data, tokenizer, eot_token)
+
+
+def stop_at_end_of_turn(model, tokenizer, eot_token):
+    """Make generation stop at the end-of-turn token as well as at eos: generate() (greedy_samples)
+    reads model.generation_config, and save_pretrained writes it to generation_config.json, where
+    lm-eval-harness, vLLM and generate() find it."""
+    stop = [tokenizer.convert_tokens_to_ids(eot_token)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 @torch.no_grad()
 def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
     """Greedy answers to the first n held-out prompts, with exact match against the reference answer
-    (both stripped). Returns a list of dicts (prompt, reference, answer, exact)."""
+    (both stripped); generation stops at model.generation_config's eos ids (stop_at_end_of_turn).
+    Returns a list of dicts (prompt, reference, answer, exact)."""
     model.eval()
     out = []
     for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
         out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
                     "exact": answer == ref.strip()})
@@ -317,6 +352,7 @@ def run(cfg, local_rank=0, world=1, port=None):
     load the models, train, report. Returns checkpoints.EXIT_PREEMPTED when a signal stopped the
     run (after saving a checkpoint), else 0."""
     import losses
+    from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
     cfg = OmegaConf.create(cfg)
@@ -338,20 +374,21 @@ def run(cfg, local_rank=0, world=1, port=None):
     try:
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg)
-        train_data, eval_data = load_data(cfg, tokenizer, pairs=losses.needs_pairs(cfg.loss))
+        eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
+        train_data, eval_data = load_data(cfg, tokenizer, pairs=losses.needs_pairs(cfg.loss), eot_token=eot_token)
+        audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
         checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
         if checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
             checkpoints.check_fingerprint(cfg, checkpoint, train_data)
         run_dir = make_run_dir(cfg)  # only once the data is known to be good
         if is_main():
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-            dropped = train_data.n_dropped + eval_data.n_dropped
-            print(f"data: {len(train_data)} train / {len(eval_data)} eval rows"
-                  + (f" ({dropped} dropped: no target token left)" if dropped else ""))
+            print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
         # The policy's parameters are float32 in every trainer (policy_dtype is only the compute dtype):
         # updates of lr x (Adam's ~1) are far below bfloat16's resolution of a weight and would round away.
         # A resumed run reads no base weights: each rank reads its shards of the checkpoint's instead.
         policy = load_model(cfg, "float32", weights=checkpoint is None)
+        stop_at_end_of_turn(policy, tokenizer, eot_token)
         # the reference is always the original model
         reference = load_model(cfg, cfg.model.reference_dtype) if losses.needs_reference(cfg.loss) else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)

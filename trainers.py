@@ -147,7 +147,7 @@ class BasicTrainer:
         """Forward (and backward when training) this rank's micro-batches of one global batch.
         micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
         n_rows: rows in the global batch, the loss's denominator (every tokenised row has a target:
-            tokenize_rows drops the others, so all of them are valid rows of the spec's mean).
+            tokenize_rows refuses any other, so all of them are valid rows of the spec's mean).
         Returns (sum over ranks of each row metric, tokens, padded slots)."""
         data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]

@@ -60,13 +60,14 @@ def test_sft_batches_use_the_chosen_answer_as_target(tok):
     assert _decode_targets(tok, batch, 1) == "Two plus three is five." + tok.eos_token
 
 
-def test_truncation_keeps_the_end_of_the_prompt_and_its_bos_and_leaves_targets():
+def test_truncation_keeps_the_end_of_the_prompt_its_bos_and_the_end_of_turn_token():
     prompt = list(range(100, 160))  # 60 prompt tokens, first one stands for bos
     answers = [list(range(1, 41)), list(range(1, 11))]
     p, (a, b) = pd.truncate(prompt, answers, max_length=48, max_prompt_length=16)
     assert p == [100] + list(range(145, 160))  # bos + the last 15 tokens
     assert len(p) + max(len(a), len(b)) <= 48
-    assert a == list(range(1, 33)) and b == answers[1]  # both answers cut to the same room; b fits whole
+    # both answers cut to the same room, keeping their last (end-of-turn) token; b fits whole
+    assert a == list(range(1, 32)) + [40] and b == answers[1]
     # nothing to cut: unchanged
     assert pd.truncate([1, 2], [[3]], 10, 5) == ([1, 2], [[3]])
 
@@ -78,7 +79,7 @@ def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok
     assert len(data.prompt_ids[0]) == 32 and len(data.prompt_ids[0]) + len(data.chosen_ids[0]) == 64
     assert data.prompt_ids[0][0] == tok.bos_token_id
     assert tok.decode(data.prompt_ids[0]).endswith("<|assistant|>\n")  # the end of the prompt survives
-    assert data.n_dropped == 0 and len(data.chosen_ids[0]) == 32
+    assert len(data.chosen_ids[0]) == 32 and data.chosen_ids[0][-1] == tok.eos_token_id  # end of turn kept
 
 
 def test_epoch_batches_are_deterministic_for_a_seed_and_length_grouped():
@@ -240,8 +241,8 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     rows = [SINGLE, MULTI]
     first = _tokenize(tok, rows, pairs=True)
-    monkeypatch.setattr(pd, "encode_prompt", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
-    again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_prompt is never called
+    monkeypatch.setattr(pd, "encode_chat", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_chat is never called
     assert again.prompt_ids == first.prompt_ids and again.rejected_ids == first.rejected_ids
     with pytest.raises(AssertionError, match="re-tokenised"):
         _tokenize(tok, rows, pairs=True, max_length=100)  # another setting: another key
@@ -260,3 +261,103 @@ def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
     datasets.Dataset.from_list([GOOD, bad]).to_parquet(str(parquet))
     with pytest.raises(pd.DataError, match=r"bad\.parquet: row 1: field 'messages' has an empty"):
         pd.load_normalised(str(parquet), "train")
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(pd.DataError, match=r"bad\.jsonl: line 2: not valid UTF-8 \(byte 0xe9\)"):
+        pd.load_normalised(str(path), "train")
+    whole = tmp_path / "bad.json"
+    whole.write_bytes(b'[\n' + json.dumps(GOOD).encode() + b',\n{"messages": "\xff"}\n]')
+    with pytest.raises(pd.DataError, match=r"bad\.json: line 3: not valid UTF-8 \(byte 0xff\)"):
+        pd.load_normalised(str(whole), "train")
+
+
+def test_a_corrupt_parquet_file_is_named(tmp_path):
+    import datasets
+    path = tmp_path / "broken.parquet"
+    datasets.Dataset.from_list([GOOD] * 4).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:-20])  # cut short, as an interrupted copy would be
+    with pytest.raises(pd.DataError, match=r"broken\.parquet: not a readable parquet file \(ArrowInvalid"):
+        pd.load_normalised(str(path), "train")
+
+
+# ---------------------------------------------------------------- the mask audit
+
+def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
+    data = _tokenize(tok, [SINGLE, MULTI], pairs=True)
+    audit = pd.mask_audit(data, tok, "</s>")
+    # the counts, then the prompt as text and each target token in brackets (newlines escaped)
+    n_targets = sum(map(len, data.chosen_ids + data.rejected_ids))
+    assert audit.splitlines() == [
+        f"mask audit, row 0: 20 prompt tokens (not trained), 12 target tokens in [brackets]; all 2 rows: "
+        f"{n_targets} target tokens, 4 of 4 answers end with the end-of-turn token '</s>'",
+        r"  prompt: <s><|user|>\nWhat is two plus three?</s>\n<|assistant|>\n",
+        "  target: [T][w][o][ plus][ th][ree][ is][ f][i][ve][.][</s>]"]
+    assert tok.convert_ids_to_tokens(data.chosen_ids[0]) == ["T", "w", "o", "Ġplus", "Ġth", "ree", "Ġis", "Ġf", "i",
+                                                              "ve", ".", "</s>"]
+
+
+def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_trained(tok):
+    from dataclasses import replace
+    data = pd.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=False)
+    empty = replace(data, chosen_ids=data.chosen_ids[:3] + [[]] + data.chosen_ids[4:])
+    with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 3: the row has no target token"):
+        pd.mask_audit(empty, tok, "</s>")
+    with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 0 .*end-of-turn token "
+                                           r"'<pad>' is never a target; set model.eot_token"):
+        pd.mask_audit(data, tok, "<pad>")
+
+
+def test_a_row_whose_prompt_fills_max_length_is_refused_by_name(tok):
+    with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row \d+: no answer token is left "
+                                           r"after truncation .*max_length=16.*set max_prompt_length below"):
+        pd.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False)
+
+
+def test_a_template_without_the_end_of_turn_token_is_refused(tok):
+    with pytest.raises(pd.DataError, match=r"emits no end-of-turn token '<pad>' after an assistant answer"):
+        pd.encode_chat(tok, SINGLE["prompt"], "Five.", "<pad>")
+    with pytest.raises(pd.DataError, match=r"model.eot_token must be a token string"):
+        pd.end_of_turn_token(tok, 5)
+    with pytest.raises(pd.DataError, match=r"^dataset 'hh_sample' \(test\) row 0: the chat template emits no "):
+        pd.load_split(["hh_sample"], "test", tok, 512, 256, pairs=True, eot_token="<pad>")  # names the row
+
+
+# ---------------------------------------------------------------- runs refused before anything is written
+
+def _refused(tmp_path, monkeypatch, *overrides):
+    """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
+    import train
+    from test_train import make_cfg
+    from utils import ConfigError
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
+    train.validate_config(cfg)
+    with pytest.raises((pd.DataError, ConfigError)) as error:
+        train.launch(cfg)
+    assert not (tmp_path / "run").exists()
+    return str(error.value)
+
+
+def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_models_load(tmp_path, monkeypatch):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(10)))  # 9 train rows, 1 held out
+    assert _refused(tmp_path, monkeypatch, f"datasets=[{path}]", "batch_size=16") == (
+        f"datasets=['{path}'] have 9 training rows, fewer than one batch (batch_size=16); lower batch_size or add rows")
+    assert _refused(tmp_path, monkeypatch, "n_examples=8", "batch_size=16") == (
+        "n_examples=8 is smaller than batch_size=16: no optimizer step to take; raise n_examples or lower batch_size")
+
+
+def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": "café"}\n'.encode("latin-1"))
+    proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'run'}", f"datasets=[{path}]"],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"data error: {path}: line 2: not valid UTF-8 (byte 0xe9); "
+                                                "re-encode the file as UTF-8"]
+    assert not (tmp_path / "run").exists()
