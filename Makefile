@@ -6,7 +6,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# OpenMP threads sleep while waiting instead of spinning: spinning stalls steps for seconds on a busy CPU
+# OpenMP threads sleep while waiting instead of spinning: spinning stalls steps on a CPU shared with other
+# jobs. Set here because OpenMP reads it once, when torch loads, before any code of train.py runs.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test bench clean

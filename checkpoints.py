@@ -127,18 +127,9 @@ def read_trainer_state(directory):
 # ---------------------------------------------------------------- config checks
 
 def validate(cfg):
-    """Config checks of the checkpoint keys, and the fingerprint of the checkpoint to resume (before
-    anything loads). Raises ConfigError."""
-    if cfg.keep_last is not None and (isinstance(cfg.keep_last, bool) or not isinstance(cfg.keep_last, int)
-                                      or cfg.keep_last < 1):
-        raise ConfigError(f"keep_last={cfg.keep_last!r} must be a positive integer or null (keep all)")
-    for key in ("save_async", "save_hf_checkpoints", "resume_force"):
-        if cfg[key] not in (True, False):
-            raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
-    signals = cfg.preempt_signals
-    if isinstance(signals, str) or not hasattr(signals, "__iter__"):
-        raise ConfigError(f"preempt_signals={signals!r} must be a list such as [SIGTERM, SIGUSR1]")
-    for name in signals:
+    """What config_schema's declarations cannot check of the checkpoint keys (signal names, the
+    checkpoint to resume), and that checkpoint's fingerprint, before anything loads. Raises ConfigError."""
+    for name in cfg.preempt_signals or ():
         if name not in SIGNALS:
             raise ConfigError(f"preempt_signals has '{name}'; allowed: {', '.join(SIGNALS)}")
     if cfg.resume_from == "latest" and cfg.run_dir is None:
@@ -527,7 +518,7 @@ def preemption_signals(names):
             print(f"[rank {rank()}] {signal.Signals(signum).name} ignored: already stopping (kill -9 to abort "
                   "now; the previous checkpoints stay intact)", file=sys.stderr, flush=True)
 
-    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names}
+    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names or ()}
     try:
         yield
     finally:

@@ -1,7 +1,9 @@
 """Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO and ORPO.
 
 Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
-follows IFT_SPEC.md section by section (the section numbers in the comments refer to it).
+follows IFT_SPEC.md section by section (the section numbers in the comments refer to it). At the end,
+the registry: one small dataclass per loss (its config keys, what it needs, its per-row loss), which
+is all the trainer sees, and `reduce_rows`, the one reduction of per-row losses.
 
 Conventions
 - B rows, T tokens. `labels` is `input_ids` with -100 wherever there is no loss (prompt, padding).
@@ -15,12 +17,17 @@ Conventions
 """
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
+from options import check, default_of, option
+from utils import ConfigError
+
 IGNORE_INDEX = -100
-LOSS_NAMES = ("sft", "ift", "dpo", "ipo", "orpo")
 PREFERENCE_LOSS_TYPES = ("dpo", "ipo")
 LAMBDA_SCHEDULES = (None, "linear", "warmup")
 LAMBDA_DISTURBS = (None, "normal")
@@ -176,7 +183,7 @@ def discounted_cumsum(x, gamma, reverse=False):
     the correct limit. Why float64: at T = 32k the float32 results are then within 6e-8 relative of a
     float64 loop (their own rounding), while the same scan accumulated in float32 measured 2.5e-6
     relative on positive inputs and 4e-2 on signed ones (cancellation). The scan is O(T*C) flops,
-    negligible next to the model's forward; in float64 it cost about the same as in float32 on CPU.
+    negligible next to the model's forward (README, "Cost", has the measured figures).
     """
     if reverse:
         return discounted_cumsum(x.flip(-1), gamma, reverse=False).flip(-1)
@@ -387,13 +394,26 @@ def ift_rows(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagat
     return row_losses, valid, metrics
 
 
+def reduce_rows(row_losses, valid, row_metrics):
+    """The one reduction of per-row losses, used by the trainer and by sft_loss / ift_loss.
+
+    row_losses: (B,). valid: (B,) bool. row_metrics: dict of (B,) tensors.
+    Returns (loss_sum 0-dim with gradient, metric_sums dict of 0-dim detached, count 0-dim long):
+    sums over the valid rows (whatever an invalid row holds, even a NaN, never enters) and the number
+    of valid rows. The mean is sum / count; the trainer divides by the global batch's row count instead.
+    """
+    zero = torch.zeros((), dtype=row_losses.dtype, device=row_losses.device)
+    loss_sum = torch.where(valid, row_losses, zero).sum()
+    metric_sums = {k: torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device)).sum().detach()
+                   for k, v in row_metrics.items()}
+    return loss_sum, metric_sums, valid.sum()
+
+
 def _mean_over_valid(row_losses, valid, row_metrics):
     """(loss, metrics): means over the valid rows, 0 when there is none; metrics are 0-dim detached."""
-    count = valid.sum().clamp(min=1)
-    loss = torch.where(valid, row_losses, torch.zeros_like(row_losses)).sum() / count
-    metrics = {k: (torch.where(valid, v, torch.zeros_like(v)).sum() / count).detach()
-               for k, v in row_metrics.items()}
-    return loss, metrics
+    loss_sum, metric_sums, count = reduce_rows(row_losses, valid, row_metrics)
+    count = count.clamp(min=1)
+    return loss_sum / count, {k: v / count for k, v in metric_sums.items()}
 
 
 def sft_loss(model, input_ids, attention_mask, labels):
@@ -501,101 +521,232 @@ def concatenated_logps(model, batch):
 
 
 # ------------------------------------------------------------------------------------------------
-# The trainer's entry point
+# The registry: what the trainer calls
 # ------------------------------------------------------------------------------------------------
 
-def _get(loss_cfg, key, default=None):
-    """loss_cfg[key] for a dict or an OmegaConf DictConfig; `default` when absent."""
-    value = loss_cfg.get(key, default)
-    if value is None and default is not None:
-        return default
-    return value
+# Each loss is a dataclass registered under its name: its fields are its config keys (default, allowed
+# values, the comment config/loss/<name>.yaml shows: that file is written from them), and `rows`
+# computes it. The trainer builds one from the run's `loss` section and asks it; nothing else knows
+# which losses exist.
+
+LOSSES = {}
 
 
-def _required(loss_cfg, key):
-    """loss_cfg[key]; a clear error when it is absent or null."""
-    value = loss_cfg.get(key, None)
-    if value is None:
-        raise ValueError(f"loss.{key} must be set for loss={loss_cfg.get('name')}")
-    return value
+def register(cls):
+    """Class decorator: make a Loss subclass a dataclass and the loss named cls.name."""
+    cls = dataclass(cls)
+    LOSSES[cls.name] = cls
+    return cls
+
+
+class Loss:
+    """A loss and its options. Subclasses set `name`, `needs_pairs` and implement `rows`."""
+
+    name: ClassVar[str]
+    needs_pairs: ClassVar[bool] = False  # trains on (chosen, rejected) pairs
+
+    @property
+    def needs_reference(self):
+        """Whether `rows` needs a frozen reference model."""
+        return False
+
+    def lam(self, step, total_steps, warmup_steps, seed, disturb):
+        """IFT's lambda for optimizer step `step`; None for losses without one."""
+        return None
+
+    def rows(self, policy, reference, batch, lam):
+        """Per-row losses of one micro-batch. batch: dict of (B, T) tensors (chosen_/rejected_ ones when
+        needs_pairs). Returns (row_losses (B,) with gradient; valid (B,) bool; metrics: dict of (B,)
+        detached float tensors, always including "loss")."""
+        raise NotImplementedError
+
+
+def build(loss_cfg):
+    """The registered Loss named loss_cfg["name"], with loss_cfg's other keys as its options (missing
+    ones take their declared defaults). loss_cfg: a dict or DictConfig. Raises ConfigError (a
+    ValueError) for an unknown loss, an unknown key or an impossible value."""
+    if isinstance(loss_cfg, Loss):
+        return loss_cfg
+    name = loss_cfg.get("name")
+    if name not in LOSSES:
+        raise ConfigError(f"loss.name={name!r} is not allowed; choose one of {', '.join(LOSSES)}")
+    cls = LOSSES[name]
+    values = {f.name: default_of(f) for f in dataclasses.fields(cls)}
+    values.update((k, v) for k, v in loss_cfg.items() if k != "name")
+    check(values, cls, "loss.", where=f"of loss={name}")
+    return cls(**values)
 
 
 def needs_reference(loss_cfg):
-    """True when the loss needs a frozen reference model: dpo / ipo, unless reference_free."""
-    return loss_cfg.get("name") in ("dpo", "ipo") and not _get(loss_cfg, "reference_free", False)
+    """True when the loss needs a frozen reference model (dpo / ipo, unless reference_free)."""
+    return build(loss_cfg).needs_reference
 
 
 def needs_pairs(loss_cfg):
-    """True when the loss trains on (chosen, rejected) pairs: dpo / ipo / orpo."""
-    return loss_cfg.get("name") in ("dpo", "ipo", "orpo")
+    """True when the loss trains on (chosen, rejected) pairs (dpo / ipo / orpo)."""
+    return build(loss_cfg).needs_pairs
 
 
 def batch_loss(loss_cfg, policy, reference, batch, lam):
-    """Per-row loss of one micro-batch, for any loss in LOSS_NAMES.
+    """Per-row loss of one micro-batch, for any registered loss.
 
-    loss_cfg: mapping with `name` and that loss's keys. policy: the model being trained.
+    loss_cfg: a Loss, or a mapping with `name` and that loss's keys. policy: the model being trained.
     reference: frozen model or None (used only when needs_reference). batch: dict of (B, T) tensors.
     lam: IFT's lambda for this step (ignored by the other losses).
     Returns (row_losses (B,) with gradient, 0 on invalid rows; valid (B,) bool; row_metrics: dict of
-    (B,) detached float tensors, 0 on invalid rows). The trainer averages over the valid rows of the
-    global batch. Valid: n > 0 for sft / ift; both responses have targets for dpo / ipo / orpo.
+    (B,) detached float tensors, 0 on invalid rows). reduce_rows sums them. Valid: n > 0 for sft / ift;
+    both responses have targets for dpo / ipo / orpo.
     """
-    name = loss_cfg.get("name")
-    if name == "sft":
-        row_losses, valid, metrics = sft_rows(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    elif name == "ift":
-        row_losses, valid, metrics = ift_rows(
-            policy, batch["input_ids"], batch["attention_mask"], batch["labels"], lam,
-            gamma=_get(loss_cfg, "gamma", 0.95),
-            propagation_type=_get(loss_cfg, "propagation_type", "loss"),
-            propagation_side=_get(loss_cfg, "propagation_side", "left"),
-            propagation_norm=_get(loss_cfg, "propagation_norm", "L1"))
-    elif name in ("dpo", "ipo"):
-        beta = _required(loss_cfg, "beta")
-        reference_free = bool(_get(loss_cfg, "reference_free", False))
-        # IPO has no label smoothing; cDPO is DPO with label_smoothing > 0.
-        label_smoothing = float(_get(loss_cfg, "label_smoothing", 0.0)) if name == "dpo" else 0.0
-        pol = concatenated_logps(policy, batch)
-        if reference_free:
-            ref = {"chosen_logps": torch.zeros_like(pol["chosen_logps"]),
-                   "rejected_logps": torch.zeros_like(pol["rejected_logps"])}
-        else:
-            if reference is None:
-                raise ValueError(f"loss={name} with reference_free=false needs a reference model")
-            with torch.no_grad():
-                ref = concatenated_logps(reference, batch)
-        row_losses, chosen_rewards, rejected_rewards = preference_loss(
-            pol["chosen_logps"], pol["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],
-            beta, label_smoothing=label_smoothing, loss_type=name, reference_free=reference_free)
-        valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
-        metrics = {
-            "loss": row_losses.detach(),
-            "rewards_chosen": chosen_rewards,
-            "rewards_rejected": rejected_rewards,
-            "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
-            "rewards_margin": chosen_rewards - rejected_rewards,
-            "logps_chosen": pol["chosen_logps"].detach(),
-            "logps_rejected": pol["rejected_logps"].detach(),
-        }
-    elif name == "orpo":
-        beta = _required(loss_cfg, "beta")
+    row_losses, valid, metrics = build(loss_cfg).rows(policy, reference, batch, lam)
+    # Invalid rows: exactly 0, so that (row_losses * valid) can never meet a NaN or inf.
+    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    metrics = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in metrics.items()}
+    return row_losses, valid, metrics
+
+
+def _unpack(batch, prefix=""):
+    return batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"]
+
+
+@register
+class SFT(Loss):
+    """Supervised fine-tuning: per-sequence mean negative log-likelihood of the answer, averaged over sequences."""
+
+    name: ClassVar[str] = "sft"
+
+    def rows(self, policy, reference, batch, lam):
+        return sft_rows(policy, *_unpack(batch))
+
+
+@register
+class IFT(Loss):
+    """Intuitive Fine-Tuning (Hua et al., arXiv 2405.11870). See README, "IFT", and shared IFT_SPEC."""
+
+    name: ClassVar[str] = "ift"
+    min_lambda: float = option(0.2, "lambda at the first step (linear) / before warm-up ends (warmup); in [0, 1]",
+                               low=0, high=1, before=(
+                                   "Temporal Residual Connection: the model reads (1 - lambda) * E[x] + lambda * "
+                                   "E[x'], where x' are its\nown one-step predictions on the answer tokens. "
+                                   "lambda = 0 is SFT."))
+    max_lambda: float = option(0.2, "lambda at the last step (linear) / after warm-up (warmup) / always (null); "
+                                    "in [0, 1]", low=0, high=1)
+    lambda_schedule: Optional[str] = option(
+        None, "null (constant max_lambda) | linear (min -> max over training) | warmup (min -> max over the lr "
+              "warm-up)", choices=LAMBDA_SCHEDULES)
+    lambda_disturb: Optional[str] = option(
+        None, "null | normal: lambda *= 1 + disturb_std * N(0, 1), clipped to [0, 1], noise seeded by (seed, step)",
+        choices=LAMBDA_DISTURBS)
+    disturb_std: float = option(0.5, "standard deviation of the relative lambda noise; >= 0", low=0)
+    gamma: float = option(0.95, "discount in [0, 1]; 0 switches propagation off (all weights 1)", low=0, high=1,
+                          before="Relation Propagation: each answer token's loss is weighted by a discounted sum "
+                                 "of the losses around it.")
+    propagation_type: str = option("loss", "loss (-logp / n) | mask (1 per target) | logps (-logp): what is "
+                                           "propagated", choices=PROPAGATION_TYPES)
+    propagation_side: str = option("left", "left (each token carries the loss of the tokens after it) | right "
+                                           "(of those before it)", choices=PROPAGATION_SIDES)
+    propagation_norm: str = option("L1", "L1 | L2 | softmax | log: how the propagated sums become weights",
+                                   choices=PROPAGATION_NORMS)
+
+    def lam(self, step, total_steps, warmup_steps, seed, disturb):
+        """Scheduled lambda (spec §1), disturbed in training (disturb=True), never in evaluation."""
+        lam = scheduled_lambda(step, total_steps, warmup_steps, self.min_lambda, self.max_lambda,
+                               self.lambda_schedule)
+        return disturbed_lambda(lam, seed, step, self.lambda_disturb, self.disturb_std) if disturb else lam
+
+    def rows(self, policy, reference, batch, lam):
+        return ift_rows(policy, *_unpack(batch), lam, self.gamma, self.propagation_type, self.propagation_side,
+                        self.propagation_norm)
+
+
+def _preference_rows(policy, reference, batch, loss_type, beta, label_smoothing, reference_free):
+    """DPO / IPO rows: both responses of each pair through the policy (and the reference) in one forward."""
+    pol = concatenated_logps(policy, batch)
+    if reference_free:
+        ref = {"chosen_logps": torch.zeros_like(pol["chosen_logps"]),
+               "rejected_logps": torch.zeros_like(pol["rejected_logps"])}
+    else:
+        if reference is None:
+            raise ValueError(f"loss={loss_type} with reference_free=false needs a reference model")
+        with torch.no_grad():
+            ref = concatenated_logps(reference, batch)
+    row_losses, chosen_rewards, rejected_rewards = preference_loss(
+        pol["chosen_logps"], pol["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],
+        beta, label_smoothing=label_smoothing, loss_type=loss_type, reference_free=reference_free)
+    valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
+    return row_losses, valid, {
+        "loss": row_losses.detach(),
+        "rewards_chosen": chosen_rewards,
+        "rewards_rejected": rejected_rewards,
+        "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "rewards_margin": chosen_rewards - rejected_rewards,
+        "logps_chosen": pol["chosen_logps"].detach(),
+        "logps_rejected": pol["rejected_logps"].detach(),
+    }
+
+
+REFERENCE_FREE = "true: a uniform reference (no reference model is loaded)"
+
+
+@register
+class DPO(Loss):
+    """Direct Preference Optimization (Rafailov et al., 2023); label_smoothing > 0 is conservative DPO (cDPO)."""
+
+    name: ClassVar[str] = "dpo"
+    needs_pairs: ClassVar[bool] = True
+    beta: float = option(0.1, "inverse temperature of the implicit reward; > 0", low=0, low_open=True)
+    label_smoothing: float = option(0.0, "cDPO: assumed probability that a preference label is flipped; in [0, 0.5)",
+                                    low=0, high=0.5, high_open=True)
+    reference_free: bool = option(False, REFERENCE_FREE)
+
+    @property
+    def needs_reference(self):
+        return not self.reference_free
+
+    def rows(self, policy, reference, batch, lam):
+        return _preference_rows(policy, reference, batch, "dpo", self.beta, self.label_smoothing, self.reference_free)
+
+
+@register
+class IPO(Loss):
+    """Identity Preference Optimisation (Azar et al., 2023): (h - 1 / (2 beta))^2 on the reference-relative margin h."""
+
+    name: ClassVar[str] = "ipo"
+    needs_pairs: ClassVar[bool] = True
+    beta: float = option(0.1, "regularisation strength (tau in the paper); > 0", low=0, low_open=True)
+    reference_free: bool = option(False, REFERENCE_FREE)
+
+    @property
+    def needs_reference(self):
+        return not self.reference_free
+
+    def rows(self, policy, reference, batch, lam):
+        # IPO has no label smoothing
+        return _preference_rows(policy, reference, batch, "ipo", self.beta, 0.0, self.reference_free)
+
+
+@register
+class ORPO(Loss):
+    """Odds Ratio Preference Optimization (Hong et al., 2024): SFT on the chosen answer minus
+    beta * log sigmoid(log odds ratio of chosen over rejected). No reference model."""
+
+    name: ClassVar[str] = "orpo"
+    needs_pairs: ClassVar[bool] = True
+    beta: float = option(0.1, "weight of the odds-ratio term (lambda in the paper); >= 0", low=0)
+
+    def rows(self, policy, reference, batch, lam):
         pol = concatenated_logps(policy, batch)
         # ORPO works on per-token mean log-probs (odds of a whole response would vanish with length).
         chosen = pol["chosen_logps"] / pol["chosen_n"].clamp(min=1)
         rejected = pol["rejected_logps"] / pol["rejected_n"].clamp(min=1)
-        row_losses = orpo_loss(chosen, rejected, beta)
+        row_losses = orpo_loss(chosen, rejected, self.beta)
         valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
-        metrics = {
+        return row_losses, valid, {
             "loss": row_losses.detach(),
             "nll": -chosen.detach(),
             "log_odds_ratio": orpo_log_odds(chosen, rejected).detach(),
             "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
         }
-    else:
-        raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
 
-    # Invalid rows: exactly 0, so that (row_losses * valid) can never meet a NaN or inf.
-    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
-    metrics = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in metrics.items()}
-    return row_losses, valid, metrics
+
+LOSS_NAMES = tuple(LOSSES)

@@ -12,7 +12,7 @@ assistant turn) raises DataError naming the file, row and field, before any mode
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -488,6 +488,11 @@ class TokenizedData:
         answer = [len(c) if not self.pairs else max(len(c), len(r))
                   for c, r in zip(self.chosen_ids, self.rejected_ids or self.chosen_ids)]
         return np.array([len(p) + a for p, a in zip(self.prompt_ids, answer)], dtype=np.int64)
+
+    def first(self, n):
+        """The first n rows."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:n]
+                                for f in fields(self)})
 
 
 TOKENIZE_VERSION = 2  # bump when encode_chat / encode_row / truncate change what they produce

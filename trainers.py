@@ -66,6 +66,7 @@ class BasicTrainer:
         self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None
                              else min(cfg.warmup_steps, self.total_steps))
 
+        self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
         self.policy = self.wrap(policy, trainable=True)
         self.reference = None
         if reference is not None:
@@ -133,13 +134,9 @@ class BasicTrainer:
         return self._epoch_cache[epoch][i]
 
     def lam(self, step, disturb):
-        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1)."""
-        c = self.cfg.loss
-        if c.name != "ift":
-            return 0.0
-        lam = losses.scheduled_lambda(step, self.total_steps, self.warmup_steps, c.min_lambda, c.max_lambda,
-                                      c.lambda_schedule)
-        return losses.disturbed_lambda(lam, self.cfg.seed, step, c.lambda_disturb, c.disturb_std) if disturb else lam
+        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1);
+        None for a loss without one."""
+        return self.loss.lam(step, self.total_steps, self.warmup_steps, self.cfg.seed, disturb)
 
     # ------------------------------------------------------------ the loop
 
@@ -147,7 +144,7 @@ class BasicTrainer:
         """Forward (and backward when training) this rank's micro-batches of one global batch.
         micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
         n_rows: rows in the global batch, the loss's denominator (every tokenised row has a target:
-            tokenize_rows refuses any other, so all of them are valid rows of the spec's mean).
+            tokenize_rows drops the others, so all of them are valid rows of the spec's mean).
         Returns (sum over ranks of each row metric, tokens, padded slots)."""
         data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]
@@ -164,13 +161,13 @@ class BasicTrainer:
             if train:
                 self.gradient_sync(j == len(mine) - 1)
             with contextlib.nullcontext() if train else torch.no_grad():
-                row_losses, valid, row_metrics = losses.batch_loss(self.cfg.loss, self.policy, self.reference, batch, lam)
-                valid = valid.float() * (not ignore)
+                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, batch, lam)
+                loss_sum, metric_sums, _ = losses.reduce_rows(row_losses, valid & (not ignore), row_metrics)
                 if train:
-                    loss = (row_losses * valid).sum() * (self.world / n_rows)
+                    loss = loss_sum * (self.world / n_rows)
                     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            for k, v in row_metrics.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach().float() * valid).sum()
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
         keys = sorted(sums)
         counts = torch.tensor([float(tokens), float(slots)], device=self.device)
         packed = all_reduce_sum(torch.cat([torch.stack([sums[k] for k in keys]).to(self.device), counts])
@@ -201,7 +198,7 @@ class BasicTrainer:
             self.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
                    **{k: v / len(batch) for k, v in sums.items()}}
-            if cfg.loss.name == "ift":
+            if lam is not None:
                 row["lambda"] = lam
             row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
                        tokens_per_s=tokens / dt)
@@ -288,7 +285,7 @@ class BasicTrainer:
             n += len(batch)
         row = {"split": "eval", "step": step, "examples": step * self.cfg.batch_size,
                **{k: v / n for k, v in totals.items()}}
-        if self.cfg.loss.name == "ift":
+        if lam is not None:
             row["lambda"] = lam
         self.log(row)
         if not math.isfinite(row["loss"]):  # the eval rows' mean is global: all ranks decide alike

@@ -31,6 +31,26 @@ def resolve_path(path):
     return None
 
 
+def holds_run(path):
+    """Whether a directory already holds a run's metrics or final model (which must not be overwritten)."""
+    return (path / "metrics.jsonl").exists() or (path / "final").exists()
+
+
+def make_run_dir(run_dir, exp_name, in_place=False):
+    """The run directory (run_dir, or runs/<exp_name>_<date_time>), created by rank 0 and shared with the
+    others. Refuses a directory that already holds a run, so nothing written earlier is overwritten,
+    unless the run continues in it (in_place: resume_from=latest)."""
+    import datetime
+    path = None
+    if is_main():
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        path = Path(run_dir or f"runs/{exp_name}_{stamp}").resolve()
+        if holds_run(path) and not in_place:
+            raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
+        path.mkdir(parents=True, exist_ok=True)
+    return Path(broadcast_object(str(path)))
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -385,7 +385,7 @@ class Runner:
         clock = self.clock
         t0 = clock.mark()
         row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], self.policy, self.reference, batch, lam)
-        loss = (row_losses * valid).sum() / row_losses.shape[0]
+        loss = losses.reduce_rows(row_losses, valid, {})[0] / row_losses.shape[0]  # the trainer's reduction
         t1 = clock.mark()
         loss.backward()
         t2 = clock.mark()

@@ -15,7 +15,6 @@ evaluate on the same pairs, where a correct loss lifts reward accuracy far above
 """
 
 import inspect
-import json
 import math
 import os
 import subprocess
@@ -23,12 +22,12 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import losses
 import train
 import trainers
+from conftest import make_cfg, read_rows, run_inprocess
 from preference_datasets import SOURCES, DataError, micro_batches
 from utils import REPO_DIR
 
@@ -44,32 +43,16 @@ TINY = ["optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "batch_size=8", "eval_ba
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Two threads per process on the two shared cores of a test machine make every step several
-    times slower (the threads wait on each other); one thread is the fastest here."""
+    """One thread per process: tests share the machine's cores, and threads that wait on each other
+    in OpenMP barriers only add contention."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
 
-def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base=None):
-        return compose("config", overrides=train.expand_short_overrides(list(overrides)))
-
-
 def resolved(cfg):
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-
-
-def read_rows(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
-def run_inprocess(run_dir, *overrides):
-    cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
-    return read_rows(run_dir)
 
 
 def split(rows, name):

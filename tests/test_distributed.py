@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import launch as launcher
 import train
+import trainers
 from utils import REPO_DIR
-from test_train import launch_run
+from conftest import launch_run, make_cfg
 
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
          "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0", "optimizer=AdamW", "lr=1e-3"]
@@ -52,7 +54,7 @@ def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp
     """The same command under torchrun joins its process group instead of starting processes."""
     one = launch(tmp_path / "one", *LOSSES["ift"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_port", str(train._free_port()), "train.py", f"run_dir={tmp_path / 'two'}", *STEPS,
+           "--master_port", str(launcher.free_port()), "train.py", f"run_dir={tmp_path / 'two'}", *STEPS,
            *LOSSES["ift"], "trainer=FSDPTrainer", "device=cpu"]
     proc = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
@@ -66,11 +68,29 @@ def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp
         torch.testing.assert_close(p, two[1][name])
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
-    plain = launch(tmp_path / "plain", *LOSSES["ift"])
-    checkpointed = launch(tmp_path / "ckpt", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=1",
-                          "activation_checkpointing=true")
+def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(tmp_path, monkeypatch):
+    """With checkpointing every decoder block runs its forward once more in backward, and the run's
+    losses, gradient norms and weights equal those without it. Counted: calls of each block's MLP
+    forward, which runs inside the checkpointed region (module hooks do not run again in the recompute)."""
+    calls = []
+    wrap = trainers.FSDPTrainer.wrap
+
+    def counting(forward):
+        return lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+
+    def counting_wrap(self, model, trainable):
+        for block in [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]:
+            block.mlp.forward = counting(block.mlp.forward)
+        return wrap(self, model, trainable)
+
+    monkeypatch.setattr(trainers.FSDPTrainer, "wrap", counting_wrap)
+    sft = ["loss=sft", "trainer=FSDPTrainer", "nproc=1"]  # one forward per micro-batch; nproc=1 runs in this process
+    plain = launch(tmp_path / "plain", *sft, "gradient_accumulation_steps=2")
+    plain_calls, calls[:] = len(calls), []
+    checkpointed = launch(tmp_path / "ckpt", *sft, "gradient_accumulation_steps=2", "activation_checkpointing=true")
     assert_same_run(plain, checkpointed)
+    n_blocks = 4  # the bundled model's layers
+    assert len(calls) - plain_calls == n_blocks * 4 * 2  # one recompute per block, training micro-batch (4 steps x 2)
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
 
 
@@ -87,7 +107,6 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
 def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     """Ranks other than 0 build the model on the meta device (no memory); the equivalence tests above
     show they then receive exactly rank 0's weights and buffers."""
-    from test_train import make_cfg
     cfg = make_cfg("trainer=FSDPTrainer", "nproc=2")
     monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)

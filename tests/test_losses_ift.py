@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import losses
+from conftest import tiny_model
 
 torch.set_num_threads(1)
 
@@ -348,18 +348,6 @@ def test_lambda_helpers_return_python_floats():
 
 
 # ------------------------------------------------------------------ SFT and IFT on a tiny model
-
-def tiny_model(tie=False, seed=0):
-    """A random 2-layer Mistral in float64 (hidden 32, 4 heads, 2 kv heads, vocab 64)."""
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, tie_word_embeddings=tie)
-    # sdpa (the default): in float64, eager attention turns a left-padded row into NaN (its fully
-    # masked padding queries), which no loss could survive.
-    config._attn_implementation = "sdpa"
-    return transformers.MistralForCausalLM(config).to(torch.float64)
-
 
 def tiny_batch():
     """B=4, T=10, pad id 0: right padding, left padding, a row without target, a row without padding."""

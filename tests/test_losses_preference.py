@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-import transformers
 from omegaconf import OmegaConf
 
 import losses
+from conftest import tiny_model
 
 torch.set_num_threads(1)
 
@@ -114,15 +114,6 @@ def test_orpo_is_finite_near_zero_and_at_very_negative_log_probs(dtype):
 
 # ------------------------------------------------------------------ models: concatenated_logps, batch_loss
 
-def tiny_model(seed=0):
-    """A random 2-layer Mistral in float64 (hidden 32, 4 heads, 2 kv heads, vocab 64)."""
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
-    return transformers.MistralForCausalLM(config).to(torch.float64)
-
-
 def pair_batch():
     """B=3 preference pairs, both sides right-padded to T=9; pair 2's rejected answer has no target."""
     g = torch.Generator().manual_seed(5)
@@ -194,7 +185,7 @@ def sft_batch():
 @pytest.mark.parametrize("as_omegaconf", [False, True])
 def test_batch_loss_returns_rows_with_gradient_and_the_listed_metrics(name, as_omegaconf):
     cfg = OmegaConf.create(CONFIGS[name]) if as_omegaconf else CONFIGS[name]
-    policy, reference = tiny_model(0), tiny_model(1)
+    policy, reference = tiny_model(seed=0), tiny_model(seed=1)
     batch = pair_batch() if losses.needs_pairs(cfg) else sft_batch()
     row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference if losses.needs_reference(cfg) else None,
                                                    batch, lam=0.3)
@@ -213,7 +204,7 @@ def test_batch_loss_returns_rows_with_gradient_and_the_listed_metrics(name, as_o
 
 def test_batch_loss_dpo_rows_equal_the_closed_form_on_independent_log_probs():
     cfg = CONFIGS["dpo"]
-    policy, reference = tiny_model(0), tiny_model(1)
+    policy, reference = tiny_model(seed=0), tiny_model(seed=1)
     batch = pair_batch()
     row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference, batch, lam=0.0)
     parts = lambda side: [batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")]  # noqa: E731
@@ -236,7 +227,7 @@ def test_batch_loss_dpo_rows_equal_the_closed_form_on_independent_log_probs():
 
 
 def test_batch_loss_orpo_rows_use_per_token_mean_log_probs():
-    policy = tiny_model(0)
+    policy = tiny_model(seed=0)
     batch = pair_batch()
     row_losses, valid, metrics = losses.batch_loss(CONFIGS["orpo"], policy, None, batch, lam=0.0)
     parts = lambda side: [batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")]  # noqa: E731
@@ -258,8 +249,23 @@ def test_which_losses_need_a_reference_model_and_pairs():
     assert not losses.needs_reference(OmegaConf.create({"name": "ipo", "beta": 0.1, "reference_free": True}))
 
 
+def test_reduce_rows_sums_the_valid_rows_and_counts_them():
+    """The trainer's and sft_loss / ift_loss's one reduction: a NaN on an invalid row never enters."""
+    rows = torch.tensor([1.5, float("nan"), 2.0, 4.0], requires_grad=True)
+    valid = torch.tensor([True, False, True, False])
+    loss_sum, sums, count = losses.reduce_rows(rows, valid, {"loss": rows.detach(), "x": torch.tensor([1., 2, 3, 4])})
+    assert loss_sum.item() == 3.5 and count.item() == 2 and sums["loss"].item() == 3.5 and sums["x"].item() == 4.0
+    loss_sum.backward()
+    assert rows.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert not sums["loss"].requires_grad
+
+
 def test_batch_loss_rejects_an_unknown_loss_and_a_missing_reference():
     with pytest.raises(ValueError, match="sft.*ift.*dpo.*ipo.*orpo"):
         losses.batch_loss({"name": "kto"}, tiny_model(), None, sft_batch(), lam=0.0)
+    with pytest.raises(ValueError, match="loss.gamma must be a number, got None"):  # null is never the default
+        losses.batch_loss({"name": "ift", "gamma": None}, tiny_model(), None, sft_batch(), lam=0.0)
+    with pytest.raises(ValueError, match="unknown config key 'loss.gamma'.*keys of loss=sft: none"):
+        losses.batch_loss({"name": "sft", "gamma": 0.9}, tiny_model(), None, sft_batch(), lam=0.0)
     with pytest.raises(ValueError, match="reference"):
         losses.batch_loss(CONFIGS["dpo"], tiny_model(), None, pair_batch(), lam=0.0)

@@ -6,7 +6,6 @@ returns NaN for every gradient while the loss itself stays finite (the failure t
 a finite loss and a NaN gradient norm)."""
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -17,10 +16,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import checkpoints
+import launch as launcher
 import losses
 import train
 import utils
-from test_train import launch_run, make_cfg
+from conftest import launch_run, make_cfg, read_rows
 from trainers import NonFiniteError
 from utils import REPO_DIR, ConfigError
 
@@ -51,10 +51,6 @@ def run(run_dir, *overrides, validate=True):
         train.validate_config(cfg)
     train.launch(cfg)
     return read_rows(run_dir)
-
-
-def read_rows(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def weights_and_optimizer_states(run_dir):
@@ -217,7 +213,7 @@ def test_two_ranks_skip_together_when_one_rank_has_a_nan_gradient(tmp_path):
                    "on_nonfinite=skip")
     train.validate_config(cfg)
     torch.multiprocessing.spawn(_nan_on_rank0, args=(OmegaConf.to_container(cfg, resolve=True), 2,
-                                                     train._free_port()), nprocs=2, join=True)
+                                                     launcher.free_port()), nprocs=2, join=True)
     rows = [r for r in read_rows(tmp_path / "r") if r["split"] == "train"]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
     assert_all_finite(tmp_path / "r")

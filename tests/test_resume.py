@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import checkpoints
 import train
+from conftest import launch_run, make_cfg, read_rows
 from preference_datasets import TokenizedData
-from test_train import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
@@ -45,10 +45,6 @@ def reference(tmp_path_factory):
     return rows, weights, run_dir
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
 def assert_continues(reference, resumed, tol):
     """The resumed run's training rows and final weights equal the reference's (rows from its first step on)."""
     (ref_rows, ref_weights, _), (rows, weights) = reference, resumed
@@ -63,7 +59,7 @@ def assert_continues(reference, resumed, tol):
 
 
 def assert_each_step_once(run_dir):
-    rows = metrics(run_dir)
+    rows = read_rows(run_dir)
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, TOTAL + 1))
 
 
@@ -79,7 +75,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
     path = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if path.exists() and any(r.get("step", 0) >= step and r["split"] == "train" for r in metrics(run_dir)
+        if path.exists() and any(r.get("step", 0) >= step and r["split"] == "train" for r in read_rows(run_dir)
                                  if path.stat().st_size):
             proc.send_signal(signum)
             break
@@ -101,7 +97,7 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     resumed = launch(run_dir, "resume_from=latest")
     assert_continues(reference, resumed, ONE_PROCESS)
     assert_each_step_once(run_dir)
-    resume_rows = [r for r in metrics(run_dir) if r["split"] == "resume"]
+    resume_rows = [r for r in read_rows(run_dir) if r["split"] == "resume"]
     assert [(r["step"], r["forced"]) for r in resume_rows] == [(stopped, False)]
 
 
@@ -126,7 +122,7 @@ def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_pa
     resumed = launch(tmp_path / "run", "trainer=FSDPTrainer", "nproc=2", f"resume_from={checkpoint}")
     assert_continues(reference, resumed, ACROSS_RANKS)
     # another run's checkpoint: the new run_dir holds only what came after it
-    assert [r["step"] for r in metrics(tmp_path / "run") if r["split"] == "train"] == list(range(3, TOTAL + 1))
+    assert [r["step"] for r in read_rows(tmp_path / "run") if r["split"] == "train"] == list(range(3, TOTAL + 1))
 
 
 @pytest.mark.parametrize("point", ["state", "retention"])
@@ -175,7 +171,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     train.validate_config(resumed)
     assert train.launch(resumed) == 0
     assert [kw["id"] for kw in inits] == [None, "run-one"] and (tmp_path / "final").exists()
-    assert [r["step"] for r in metrics(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_rows(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
 def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tmp_path):
@@ -196,7 +192,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
     rows, _ = launch_run(tmp_path / "forced", *STEPS, "lr=2e-3", "seed=1", f"resume_from={checkpoint}",
                          "resume_force=true")
     assert [r["step"] for r in rows] == [5, 6]
-    resume = [r for r in metrics(tmp_path / "forced") if r["split"] == "resume"]
+    resume = [r for r in read_rows(tmp_path / "forced") if r["split"] == "resume"]
     assert resume[0]["forced"] and resume[0]["differences"] == {"lr": [1e-3, 2e-3], "seed": [0, 1]}
     assert rows[0]["lr"] == pytest.approx(reference[0][4]["lr"] * 2)
 
@@ -230,13 +226,13 @@ def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
             {"split": "eval", "step": 2}, {"split": "train", "step": 3}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"split": "tra')
     checkpoints.truncate_metrics(tmp_path / "metrics.jsonl", 2)
-    assert metrics(tmp_path) == rows[:4]
+    assert read_rows(tmp_path) == rows[:4]
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["keep_last=0"], r"keep_last=0 must be a positive integer or null"),
+    (["keep_last=0"], r"keep_last=0 is out of range: allowed \[1, inf\)"),
     (["preempt_signals=[SIGKILL]"], r"preempt_signals has 'SIGKILL'; allowed: SIGTERM, SIGINT"),
-    (["save_async=maybe"], r"save_async='maybe' must be true or false"),
+    (["save_async=maybe"], r"save_async='maybe' is not allowed; choose one of True, False"),
     (["resume_from=latest"], r"resume_from=latest continues the run in run_dir: set run_dir"),
     (["resume_from=/no/such/step-3"], r"resume_from=/no/such/step-3 is not a checkpoint folder"),
 ])

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import preference_datasets as pd
 import train
-from test_train import make_cfg
+from conftest import make_cfg
 from tokenizer_families import FAMILIES, build_model_dir
 
 DATASETS = ("ultrachat", "ultrafeedback", "hh", "shp", "orca")

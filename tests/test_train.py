@@ -8,44 +8,43 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import config_schema
 import train
-from utils import REPO_DIR, ConfigError
-
-FAST = ["n_examples=64", "batch_size=16", "eval_batch_size=16", "n_eval_examples=32", "eval_every=32",
-        "warmup_steps=0"]
+from conftest import FAST, make_cfg, read_rows, run_inprocess
+from utils import REPO_DIR, ConfigError, make_run_dir
 
 
-def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base=None):
-        return compose("config", overrides=train.expand_short_overrides(list(overrides)))
-
-
-def launch_run(run_dir, *overrides):
-    """Validate and launch a run as train.py's main would (spawning FSDP ranks if asked); returns
-    (its training rows of metrics.jsonl, its final weights)."""
-    from safetensors.torch import load_file
-    cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    train.validate_config(cfg)
-    train.launch(cfg)
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    return [r for r in rows if r["split"] == "train"], load_file(run_dir / "final" / "model.safetensors")
-
-
-def run_inprocess(tmp_path, name, *overrides):
-    cfg = make_cfg(f"run_dir={tmp_path / name}", *FAST, *overrides)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
-    return [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_DIR, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def test_short_loss_keys_mean_the_same_as_long_ones():
-    assert train.expand_short_overrides(["loss=ift", "gamma=0.9", "lr=1e-4", "loss.beta=1"]) == \
-        ["loss=ift", "loss.gamma=0.9", "lr=1e-4", "loss.beta=1"]
+    assert config_schema.expand_short_overrides(["loss=ift", "gamma=0.9", "lr=1e-4", "loss.beta=1", "+gamma=1"]) == \
+        ["loss=ift", "loss.gamma=0.9", "lr=1e-4", "loss.beta=1", "+loss.gamma=1"]
     short, long = make_cfg("gamma=0.5", "propagation_norm=L2"), make_cfg("loss.gamma=0.5", "loss.propagation_norm=L2")
     assert short == long and short.loss.gamma == 0.5
+
+
+def test_the_yaml_files_are_written_from_the_declarations():
+    """config.yaml, loss/*.yaml and the keys and comments of model/*.yaml are what `python config_schema.py`
+    writes (it also checks each model file's keys and values against the declaration)."""
+    files = config_schema.yaml_files()
+    assert set((config_schema.CONFIG_DIR / "loss").glob("*.yaml")) == {p for p in files if p.parent.name == "loss"}
+    for path, text in files.items():
+        assert path.read_text(encoding="utf-8") == text, f"{path} differs from its declaration: run config_schema.py"
+
+
+def test_a_model_file_with_an_undeclared_key_or_value_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "x.yaml").write_text((config_schema.CONFIG_DIR / "model" / "tiny.yaml").read_text()
+                                               + "dtype: bf16\n")
+    monkeypatch.setattr(config_schema, "CONFIG_DIR", tmp_path)
+    (tmp_path / "loss").mkdir()
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.dtype'; keys in config/model/x.yaml: block_name"):
+        config_schema.yaml_files()
 
 
 def test_defaults_are_ift_on_the_tiny_model_and_validate():
@@ -69,7 +68,13 @@ def test_defaults_are_ift_on_the_tiny_model_and_validate():
     (["disturb_std=-1"], r"loss.disturb_std=-1 is out of range"),
     (["loss=dpo", "beta=0"], r"loss.beta=0 is out of range"),
     (["loss=dpo", "label_smoothing=0.5"], r"loss.label_smoothing=0.5 is out of range"),
-    (["+loss.gama=0.9"], r"unknown key\(s\) loss.gama for loss=ift; its keys are: disturb_std"),
+    (["+loss.gama=0.9"], r"unknown config key 'loss.gama' \(did you mean 'gamma'\?\); keys of loss=ift: disturb_std"),
+    (["loss.gamma=null"], r"loss.gamma must be a number, got None"),  # never silently the default
+    (["reference_free=yes", "loss=dpo"], r"loss.reference_free='yes' is not allowed; choose one of True, False"),
+    (["batch_size=1.5"], r"batch_size must be an integer, got 1.5"),
+    (["datasets=[]"], r"datasets must be a non-empty list"),
+    (["wandb.mode=loud"], r"wandb.mode='loud' is not allowed; choose one of online, offline, disabled"),
+    (["+model.dtype=bf16"], r"unknown config key 'model.dtype'; keys in model: block_name"),
     (["optimizer=SGD"], r"optimizer='SGD' is not allowed; choose one of RMSprop, AdamW"),
     (["max_prompt_length=513"], r"max_prompt_length=513 is out of range: allowed \[1, 512\]"),
     (["model.policy_dtype=fp8"], r"choose one of float32, bfloat16, float16"),
@@ -85,22 +90,38 @@ def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, 
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    for args, message in ((["lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
+    for args, message in ((["+lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
+                          (["loss=sft", "gamma=0.9"], "config error: loss=sft has no key 'gamma'; it belongs to "),
                           (["lr=-1"], "config error: lr=-1"),
                           ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with")):
-        proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'r'}", *args], cwd=REPO_DIR,
-                              capture_output=True, text=True, timeout=120)
+        proc = run_cli(f"run_dir={tmp_path / 'r'}", *args, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "r").exists()  # nothing was written
 
 
+def test_hydra_flags_work_in_every_documented_form(tmp_path):
+    """-cn/--config-name and -cd/--config-dir with `=` or as two words, --cfg, and a --multirun sweep
+    whose jobs each write their own run_dir."""
+    for flags in (["-cn=config", f"--config-dir={REPO_DIR / 'config'}"], ["--config-name", "config", "-cd", "config"]):
+        proc = run_cli(*flags, "gamma=0.5", "hydra.verbose=false", "--cfg", "job", timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert OmegaConf.create(proc.stdout).loss.gamma == 0.5
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "loss=sft", "lr=1e-3,2e-3", f"run_dir={sweep}/lr_${{lr}}", f"hydra.sweep.dir={sweep}",
+                   "n_examples=16", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "do_first_eval=false",
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for lr in (1e-3, 2e-3):
+        assert OmegaConf.load(sweep / f"lr_{lr}" / "config.yaml").lr == lr
+        assert [r["step"] for r in read_rows(sweep / f"lr_{lr}", "train")] == [1, 2]
+    assert sorted(p.name for p in sweep.iterdir()) == ["lr_0.001", "lr_0.002", "multirun.yaml"]  # nothing else
+
+
 def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", *FAST, "n_examples=160",
-                           "gamma=0.9", "n_samples=2", "max_new_tokens=8"],
-                          cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", "n_samples=2", "max_new_tokens=8",
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval loss: " in proc.stdout
@@ -108,9 +129,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.gamma == 0.9 and saved.run_dir == str(run_dir)
 
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    train_rows = [r for r in rows if r["split"] == "train"]
-    eval_rows = [r for r in rows if r["split"] == "eval"]
+    train_rows, eval_rows = read_rows(run_dir, "train"), read_rows(run_dir, "eval")
     assert [r["step"] for r in train_rows] == list(range(1, 11))
     assert [r["examples"] for r in train_rows] == [16 * s for s in range(1, 11)]
     for r in train_rows:
@@ -121,29 +140,68 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     assert [r["step"] for r in eval_rows] == [0, 2, 4, 6, 8, 10]
     assert eval_rows[-1]["loss"] < eval_rows[0]["loss"] * 0.9  # a short IFT run lowers the eval loss
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "final")).__name__ == "MistralForCausalLM"
+    samples = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
+    assert len(samples) == 2 and all(set(s) == {"prompt", "reference", "answer", "exact"} for s in samples)
+
+
+MEMORISE = [("Which day follows Monday?", "Tuesday follows Monday."),
+            ("What is the opposite of dark?", "The opposite of dark is light."),
+            ("Name a primary colour.", "Red is a primary colour."),
+            ("How many legs does a cat have?", "A cat has four legs.")]
+
+
+def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
+    """Trained on four fixed pairs until it has memorised them, the saved model answers each of their
+    prompts greedily with exactly the trained answer (and n_samples reports it as an exact match)."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = "".join(json.dumps({"prompt": q, "chosen": a}) + "\n" for q, a in MEMORISE)
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(rows)
+    run_dir = tmp_path / "run"
+    run_inprocess(run_dir, "loss=sft", f"datasets=[{data}]", "optimizer=AdamW", "lr=3e-3", "warmup_steps=0",
+                  "batch_size=4", "eval_batch_size=4", "n_epochs=100", "eval_every=100000", "do_first_eval=false",
+                  "n_samples=4", "max_new_tokens=16")
+    samples = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
+    assert sorted((s["prompt"], s["answer"]) for s in samples) == sorted(MEMORISE)
+    assert all(s["exact"] for s in samples)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the saved model, by itself
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     tok = AutoTokenizer.from_pretrained(run_dir / "final")
-    assert type(model).__name__ == "MistralForCausalLM"
-    assert (run_dir / "final" / "model.safetensors").exists()
-    ids = tok.apply_chat_template([{"role": "user", "content": "Which day follows Monday?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > ids.shape[1]
-    assert len(open(run_dir / "samples.jsonl").readlines()) == 2
+    ids = tok.apply_chat_template([{"role": "user", "content": MEMORISE[0][0]}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == MEMORISE[0][1]
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("nosuchkey=1", r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
-    ("loss.gamm=0.9", r"unknown config key 'loss.gamm' \(did you mean 'gamma'\?\); keys in loss: beta"),
-    ("model.dtype=bf16", r"unknown config key 'model.dtype'; keys in model: block_name"),
-    ("wandb.projetc=x", r"did you mean 'project'"),
+@pytest.mark.parametrize("args, message", [
+    (["nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
+    (["+nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level"),  # a + does not let a typo in
+    (["++lrr=1"], r"unknown config key 'lrr' \(did you mean 'lr'\?\)"),
+    (["loss.gamm=0.9"], r"unknown config key 'loss.gamm' \(did you mean 'gamma'\?\); keys of loss=ift: disturb_std"),
+    (["+loss.gama=0.9"], r"did you mean 'gamma'"),
+    (["model.dtype=bf16"], r"unknown config key 'model.dtype'; keys in model: block_name"),
+    (["wandb.projetc=x"], r"unknown config key 'wandb.projetc' \(did you mean 'project'\?\); keys in wandb"),
+    (["lr.x=1"], r"unknown config key 'lr.x'"),
+    (["loss=sft", "gamma=0.9"], r"loss=sft has no key 'gamma'; it belongs to loss=ift \(the keys of loss=sft: name\)"),
+    (["loss=dpo", "loss.propagation_norm=L2"], r"loss=dpo has no key 'propagation_norm'; it belongs to loss=ift"),
+    (["beta=0.2"], r"loss=ift has no key 'beta'; it belongs to loss=dpo, loss=ipo, loss=orpo"),
+    (["-m", "loss=ift,dpo", "gamma=0.9"], r"loss=dpo has no key 'gamma'"),  # every loss of a sweep
 ])
-def test_unknown_keys_on_the_command_line_are_named_with_the_allowed_ones(arg, message):
+def test_unknown_keys_on_the_command_line_are_named_with_the_allowed_ones(args, message):
     with pytest.raises(ConfigError, match=message):
-        train.check_override_keys(train.expand_short_overrides([arg]))
-    train.check_override_keys(train.expand_short_overrides(["gamma=0.9", "loss=dpo", "model.policy_dtype=bfloat16",
-                                                            "+extra=1", "hydra.verbose=true", "datasets=[hh]"]))
+        config_schema.rewrite_argv(args)
+
+
+def test_the_command_line_keeps_hydras_flags_and_writes_short_loss_keys_long():
+    args = ["--config-name=config", "-cn", "config", "-cd=config", "--config-dir", "config", "--multirun", "-m",
+            "gamma=0.9", "+propagation_norm=L2", "loss=ift", "model.policy_dtype=bfloat16", "hydra.verbose=true",
+            "datasets=[hh]", "~wandb.entity", "--cfg", "job", "--info", "config"]
+    assert config_schema.rewrite_argv(args) == [a.replace("gamma", "loss.gamma").replace("+prop", "+loss.prop")
+                                                for a in args]
 
 
 def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
@@ -151,13 +209,13 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         train.validate_config(make_cfg(f"run_dir={tmp_path}"))  # before anything starts
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.make_run_dir(make_cfg(f"run_dir={tmp_path}"))
+        make_run_dir(str(tmp_path), "x")
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path):
-    sft = run_inprocess(tmp_path, "sft", "loss=sft", "do_first_eval=false")
-    ift = run_inprocess(tmp_path, "ift", "loss=ift", "gamma=0", "loss.min_lambda=0", "loss.max_lambda=0",
+    sft = run_inprocess(tmp_path / "sft", *FAST, "loss=sft", "do_first_eval=false")
+    ift = run_inprocess(tmp_path / "ift", *FAST, "loss=ift", "gamma=0", "loss.min_lambda=0", "loss.max_lambda=0",
                         "do_first_eval=false")
     sft_losses = [r["loss"] for r in sft if r["split"] == "train"]
     ift_losses = [r["loss"] for r in ift if r["split"] == "train"]
@@ -175,10 +233,10 @@ def test_every_recipe_in_commands_composes_and_passes_the_config_checks(tmp_path
     shim.write_text(f"""#!/bin/sh
 shift  # train.py
 exec {sys.executable} -c '
-import sys, train
+import sys, config_schema, train
 from hydra import compose, initialize_config_dir
-args = train.expand_short_overrides(sys.argv[1:])
-with initialize_config_dir(config_dir=str(train.CONFIG_DIR), version_base=None):
+args = config_schema.rewrite_argv(sys.argv[1:])
+with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
     cfg = compose("config", overrides=args)
 train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
 print("checked", cfg.loss.name, cfg.model.name)

@@ -1,0 +1,378 @@
+"""The config, declared once: every top-level and model key here, every loss key beside its loss in
+losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
+and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml,
+config/loss/*.yaml and the keys' comments of config/model/*.yaml from them (the tests fail while a
+file differs); a model file's values and header comment are its own.
+
+Adding a key: one `option(...)` line in the right dataclass, then `python config_schema.py`.
+"""
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hydra._internal.utils import get_args_parser
+from omegaconf import OmegaConf
+
+import losses
+from launch import use_cuda
+from options import check, default_of, option, unknown_key
+from utils import REPO_DIR, ConfigError, holds_run, resolve_path
+
+CONFIG_DIR = REPO_DIR / "config"
+DTYPES = ("float32", "bfloat16", "float16")
+PATH_COMMENT = "hub id or local directory (relative paths: to the working dir, then the repo)"
+
+
+@dataclass
+class Model:
+    """The keys of every config/model/*.yaml (values differ per model; these defaults are tiny.yaml's)."""
+    name: str = option("tiny", "")
+    name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
+    tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
+    policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
+                                          "float32, final/ is saved in this", choices=DTYPES)
+    reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
+                                             "only)", choices=DTYPES)
+    block_name: str = option("MistralDecoderLayer",
+                             "decoder block class that FSDP2 shards (and checkpoints) one by one")
+    eot_token: Optional[str] = option(None, "the token that ends an assistant turn (always a target; generation "
+                                            "stops\nat it); null = what the chat template emits after an assistant "
+                                            "message")
+    trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
+
+
+@dataclass
+class DatasetPaths:
+    ultrachat: Optional[str] = option(None, "  folder with train_sft / test_sft files (.jsonl, .json, .parquet or "
+                                            "the hub's parquet layout)")
+    ultrafeedback: Optional[str] = option(None, "  folder with train_prefs / test_prefs files")
+    hh: Optional[str] = option(None, "  folder with train / test files")
+    shp: Optional[str] = option(None, "  folder with train / test files")
+    orca: Optional[str] = option(None, "  folder with a train file (the last 5% is held out for evaluation)")
+
+
+@dataclass
+class Wandb:
+    enabled: bool = option(False, "log to Weights & Biases too (metrics.jsonl is always written)")
+    mode: str = option("offline", "online | offline | disabled; online without credentials falls back to offline",
+                       choices=("online", "offline", "disabled"))
+    project: str = option("ift", "wandb project")
+    entity: Optional[str] = option(None, "wandb team or user; null = your default entity")
+    name: Optional[str] = option(None, "null = exp_name")
+
+
+@dataclass
+class Run:
+    """The top-level keys of config/config.yaml (the `loss` and `model` groups are declared apart)."""
+    seed: int = option(0, "data order comes from (seed, epoch), IFT's lambda noise from (seed, step)", low=0)
+    exp_name: str = option("${loss.name}_${model.name}", "a label for the run (wandb name, default run_dir)")
+    run_dir: Optional[str] = option(None, "where the run writes; null = runs/<exp_name>_<date_time>. Must not "
+                                          "already hold a run.")
+
+    device: str = option("auto", "auto (cuda if present, else cpu) | cpu | cuda", choices=("auto", "cpu", "cuda"),
+                         before="\n---- where it runs")
+    trainer: str = option("BasicTrainer", "BasicTrainer (one process) | FSDPTrainer (FSDP2, one process per "
+                                          "device; joins torchrun)", choices=("BasicTrainer", "FSDPTrainer"))
+    nproc: Optional[int] = option(None, "FSDPTrainer outside torchrun: processes to start; null = one per GPU "
+                                        "(2 on the CPU)", low=1)
+    activation_checkpointing: bool = option(False, "FSDPTrainer: recompute each decoder block in backward (less "
+                                                   "memory, more compute)")
+
+    datasets: list = option(["ultrachat_sample", "ultrafeedback_sample"],
+                            "registry names (ultrachat, ultrafeedback, hh, shp, orca),\ntheir bundled samples "
+                            "(<name>_sample), or paths to local .jsonl/.json/.parquet files or folders",
+                            before="\n---- data")
+    dataset_paths: DatasetPaths = option(DatasetPaths(), "a local copy that replaces a registry name's hub "
+                                                         "download (offline use); null = the hub")
+    max_length: int = option(512, "longest prompt + answer in tokens", low=2)
+    max_prompt_length: int = option(256, "when prompt + answer exceed max_length, a longer prompt is cut to this "
+                                         "(keeping its end),\nthen the answer to what is left; a row left with no "
+                                         "answer token is dropped (and counted)", low=1, high="max_length")
+    n_eval_examples: Optional[int] = option(256, "eval rows used (null = the whole test split)", low=1)
+
+    batch_size: int = option(32, "GLOBAL examples per optimizer step, over all ranks and accumulation steps", low=1,
+                             before="\n---- optimisation")
+    gradient_accumulation_steps: int = option(1, "micro-batches per rank per step; batch_size must divide by this "
+                                                 "× ranks", low=1)
+    eval_batch_size: int = option(32, "global examples per evaluation forward", low=1)
+    n_epochs: int = option(1, "passes over the training data; training stops at n_epochs or n_examples, whichever "
+                              "is first", low=1)
+    n_examples: Optional[int] = option(None, "stop after this many training examples; null = no limit", low=1)
+    optimizer: str = option("RMSprop", "RMSprop (the reference's) | AdamW", choices=("RMSprop", "AdamW"))
+    lr: float = option(5.0e-4, "peak learning rate. The paper's Mistral-7B runs use 5e-7 (see commands/)", low=0,
+                       low_open=True)
+    weight_decay: float = option(0.0, "AdamW only", low=0)
+    lr_schedule: str = option("constant", "constant | cosine; both after a linear warm-up",
+                              choices=("constant", "cosine"))
+    warmup_steps: int = option(10, "optimizer steps of linear warm-up (ignored when warmup_ratio is set)", low=0)
+    warmup_ratio: Optional[float] = option(None, "warm-up as a fraction of all optimizer steps, e.g. 0.15", low=0,
+                                           high=1, high_open=True)
+    max_grad_norm: Optional[float] = option(10.0, "clip the global gradient norm to this; null = no clipping (the "
+                                                  "norm is still logged)", low=0, low_open=True)
+    on_nonfinite: str = option("error", "a step whose loss or gradient norm is NaN/inf is never applied to the weights."
+                                        "\nerror: stop the run naming the step and metric (checkpoints and "
+                                        "metrics.jsonl so far stay,\nno final/) | skip: drop that update, log it "
+                                        "(skipped_steps) and go on. A non-finite eval\nloss: error stops, skip logs "
+                                        "it and goes on", choices=("error", "skip"))
+    max_skipped_steps: int = option(10, "stop anyway after this many skipped updates in a row (float16's "
+                                        "gradient-scaler\noverflows count too: they are skipped whatever "
+                                        "on_nonfinite says)", low=1)
+
+    eval_every: int = option(640, "evaluate every this many training examples (and always at the end)", low=1,
+                             before="\n---- evaluation and logging")
+    do_first_eval: bool = option(True, "evaluate before the first step too")
+    save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
+                                             "null = only final/\n(and a checkpoint when a preemption signal "
+                                             "arrives)", low=1,
+                                       before='\n---- checkpoints and resume (checkpoints.py; README "Checkpoints, '
+                                              'resume and preemption")')
+    keep_last: Optional[int] = option(None, "keep only the newest K checkpoints (older ones go once a newer one is "
+                                            "complete); null = all", low=1)
+    save_async: bool = option(False, "write checkpoint shards in a background thread while training goes on "
+                                     "(meant for GPUs)")
+    save_hf_checkpoints: bool = option(False, "also put a Hugging Face copy of the weights (policy_dtype) in each "
+                                              "checkpoint")
+    resume_from: Optional[str] = option(None, "latest: continue the newest checkpoint of run_dir in place (starts "
+                                              "afresh if there is\nnone yet); or a checkpoints/step-N folder (of "
+                                              "another run: continue into a new run_dir)")
+    resume_force: bool = option(False, "resume even if the checkpoint's lr, seed, loss, data, ... differ (recorded "
+                                       "in metrics.jsonl)")
+    preempt_signals: Optional[list] = option(["SIGTERM", "SIGINT", "SIGUSR1"], "finish the step, checkpoint, exit "
+                                             "with status 75;\nalso SIGUSR2, SIGHUP; null = none")
+    n_samples: int = option(0, "at the end, answer this many held-out prompts greedily and report exact match", low=0,
+                            before="\n---- at the end")
+    max_new_tokens: int = option(64, "longest greedy answer", low=1)
+    wandb: Wandb = option(Wandb(), "Weights & Biases")
+
+
+DEFAULTS = {"loss": "ift", "model": "tiny"}  # the groups' default choices (config.yaml's defaults list)
+GROUPS = {"loss": None, "model": Model}      # loss sections are declared by the registered losses
+
+
+# ---------------------------------------------------------------- the command line
+
+def rewrite_argv(argv):
+    """argv (without the program name) with short loss keys written long (`gamma=0.9` ->
+    `loss.gamma=0.9`, also with + or ++), after checking that every key it sets is declared.
+    Hydra's own flags (-cn/--config-name, -cd, -m, --cfg, ... in their `=` and two-word forms) and
+    hydra.* overrides pass untouched. Raises ConfigError naming an unknown key and the allowed ones."""
+    takes_value = {s for a in get_args_parser()._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
+    positions, flag_value = [], False  # where the overrides are; flag_value: this word is the flag's (`-cn config`)
+    for i, arg in enumerate(argv):
+        if not flag_value and not arg.startswith("-"):
+            positions.append(i)
+        flag_value = arg in takes_value
+    overrides = expand_short_overrides([argv[i] for i in positions])
+    check_overrides(overrides)
+    out = list(argv)
+    for i, arg in zip(positions, overrides):
+        out[i] = arg
+    return out
+
+
+def expand_short_overrides(args):
+    """Rewrite `gamma=0.95` as `loss.gamma=0.95` (keeping a + or ++) for keys that only losses
+    declare, so users can write loss options the short way. Everything else passes as is."""
+    top = {f.name for f in dataclasses.fields(Run)} | set(GROUPS)
+    loss_keys = {f.name for cls in losses.LOSSES.values() for f in dataclasses.fields(cls)}
+    out = []
+    for arg in args:
+        plus = arg[:len(arg) - len(arg.lstrip("+"))]
+        key, eq, value = arg[len(plus):].partition("=")
+        out.append(f"{plus}loss.{key}={value}" if eq and key in loss_keys and key not in top else arg)
+    return out
+
+
+def chosen_losses(args):
+    """The loss names the overrides select (several in a --multirun sweep `loss=sft,ift`)."""
+    names = [DEFAULTS["loss"]]
+    for arg in args:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if eq and key == "loss":
+            value = value.removeprefix("choice(").removesuffix(")")
+            names = [v.strip() for v in value.split(",")]
+    return [n for n in names if n in losses.LOSSES]
+
+
+def check_overrides(args):
+    """Refuse an override (with or without +) of a key no declaration has, naming the allowed keys
+    and the closest one, and a loss key for a loss that lacks it, naming the losses that have it.
+    Group choices (loss=..., model=...), deletions (~key) and hydra.* are left to Hydra."""
+    for arg in args:
+        key, eq, _ = arg.lstrip("+").partition("=")
+        if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
+            continue
+        if key.startswith("loss."):
+            _check_loss_key(key, key.removeprefix("loss."), chosen_losses(args))
+        else:
+            _check_declared(key)
+
+
+def _check_declared(key):
+    """A dotted top-level or model key against Run / Model and their nested sections."""
+    parts, declaration, prefix = key.split("."), Run, ""
+    if parts[0] == "model" and len(parts) > 1:
+        parts, declaration, prefix = parts[1:], Model, "model."
+    for part in parts:
+        fields = {f.name: f.type for f in dataclasses.fields(declaration)} if declaration else {}
+        if declaration is Run:
+            fields.update(dict.fromkeys(GROUPS))  # loss=..., model=...: group choices
+        if part not in fields:
+            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level")
+        declaration = fields[part] if dataclasses.is_dataclass(fields[part]) else None
+        prefix += part + "."
+
+
+def _check_loss_key(key, option_name, names):
+    for name in names:
+        allowed = [f.name for f in dataclasses.fields(losses.LOSSES[name])] + ["name"]
+        if option_name in allowed:
+            continue
+        having = [n for n, cls in losses.LOSSES.items() if option_name in {f.name for f in dataclasses.fields(cls)}]
+        if having:
+            raise ConfigError(f"loss={name} has no key '{option_name}'; it belongs to loss="
+                              f"{', loss='.join(having)} (the keys of loss={name}: {', '.join(sorted(allowed))})")
+        raise unknown_key(key, allowed, f"of loss={name}")
+
+
+# ---------------------------------------------------------------- the composed config
+
+def check_keys(cfg):
+    """Every key of a composed config against its declaration: unknown or missing keys, impossible
+    values (type, allowed values, range). Raises ConfigError naming the key and what is allowed."""
+    top = {k: v for k, v in cfg.items() if k not in GROUPS}
+    check(top, Run, ignore=GROUPS)
+    check(cfg.model, Model, "model.")
+    losses.build(cfg.loss)
+
+
+def check_run(cfg, world):
+    """What no single key's declaration can say: combinations, the file system, the devices.
+    world: the number of ranks the run will have."""
+    import torch
+    from preference_datasets import DataError, check_dataset_name
+
+    import checkpoints
+
+    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
+                          "with resume_from=latest")
+    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
+        raise ConfigError("model.policy_dtype=float16 is not supported on the CPU; use bfloat16 (same speed, "
+                          "no loss scaling needed) or float32, or run on a GPU")
+    if cfg.trainer == "BasicTrainer" and world > 1:
+        raise ConfigError(f"trainer=BasicTrainer runs in one process, but {world} were launched; "
+                          "use trainer=FSDPTrainer")
+    if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
+        raise ConfigError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: "
+                          "no optimizer step to take; raise n_examples or lower batch_size")
+    if cfg.batch_size % (cfg.gradient_accumulation_steps * world):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps × ranks "
+                          f"= {cfg.gradient_accumulation_steps} × {world}")
+    if cfg.eval_batch_size % world:
+        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
+    for d in cfg.datasets:
+        try:
+            check_dataset_name(str(d), cfg.dataset_paths)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    for key in ("model.name_or_path", "model.tokenizer_name_or_path"):
+        value = cfg.model[key.partition(".")[2]]
+        if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(f"{key}={value} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
+                              f"point {key} at a local copy")
+
+
+# ---------------------------------------------------------------- the YAML files, written from the declarations
+
+CONFIG_HEADER = f"""\
+# Every key of a run. Override any of them on the command line: `python train.py lr=1e-4 loss=sft`.
+# Loss hyperparameters may be given short (`gamma=0.9`) or long (`loss.gamma=0.9`).
+# The defaults train IFT on the bundled tiny model and sample data on the CPU; the commands/ scripts
+# hold the paper's Mistral-7B recipes.
+# The keys, defaults and comments are declared in config_schema.py (loss keys: in losses.py), and
+# `python config_schema.py` writes this file and config/loss/*.yaml from them.
+defaults:
+  - _self_
+  - loss: {DEFAULTS['loss']}          # {' | '.join(losses.LOSSES)}   (config/loss/*.yaml)
+  - model: {DEFAULTS['model']}        # tiny | mistral7b | zephyr7b-sft | llama7b | qwen2-0_5b | qwen2_5-0_5b-instruct | llama3_1-8b
+  - override hydra/job_logging: none
+  - override hydra/hydra_logging: none
+"""
+HYDRA_BLOCK = """
+hydra:
+  run:
+    dir: .             # hydra writes nothing of its own; the run dir is ours (run_dir)
+  sweep:
+    dir: runs/multirun_${now:%Y-%m-%d_%H-%M-%S}  # --multirun: hydra's record of the sweep (multirun.yaml)
+    subdir: .          # each job writes only its own run_dir
+  output_subdir: null
+  job:
+    chdir: false
+"""
+COMMENT_COLUMN = 23  # where comments start (model files: 36, their longer values)
+
+
+def _yaml_value(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_yaml_value, value)) + "]"
+    return str(value)
+
+
+def yaml_lines(declaration, values=None, indent="", column=COMMENT_COLUMN):
+    """The YAML lines of a declaration: `key: value  # comment`, the values from `values` (a mapping)
+    or else the declared defaults, the comments from the declaration, starting at `column`."""
+    lines = []
+    for field in dataclasses.fields(declaration):
+        meta = field.metadata
+        value = values[field.name] if values is not None else default_of(field)
+        for line in (meta["before"] or "").split("\n") if meta["before"] else ():
+            lines.append(f"{indent}# {line}" if line else "")
+        nested = dataclasses.is_dataclass(field.type)
+        text = f"{indent}{field.name}:" + ("" if nested else f" {_yaml_value(value)}")
+        comment, *more = meta["comment"].split("\n")
+        if comment:
+            text = (text.ljust(column) if len(text) < column else text + "  ") + f"# {comment}"
+        lines.append(text)
+        lines += [" " * column + f"# {line}" for line in more]
+        if nested:
+            lines += yaml_lines(field.type, None if values is None else value, indent + "  ", column)
+    return lines
+
+
+def yaml_files():
+    """{path: text} of every YAML file written from the declarations. A model file keeps its header
+    comment and its values; its keys and their comments come from `Model`."""
+    files = {CONFIG_DIR / "config.yaml": CONFIG_HEADER + "\n" + "\n".join(yaml_lines(Run)) + "\n" + HYDRA_BLOCK}
+    for name, cls in losses.LOSSES.items():
+        header = "".join(f"# {line.strip()}\n" for line in cls.__doc__.strip().split("\n"))
+        files[CONFIG_DIR / "loss" / f"{name}.yaml"] = header + f"name: {name}\n" + "".join(
+            line + "\n" for line in yaml_lines(cls))
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the leading comment
+        values = OmegaConf.load(path)
+        check(values, Model, "model.", where=f"in config/model/{path.name}")
+        files[path] = header + "".join(line + "\n" for line in yaml_lines(Model, values, column=36))
+    return files
+
+
+if __name__ == "__main__":
+    for path, text in yaml_files().items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(REPO_DIR)}", file=sys.stderr)
