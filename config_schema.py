@@ -33,6 +33,8 @@ class Model:
     name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
     tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
+    from_scratch: bool = option(False, "true: random weights from name_or_path's config.json (seeded by `seed`), "
+                                       "not its weights")
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
                                           "float32, final/ is saved in this", choices=DTYPES)
     reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
@@ -310,9 +312,9 @@ HYDRA_BLOCK = """
 hydra:
   run:
     dir: .             # hydra writes nothing of its own; the run dir is ours (run_dir)
-  sweep:
-    dir: runs/multirun_${now:%Y-%m-%d_%H-%M-%S}  # --multirun: hydra's record of the sweep (multirun.yaml)
-    subdir: .          # each job writes only its own run_dir
+  sweep:                # python train.py -m loss=sft,ift seed=0,1: one sweep folder, one run folder per job
+    dir: runs/sweep_${swept_keys:}_${now:%Y-%m-%d_%H-%M-%S}   # e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
+    subdir: ${sweep_job_name:}                              # e.g. loss=sft,seed=0 (the swept values)
   output_subdir: null
   job:
     chdir: false

@@ -1,4 +1,4 @@
-"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO and ORPO.
+"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO, ORPO, and the DFT and SimPO baselines.
 
 Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
 follows IFT_SPEC.md section by section (the section numbers in the comments refer to it). At the end,
@@ -394,6 +394,22 @@ def ift_rows(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagat
     return row_losses, valid, metrics
 
 
+def dft_rows(model, input_ids, attention_mask, labels):
+    """Per-row DFT loss (Dynamic Fine-Tuning, Wu et al. 2025, arXiv 2508.05629): SFT with each token's
+    NLL weighted by its own probability, detached: sum_t -sg(p_t) · log p_t / n, averaged over rows
+    like SFT. Tokens the model already finds likely count fully; unlikely ones are damped.
+
+    input_ids, attention_mask, labels: (B, T).
+    Returns (row_losses (B,) with gradient; valid (B,) bool, n > 0; metrics (B,) detached: loss,
+    nll (the unweighted mean NLL), weight_mean (the mean of sg(p_t) over the row's targets)).
+    """
+    logps, mask = policy_logps(model, input_ids, attention_mask, labels)
+    weights = logps.detach().exp()  # sg(p_t); row_mean ignores what sits off the mask
+    row_losses = row_mean(-weights * logps, mask)
+    return row_losses, mask.any(-1), {"loss": row_losses.detach(), "nll": row_mean(-logps.detach(), mask),
+                                      "weight_mean": row_mean(weights, mask)}
+
+
 def reduce_rows(row_losses, valid, row_metrics):
     """The one reduction of per-row losses, used by the trainer and by sft_loss / ift_loss.
 
@@ -493,6 +509,17 @@ def orpo_loss(chosen_logps, rejected_logps, beta):
     chosen_logps, rejected_logps: (B,) per-token MEAN log-probs of each response. Returns (B,).
     """
     return -chosen_logps - beta * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
+
+
+def simpo_loss(chosen_logps, rejected_logps, beta, gamma_margin):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free and length-normalised,
+    -log σ(β · (chosen_logps − rejected_logps) − gamma_margin).
+
+    chosen_logps, rejected_logps: (B,) per-token MEAN log-probs of each response.
+    Returns (losses (B,), chosen_rewards (B,) = β · chosen_logps, rejected_rewards (B,)), rewards detached.
+    """
+    losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma_margin)
+    return losses, (beta * chosen_logps).detach(), (beta * rejected_logps).detach()
 
 
 def _pad_right(t, length, value):
@@ -749,4 +776,69 @@ class ORPO(Loss):
         }
 
 
+@register
+class DFT(Loss):
+    """Dynamic Fine-Tuning (Wu et al., 2025, arXiv 2508.05629): SFT with each token's NLL weighted by its own
+    probability, detached: -sum_t sg(p_t) * log p_t / n per sequence, averaged over sequences. No keys."""
+
+    name: ClassVar[str] = "dft"
+
+    def rows(self, policy, reference, batch, lam):
+        return dft_rows(policy, *_unpack(batch))
+
+
+@register
+class SimPO(Loss):
+    """SimPO (Meng et al., 2024, arXiv 2405.14734): reference-free, length-normalised preference loss
+    -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma_margin), per-token mean log-probs."""
+
+    name: ClassVar[str] = "simpo"
+    needs_pairs: ClassVar[bool] = True
+    beta: float = option(2.0, "scale of the length-normalised reward; > 0 (the paper uses 2.0-2.5)", low=0,
+                         low_open=True)
+    gamma_margin: float = option(1.0, "target reward margin; >= 0 (the paper's gamma / beta is about 0.5)", low=0)
+
+    def rows(self, policy, reference, batch, lam):
+        pol = concatenated_logps(policy, batch)
+        chosen = pol["chosen_logps"] / pol["chosen_n"].clamp(min=1)
+        rejected = pol["rejected_logps"] / pol["rejected_n"].clamp(min=1)
+        row_losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.gamma_margin)
+        valid = (pol["chosen_n"] > 0) & (pol["rejected_n"] > 0)
+        return row_losses, valid, {
+            "loss": row_losses.detach(),
+            "rewards_margin": chosen_rewards - rejected_rewards,
+            "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+            "logps_chosen": chosen.detach(),
+            "logps_rejected": rejected.detach(),
+        }
+
+
 LOSS_NAMES = tuple(LOSSES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Method-independent evaluation metrics
+# ------------------------------------------------------------------------------------------------
+
+def shared_eval_metrics(model, batch):
+    """Held-out metrics computed the same way whatever the training loss (λ = 0, no weights), so that
+    runs of different methods can be compared: each method's own loss cannot.
+
+    batch: SFT keys (input_ids, attention_mask, labels) or pair keys (chosen_* / rejected_*), each (B, T).
+    Returns a dict of (B,) float tensors: `nll`, the per-token mean NLL of the chosen answer; with pairs
+    also `margin`, mean log p(chosen) − mean log p(rejected) (per-token means, as ORPO and SimPO use), and
+    `pref_accuracy`, 1.0 where the chosen answer is the more likely one by that measure, else 0.0.
+    """
+    if "chosen_input_ids" not in batch:
+        logps, mask = policy_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return {"nll": row_mean(-logps, mask)}
+    out = concatenated_logps(model, batch)
+    chosen = out["chosen_logps"] / out["chosen_n"].clamp(min=1)
+    rejected = out["rejected_logps"] / out["rejected_n"].clamp(min=1)
+    return {"nll": -chosen, "margin": chosen - rejected, "pref_accuracy": (chosen > rejected).to(chosen.dtype)}
+
+
+def chosen_view(batch):
+    """The chosen half of a pair batch under the SFT keys (input_ids, attention_mask, labels), for
+    evaluating a loss that trains on single answers on preference data."""
+    return {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}

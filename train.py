@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM with IFT, SFT, DPO, IPO or ORPO.
+"""Fine-tune a causal LM with IFT, SFT, DPO, IPO, ORPO, DFT or SimPO.
 
     python train.py                                   # IFT on the bundled tiny model and sample data (CPU)
     python train.py loss=sft lr=1e-4 n_epochs=2       # any key of config/, Hydra syntax
@@ -14,6 +14,7 @@ dataset row is checked before any model loads, so a typo never costs a 7B model 
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -44,7 +45,7 @@ def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     from trainers import NonFiniteError
     try:
-        validate_config(cfg)
+        validate_config(sweep_run_dir(cfg))
         if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return
@@ -57,6 +58,47 @@ def compose_and_launch(cfg: DictConfig):
         sys.exit(f"training stopped: {e}")
     if status:  # checkpoints.EXIT_PREEMPTED after a preemption signal (checkpoint written)
         sys.exit(status)
+
+
+# ---------------------------------------------------------------- sweeps (python train.py -m ...)
+
+def swept_keys(argv=None):
+    """The keys a `-m` command line sweeps: `loss=sft,ift seed=0,1 lr=1e-3` -> ['loss', 'seed']."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
+
+
+def sweep_job_name():
+    """hydra.sweep.subdir: this job's values of the swept keys, e.g. 'loss=sft,seed=0', so the jobs of a
+    sweep are told apart by what differs between them (a '/' in a value becomes '_')."""
+    from hydra.core.hydra_config import HydraConfig
+
+    swept = set(swept_keys())
+    parts = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
+
+
+# config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
+OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
+OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
+
+
+def sweep_run_dir(cfg):
+    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory
+    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.run_dir is None:
+            cfg.run_dir = str(job_dir)
+        elif job_dir.resolve() != Path(cfg.run_dir).resolve():
+            with contextlib.suppress(OSError):  # Hydra made it for the job, which writes elsewhere: leave no litter
+                job_dir.rmdir()
+    return cfg
 
 
 def validate_config(cfg, world=None):
@@ -92,6 +134,7 @@ def load_model(cfg, dtype, name_or_path=None, weights=True):
     trainer gives them storage for the checkpoint's shards."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    scratch = name_or_path is None and cfg.model.get("from_scratch", False)
     name = name_or_path or cfg.model.name_or_path
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code)
@@ -107,6 +150,12 @@ def load_model(cfg, dtype, name_or_path=None, weights=True):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **kw)
+    if scratch:
+        # Random weights from config.json, seeded by `seed` alone: each seed is its own initialisation,
+        # and the policy and a reference model (two calls) start from the same weights.
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, **kw)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
 
 
@@ -118,10 +167,22 @@ def load_data(cfg, tokenizer, pairs, eot_token=None):
               eot_token=eot_token)
     with main_process_first():
         train = load_split(cfg.datasets, "train", **kw)
-        evals = load_split(cfg.datasets, "test", **kw)
+        evals = load_eval_split(cfg.datasets, kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = evals.first(cfg.n_eval_examples)
     return train, evals
+
+
+def load_eval_split(datasets, kw):
+    """The held-out rows, with their rejected answers whenever every row has one (whatever the loss),
+    so that every method's evaluation reports the same preference metrics (margin, pref_accuracy)."""
+    from preference_datasets import DataError, load_split
+    if not kw["pairs"]:
+        try:
+            return load_split(datasets, "test", **{**kw, "pairs": True})
+        except DataError:  # a dataset without rejected answers (or a bad row, which the next call names)
+            pass
+    return load_split(datasets, "test", **kw)
 
 
 def check_data(cfg, tokenizer, eot_token, train_data, eval_data):

@@ -161,7 +161,12 @@ class BasicTrainer:
             if train:
                 self.gradient_sync(j == len(mine) - 1)
             with contextlib.nullcontext() if train else torch.no_grad():
-                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, batch, lam)
+                own = batch
+                if not train and "chosen_input_ids" in batch and not self.loss.needs_pairs:
+                    own = losses.chosen_view(batch)  # preference eval data, a loss that trains on one answer
+                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam)
+                if not train:  # the metrics every method logs the same way (nll; margin, pref_accuracy on pairs)
+                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.policy, batch)}
                 loss_sum, metric_sums, _ = losses.reduce_rows(row_losses, valid & (not ignore), row_metrics)
                 if train:
                     loss = loss_sum * (self.world / n_rows)

@@ -37,18 +37,41 @@ def holds_run(path):
 
 
 def make_run_dir(run_dir, exp_name, in_place=False):
-    """The run directory (run_dir, or runs/<exp_name>_<date_time>), created by rank 0 and shared with the
-    others. Refuses a directory that already holds a run, so nothing written earlier is overwritten,
-    unless the run continues in it (in_place: resume_from=latest)."""
+    """The run directory (run_dir, or runs/<exp_name>_<date_time>), reserved by rank 0 and shared with
+    the others. Refuses a directory that already holds a run, so nothing written earlier is overwritten,
+    unless the run continues in it (in_place: resume_from=latest); a default name taken by another
+    launcher in the same second gets a suffix (_1, _2, ...)."""
     import datetime
+    import itertools
     path = None
     if is_main():
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        path = Path(run_dir or f"runs/{exp_name}_{stamp}").resolve()
-        if holds_run(path) and not in_place:
-            raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
-        path.mkdir(parents=True, exist_ok=True)
+        if run_dir is not None and in_place:  # the run's own directory: its metrics.jsonl continues
+            path = Path(run_dir).resolve()
+            path.mkdir(parents=True, exist_ok=True)
+        elif run_dir is not None:
+            path = Path(run_dir).resolve()
+            if not reserve_run_dir(path):
+                raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
+        else:
+            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            base = Path(f"runs/{exp_name}_{stamp}").resolve()
+            path = next(p for p in itertools.chain([base], (Path(f"{base}_{i}") for i in itertools.count(1)))
+                        if reserve_run_dir(p))
     return Path(broadcast_object(str(path)))
+
+
+def reserve_run_dir(path):
+    """Claim `path` for this run, atomically: the exclusive creation (O_EXCL) of its metrics.jsonl
+    succeeds in exactly one process, so parallel launchers can never share a run directory (checking
+    first and creating after could not promise that). False when the directory already holds a run."""
+    if (path / "final").exists():
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / "metrics.jsonl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def set_seed(seed):
