@@ -1,4 +1,5 @@
-# The two commands of the README. Each creates .venv and installs requirements.txt on first use.
+# The commands of the README. Each creates .venv and installs requirements.txt on first use; `test`
+# and `eval` also install requirements-eval.txt (lm-eval-harness), which training does not need.
 VENV := .venv
 PY := $(VENV)/bin/python
 # Offline first: nothing in the demo or the tests may need the network.
@@ -10,11 +11,15 @@ export TOKENIZERS_PARALLELISM := false
 # jobs. Set here because OpenMP reads it once, when torch loads, before any code of train.py runs.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench clean
+.PHONY: demo test eval bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-eval: $(VENV)/.installed requirements-eval.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-eval.txt
 	touch $@
 
 # IFT on the bundled tiny model and sample data, with evaluation; writes runs/demo/ (replaced each time).
@@ -23,8 +28,16 @@ demo: $(VENV)/.installed
 	rm -rf runs/demo
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash commands/run_tiny_ift.sh run_dir=runs/demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.installed-eval
 	$(PY) -m pytest -q tests
+
+# lm-eval-harness on RUN's final/: `make eval RUN=runs/NAME [EVAL_ARGS="--suite quick"]` (see evaluate.py).
+# The paper suite downloads its benchmarks, so this target is online unless EVAL_OFFLINE=1.
+EVAL_OFFLINE ?= 0
+eval: $(VENV)/.installed-eval
+	@test -n "$(RUN)" || { echo 'usage: make eval RUN=runs/NAME [EVAL_ARGS="--suite quick --limit 20"]'; exit 2; }
+	HF_HUB_OFFLINE=$(EVAL_OFFLINE) HF_DATASETS_OFFLINE=$(EVAL_OFFLINE) TRANSFORMERS_OFFLINE=$(EVAL_OFFLINE) \
+		$(PY) evaluate.py $(RUN) $(EVAL_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/ift_cost.py

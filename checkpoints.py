@@ -9,7 +9,7 @@ A checkpoint is a folder `RUN/checkpoints/step-N/`:
     trainer_state.pt               step, scheduler, float16 loss scale, token and skipped-step counters,
                                    world size, wandb run id, and the fingerprint of everything that
                                    changes the math (rank 0)
-    config.json, model.safetensors a Hugging Face copy of the weights, only with save_hf_checkpoints=true
+    hf/                            a Hugging Face copy of the weights, as final/, only with save_hf_checkpoints
 
 It is written into `step-N.tmp/`, every file and the folder are fsynced, and only then is it renamed to
 `step-N/`: a visible checkpoint is always complete, whatever moment a `kill -9` picks. Leftover `*.tmp`
@@ -103,6 +103,12 @@ def resumes_in_place(cfg):
         return True
     path = resolve_path(cfg.resume_from)
     return path is not None and path.parent.parent == Path(cfg.run_dir).resolve()
+
+
+def builds_without_weights(cfg):
+    """Whether the policy is built without reading its weights, because a checkpoint fills them: a
+    resume, except with LoRA, whose frozen base loads as usual (possibly quantized)."""
+    return resume_checkpoint(cfg) is not None and cfg.get("lora") is None
 
 
 def finished_in_place(cfg):
@@ -351,12 +357,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         torch.save(rng_state(), tmp / f"rng-rank{rank()}.pt")
-        if self.cfg.save_hf_checkpoints:  # gathered on rank 0: for evaluating a checkpoint, not for resuming
-            hf = trainer.full_state_dict(getattr(torch, self.cfg.model.policy_dtype))
-            if is_main():
-                trainer.policy.save_pretrained(tmp, state_dict=hf, safe_serialization=True)
-                trainer.tokenizer.save_pretrained(tmp)
-            del hf
+        if self.cfg.save_hf_checkpoints:  # gathered on rank 0, like final/: for evaluation, not for resuming
+            trainer.save(tmp / "hf")
         model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         meta = self._trainer_state(trainer, step)  # taken now: training moves on during an async save

@@ -1,8 +1,8 @@
-"""The config, declared once: every top-level and model key here, every loss key beside its loss in
-losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
+"""The config, declared once: every top-level, model and lora key here, every loss key beside its loss
+in losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
 and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml,
-config/loss/*.yaml and the keys' comments of config/model/*.yaml from them (the tests fail while a
-file differs); a model file's values and header comment are its own.
+config/loss/*.yaml, config/lora/default.yaml and the keys' comments of config/model/*.yaml from them
+(the tests fail while a file differs); a model file's values and header comment are its own.
 
 Adding a key: one `option(...)` line in the right dataclass, then `python config_schema.py`.
 """
@@ -17,6 +17,7 @@ from typing import Optional
 from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
+import lora
 import losses
 from launch import use_cuda
 from options import check, default_of, option, unknown_key
@@ -45,6 +46,24 @@ class Model:
                                             "stops\nat it); null = what the chat template emits after an assistant "
                                             "message")
     trust_remote_code: bool = option(False, "never run code from a model repo unless you turn this on")
+
+
+@dataclass
+class Lora:
+    """LoRA through peft: `lora=default` (off unless chosen). The base model's weights are frozen and
+    only the low-rank adapters train (plus trainable_modules). See lora.py and the README's LoRA section."""
+    r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
+    alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
+    dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
+    target_modules: Optional[list] = option(None, "null = by model family (attention and MLP projections, "
+                                                  "lora.FAMILY_TARGETS), or a\nlist of module names such as "
+                                                  "[q_proj, v_proj]")
+    trainable_modules: Optional[list] = option(None, "base modules that train fully as well, e.g. [embed_tokens, "
+                                                     "lm_head]; the embedding\ntable (and with it IFT's blended "
+                                                     "embeddings' table) stays frozen unless listed here")
+    merge: bool = option(True, "final/: the merged model, a plain Hugging Face directory; false = the adapter alone")
+    quantize: Optional[str] = option(None, "null | 4bit: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes "
+                                           "(CUDA GPUs only)", choices=lora.QUANTIZE)
 
 
 @dataclass
@@ -152,7 +171,7 @@ class Run:
 
 
 DEFAULTS = {"loss": "ift", "model": "tiny"}  # the groups' default choices (config.yaml's defaults list)
-GROUPS = {"loss": None, "model": Model}      # loss sections are declared by the registered losses
+GROUPS = {"loss": None, "model": Model, "lora": Lora}  # loss sections are declared by the registered losses
 
 
 # ---------------------------------------------------------------- the command line
@@ -204,6 +223,8 @@ def check_overrides(args):
     """Refuse an override (with or without +) of a key no declaration has, naming the allowed keys
     and the closest one, and a loss key for a loss that lacks it, naming the losses that have it.
     Group choices (loss=..., model=...), deletions (~key) and hydra.* are left to Hydra."""
+    if any(a.lstrip("+").startswith("lora.") for a in args) and not any(a.startswith("lora=") for a in args):
+        raise ConfigError("lora.* keys need lora=default on the command line too (LoRA is off by default)")
     for arg in args:
         key, eq, _ = arg.lstrip("+").partition("=")
         if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
@@ -217,8 +238,8 @@ def check_overrides(args):
 def _check_declared(key):
     """A dotted top-level or model key against Run / Model and their nested sections."""
     parts, declaration, prefix = key.split("."), Run, ""
-    if parts[0] == "model" and len(parts) > 1:
-        parts, declaration, prefix = parts[1:], Model, "model."
+    if parts[0] in ("model", "lora") and len(parts) > 1:
+        parts, declaration, prefix = parts[1:], GROUPS[parts[0]], parts[0] + "."
     for part in parts:
         fields = {f.name: f.type for f in dataclasses.fields(declaration)} if declaration else {}
         if declaration is Run:
@@ -249,6 +270,8 @@ def check_keys(cfg):
     top = {k: v for k, v in cfg.items() if k not in GROUPS}
     check(top, Run, ignore=GROUPS)
     check(cfg.model, Model, "model.")
+    if cfg.get("lora") is not None:  # chosen with lora=default
+        check(cfg.lora, Lora, "lora.")
     losses.build(cfg.loss)
 
 
@@ -263,7 +286,6 @@ def check_run(cfg, world):
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
         raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
                           "with resume_from=latest")
-    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
@@ -280,6 +302,8 @@ def check_run(cfg, world):
                           f"= {cfg.gradient_accumulation_steps} × {world}")
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
+    lora.check_run(cfg, cuda=use_cuda(cfg))
+    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)
@@ -300,11 +324,12 @@ CONFIG_HEADER = f"""\
 # The defaults train IFT on the bundled tiny model and sample data on the CPU; the commands/ scripts
 # hold the paper's Mistral-7B recipes.
 # The keys, defaults and comments are declared in config_schema.py (loss keys: in losses.py), and
-# `python config_schema.py` writes this file and config/loss/*.yaml from them.
+# `python config_schema.py` writes this file, config/loss/*.yaml and config/lora/default.yaml from them.
 defaults:
   - _self_
   - loss: {DEFAULTS['loss']}          # {' | '.join(losses.LOSSES)}   (config/loss/*.yaml)
   - model: {DEFAULTS['model']}        # tiny | mistral7b | zephyr7b-sft | llama7b | qwen2-0_5b | qwen2_5-0_5b-instruct | llama3_1-8b
+  - lora: null         # null = full fine-tuning | default = LoRA through peft   (config/lora/default.yaml)
   - override hydra/job_logging: none
   - override hydra/hydra_logging: none
 """
@@ -364,6 +389,9 @@ def yaml_files():
         header = "".join(f"# {line.strip()}\n" for line in cls.__doc__.strip().split("\n"))
         files[CONFIG_DIR / "loss" / f"{name}.yaml"] = header + f"name: {name}\n" + "".join(
             line + "\n" for line in yaml_lines(cls))
+    files[CONFIG_DIR / "lora" / "default.yaml"] = "".join(
+        f"# {line.strip()}\n" for line in Lora.__doc__.strip().split("\n")) + "".join(
+        line + "\n" for line in yaml_lines(Lora))
     for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))  # the leading comment

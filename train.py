@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import config_schema
 import launch as launcher
+import lora
 import losses
 from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, resolve_path, \
     set_seed
@@ -126,12 +127,13 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype, name_or_path=None, weights=True):
+def load_model(cfg, dtype, name_or_path=None, weights=True, **extra):
     """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
     reads them; the others build the architecture on the meta device (no memory) and receive their
     shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
     weights=False (a resumed run): no rank reads them; parameters stay on the meta device until the
-    trainer gives them storage for the checkpoint's shards."""
+    trainer gives them storage for the checkpoint's shards. extra: more from_pretrained arguments
+    (QLoRA's quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     scratch = name_or_path is None and cfg.model.get("from_scratch", False)
@@ -156,7 +158,7 @@ def load_model(cfg, dtype, name_or_path=None, weights=True):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         torch.manual_seed(cfg.seed)
         return AutoModelForCausalLM.from_config(config, **kw)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw, **extra)
 
 
 def load_data(cfg, tokenizer, pairs, eot_token=None):
@@ -230,10 +232,15 @@ def build(cfg, device):
         print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
     # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
     # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
-    # A resumed run reads no base weights: each rank reads its shards of the checkpoint's instead.
-    policy = load_model(cfg, "float32", weights=checkpoint is None)
+    # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory saved.
+    # A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's instead.
+    policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
+                        weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
     stop_at_end_of_turn(policy, tokenizer, eot_token)
-    reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
+    if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
+        policy, reference = lora.apply(cfg, policy), None
+    else:
+        reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
     trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
     if checkpoint is not None:
         trainer.resume(checkpoint)

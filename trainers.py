@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import lora
 import losses
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
@@ -73,6 +74,9 @@ class BasicTrainer:
             reference.requires_grad_(False)
             self.reference = self.wrap(reference, trainable=False).eval()
             self.reference_fingerprint = _fingerprint(self.reference)
+        elif lora.enabled(cfg) and losses.needs_reference(cfg.loss):
+            self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
+            self.reference_fingerprint = _fingerprint(self.reference)
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -89,13 +93,17 @@ class BasicTrainer:
     def wrap(self, model, trainable):
         """Put a model on this process's device (FSDPTrainer: shard it). The policy's parameters are
         float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
-        frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it."""
-        if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
+        frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
+        LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
+        if trainable and checkpoints.builds_without_weights(self.cfg):
             checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
-        model = model.to(self.device)
+        model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
         if trainable:
-            model.float()
+            if lora.enabled(self.cfg):
+                lora.trainable_float32(model)
+            else:
+                model.float()
             if self.compute_dtype != torch.float32:
                 _autocast_forward(model, self.device.type, self.compute_dtype)
         return model
@@ -340,7 +348,17 @@ class BasicTrainer:
     def save(self, directory):
         """A plain Hugging Face model directory (safetensors + config + tokenizer), written by rank 0
         into a temporary folder and renamed into place, so a crash never leaves half a model."""
-        state = self.full_state_dict(getattr(torch, self.cfg.model.policy_dtype))
+        dtype = getattr(torch, self.cfg.model.policy_dtype)
+        if not lora.enabled(self.cfg):
+            return self._save_model(directory, dtype)
+        state = self.full_state_dict()  # merged in float32 (or as trained), then cast
+        if is_main():
+            with atomic_directory(directory) as tmp:
+                lora.save_final(self.policy, self.tokenizer, state, tmp, dtype, self.cfg)
+        barrier()
+
+    def _save_model(self, directory, dtype):
+        state = self.full_state_dict(dtype)
         if is_main():
             with atomic_directory(directory) as tmp:
                 self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -413,7 +431,8 @@ class FSDPTrainer(BasicTrainer):
         # Parameters stay float32 (the optimizer's master copy); compute runs in the configured dtype and
         # gradients are reduced in float32 so summing over ranks loses nothing.
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
-        model = model.float() if trainable else model
+        if trainable:  # LoRA: only the trainable parameters; the frozen base keeps its dtype
+            model = lora.trainable_float32(model) if lora.enabled(self.cfg) else model.float()
         blocks = [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]
         if not blocks:
             raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
@@ -429,7 +448,7 @@ class FSDPTrainer(BasicTrainer):
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if trainable and checkpoints.resume_checkpoint(self.cfg) is not None:
+        if trainable and checkpoints.builds_without_weights(self.cfg):
             checkpoints.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
         elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)

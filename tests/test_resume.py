@@ -164,7 +164,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     assert train.launch(cfg) == checkpoints.EXIT_PREEMPTED
     assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
     from transformers import AutoModelForCausalLM  # save_hf_checkpoints: the checkpoint loads for evaluation
-    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2")).__name__ == \
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2" / "hf")).__name__ == \
         "MistralForCausalLM"
     resumed = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                        "resume_from=latest")

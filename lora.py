@@ -1,0 +1,199 @@
+"""LoRA through peft (`lora=default`, config/lora/default.yaml): the base model is frozen and each
+target Linear W (out x in) gains a trainable low-rank update, W x + (alpha / r) * B (A dropout(x)),
+with A (r x in) random and B (out x r) zero at the start, so training starts from the base model.
+
+What the rest of the repository sees:
+- config_schema.py: the `lora` keys' declaration (`Lora`) and `check_run` before anything loads.
+- train.py: `load_kwargs` (QLoRA's 4-bit loading) and `apply`.
+- trainers.py: the policy is a peft model whose only trainable parameters are the adapters (and
+  `lora.trainable_modules`); DPO/IPO's reference is `AdaptersDisabled(policy)`, the same weights with
+  the adapters switched off, so no second copy is held; `save_final` writes final/.
+"""
+
+import torch
+
+from utils import ConfigError
+
+# Target modules by model family (config.model_type): every attention and MLP projection, the
+# usual choice for instruction tuning (the QLoRA paper found all linear layers needed to match full
+# fine-tuning). Families not listed need lora.target_modules.
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILY_TARGETS = {
+    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE, "olmo2": _LLAMA_LIKE,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+QUANTIZE = (None, "4bit")
+BITSANDBYTES = "bitsandbytes==0.50.2"
+
+
+def enabled(cfg):
+    """Whether this run trains LoRA adapters (`lora=default`) rather than the full model."""
+    return cfg.get("lora") is not None
+
+
+def check_run(cfg, cuda):
+    """Raise ConfigError for LoRA settings that no single key's declaration (config_schema.Lora) can
+    refuse, before any model loads. cuda: whether the run will compute on a CUDA device."""
+    if not enabled(cfg):
+        return
+    if cfg.lora.quantize is not None:
+        if not cuda:
+            raise ConfigError("lora.quantize=4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit base model does not "
+                              "train on the CPU; use lora.quantize=null here")
+        if cfg.trainer != "BasicTrainer":
+            raise ConfigError("lora.quantize=4bit runs with trainer=BasicTrainer (one GPU); "
+                              "FSDP2 over a 4-bit base is not supported")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"lora.quantize=4bit needs bitsandbytes: pip install {BITSANDBYTES}") from None
+    if cfg.resume_from is not None:
+        raise ConfigError("resume_from with lora is not supported yet: a LoRA run's checkpoints hold the "
+                          "adapter only; start a new run")
+
+
+def load_kwargs(cfg):
+    """Extra from_pretrained arguments for the policy: QLoRA's 4-bit NF4 base on this process's
+    GPU (with double quantisation; compute in model.policy_dtype); {} otherwise."""
+    if not enabled(cfg) or cfg.lora.quantize is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+    dtype = getattr(torch, cfg.model.policy_dtype)
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
+def target_modules(cfg, model):
+    """lora.target_modules, or the model family's list."""
+    if cfg.lora.target_modules is not None:
+        return list(cfg.lora.target_modules)
+    family = getattr(model.config, "model_type", None)
+    if family not in FAMILY_TARGETS:
+        raise ConfigError(f"no default LoRA target modules for model_type={family!r}; set lora.target_modules "
+                          f"(known families: {', '.join(sorted(FAMILY_TARGETS))})")
+    return FAMILY_TARGETS[family]
+
+
+def apply(cfg, model):
+    """The peft model around `model` (whose weights it shares): base frozen, adapters trainable
+    (float32, whatever the base's dtype), lora.trainable_modules trainable as full copies."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    c = cfg.lora
+    config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=target_modules(cfg, model),
+                        modules_to_save=list(c.trainable_modules) if c.trainable_modules else None, bias="none",
+                        task_type="CAUSAL_LM")
+    if c.quantize is not None:
+        # upcasts the parameters left unquantised (embeddings, head, norms) to float32 for stable training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, config)
+
+
+def is_quantized(model):
+    """Whether `model`'s base was loaded in 4 bits (it is then already on its GPU and cannot move)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False))
+
+
+class AdaptersDisabled:
+    """DPO/IPO's reference when training LoRA: the policy with its adapters switched off, i.e. the
+    frozen base model, so no second copy of the weights is held. It runs in eval mode (no dropout)
+    and restores the policy's mode afterwards. parameters() are the frozen ones, which the trainer
+    fingerprints to check that the reference never changed."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+    def get_input_embeddings(self):
+        return self.policy.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+    def parameters(self):
+        # Under FSDP2 the policy's root stays gathered after an eval forward (reshard_after_forward is
+        # off for it): reshard first, so every rank yields its own shards, as for a plain reference.
+        if hasattr(self.policy, "reshard"):
+            self.policy.reshard()
+        return (p for p in self.policy.parameters() if not p.requires_grad)
+
+    def eval(self):
+        return self
+
+
+# ---------------------------------------------------------------- final/
+
+_PREFIX = "base_model.model."
+
+
+def merged_state_dict(state, scaling, base=None):
+    """The base model's state dict with every adapter merged in: W + scaling * B @ A (computed in
+    float32 or better, then cast back to W's dtype), trainable_modules' trained copies in place of
+    their originals, and peft's names turned back into the base model's.
+
+    state: the peft model's full state dict (base_model.model.<name>.base_layer.weight,
+    ...lora_A.default.weight (r, in), ...lora_B.default.weight (out, r), ...original_module.weight,
+    ...modules_to_save.default.weight, and plain base keys). scaling: alpha / r.
+    base: the base model's own state dict, to take the frozen weights from instead of `state`
+    (QLoRA: `state` then holds them in 4 bits).
+    """
+    merged = {}
+    for key, value in state.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if ".modules_to_save.default." in name:
+            merged[name.replace(".modules_to_save.default.", ".")] = value
+            continue
+        module, _, param = name.rpartition(".base_layer.") if ".base_layer." in name else ("", "", name)
+        name = f"{module}.{param}" if module else name
+        value = base[name] if base is not None else value
+        if module and param == "weight":
+            a = state[f"{_PREFIX}{module}.lora_A.default.weight"]
+            b = state[f"{_PREFIX}{module}.lora_B.default.weight"]
+            work = torch.promote_types(value.dtype, torch.float32)
+            value = (value.to(work) + scaling * (b.to(work) @ a.to(work))).to(value.dtype)
+        merged[name] = value
+    return merged
+
+
+def save_final(policy, tokenizer, state, tmp, dtype, cfg):
+    """Write final/ into the (temporary) directory `tmp` from the peft model's full state dict
+    `state` (float32 or as trained): with lora.merge, the merged model as a plain Hugging Face
+    directory in `dtype`; otherwise the adapter alone (adapter_config.json, adapter_model.safetensors,
+    loadable with peft on top of the base model). The tokenizer goes with either."""
+    c = cfg.lora
+    if not c.merge:
+        policy.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()}, safe_serialization=True)
+    elif c.quantize is None:
+        merged = merged_state_dict(state, c.alpha / c.r)
+        policy.get_base_model().save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()},
+                                                safe_serialization=True)
+    else:  # QLoRA: merge into the unquantised base weights, read again on the CPU
+        from train import load_model
+        base = load_model(cfg, cfg.model.policy_dtype)
+        merged = merged_state_dict(state, c.alpha / c.r, base=base.state_dict())
+        base.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()}, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+
+
+def trainable_float32(model):
+    """Make the trainable parameters float32 (the adapters already are; trainable_modules' copies
+    take the base's dtype): FSDP2 needs one dtype among a group's trainable parameters, and the
+    optimizer then updates float32 weights; compute still runs in model.policy_dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model

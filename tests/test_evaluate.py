@@ -1,0 +1,170 @@
+"""evaluate.py: lm-eval-harness on a run's final/. The bundled quick task end to end on a freshly
+trained tiny model (its answers checked against our own greedy generation), the task's scoring
+against a hand count, the paper suite's tasks and metrics in the installed harness, results that
+accumulate across calls, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+from conftest import run_inprocess
+from utils import REPO_DIR
+
+sys.path.insert(0, str(REPO_DIR / "eval_tasks"))
+import ift_quick  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory with final/ from a short SFT run of the tiny model."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    run_inprocess(run_dir, "loss=sft", "datasets=[ultrachat_sample]", "n_examples=96", "batch_size=16", "lr=2e-3",
+                  "optimizer=AdamW", "warmup_steps=0", "n_eval_examples=16", "eval_batch_size=16", "eval_every=1000",
+                  "do_first_eval=false")
+    return run_dir
+
+
+def our_greedy_answer(model, tokenizer, question, max_new_tokens):
+    """The answer as train.py's own sampling produces it: bos + the chat template's prompt, greedy."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids[0] != tokenizer.bos_token_id:
+        ids = [tokenizer.bos_token_id] + ids
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(trained_run):
+    # an earlier result of another task must survive this call
+    (trained_run / "eval").mkdir()
+    earlier = {"num_fewshot": 25, "chat_template": False, "metric": "acc_norm,none", "value": 0.5, "stderr": 0.01,
+               "n_samples": 1172, "limit": None, "metrics": {"acc_norm,none": 0.5}}
+    (trained_run / "eval" / "results.json").write_text(json.dumps({"tasks": {"arc_challenge": earlier}}))
+
+    n = 12
+    # batch size 1: no padding, so the harness's forward passes are exactly ours
+    proc = subprocess.run([sys.executable, "evaluate.py", str(trained_run), "--suite", "quick", "--limit", str(n),
+                           "--batch-size", "1", "--device", "cpu", "--log-samples"],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    results = json.loads((trained_run / "eval" / "results.json").read_text())
+    assert results["model"] == str(trained_run / "final")
+    assert results["tasks"]["arc_challenge"] == earlier
+    quick = results["tasks"]["ift_quick"]
+    assert quick["num_fewshot"] == 0 and quick["chat_template"] and quick["limit"] == n and quick["n_samples"] == n
+
+    samples = [json.loads(line) for line in open(trained_run / "eval" / "samples_ift_quick.jsonl")]
+    rows = ift_quick.single_turn_rows()[:n]
+    assert [s["doc"] for s in samples] == rows
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(trained_run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "final")
+    with torch.no_grad():
+        ours = [our_greedy_answer(model, tokenizer, r["question"], 24) for r in rows]
+    assert [s["response"].strip() for s in samples] == [a.strip() for a in ours]
+    exact = [float(a.strip() == r["answer"].strip()) for a, r in zip(ours, rows)]
+    assert [s["exact_match"] for s in samples] == exact
+    assert quick["value"] == pytest.approx(sum(exact) / n, abs=1e-12)
+
+    table = (trained_run / "eval" / "results.md").read_text()
+    assert f"| ift_quick (limit {n}) | 0 | exact_match,none | {100 * sum(exact) / n:.2f} |" in table
+    assert "| arc_challenge | 25 | acc_norm,none | 50.00 | 1.00 | 1172 |" in table
+
+
+class ScriptedLM:
+    """Stands in for a model: answers each prompt with the answer listed for its question."""
+
+    def __new__(cls, answers):
+        from lm_eval.api.model import LM
+
+        class _LM(LM):
+            tokenizer_name = "scripted"
+
+            def apply_chat_template(self, chat_history, add_generation_prompt=True):
+                return "\n".join(m["content"] for m in chat_history)
+
+            def generate_until(self, requests):
+                return [answers[r.doc["question"]] for r in requests]
+
+            def loglikelihood(self, requests):
+                raise NotImplementedError
+
+            def loglikelihood_rolling(self, requests):
+                raise NotImplementedError
+
+        return _LM()
+
+
+def test_the_quick_task_reads_every_single_turn_row_and_scores_stripped_exact_match():
+    with open(REPO_DIR / "data" / "ultrachat_200k" / "test_sft.jsonl") as f:
+        chats = [json.loads(line)["messages"] for line in f]
+    single = [m for m in chats if len(m) == 2 and m[0]["role"] == "user" and m[1]["role"] == "assistant"]
+    assert 100 < len(single) < len(chats)
+    # right with surrounding whitespace on every third row, a near miss (a doubled first letter, an extra
+    # word) on the others
+    answers, right = {}, 0
+    for i, (user, assistant) in enumerate(single):
+        ref = assistant["content"]
+        if i % 3 == 0:
+            answers[user["content"]], right = f"  {ref}\n", right + 1
+        else:
+            answers[user["content"]] = ref[0] + ref if i % 3 == 1 else ref + " ok"
+    assert len(answers) == len(single)  # every question is distinct, so the script is unambiguous
+
+    spec = evaluate.QUICK_SUITE[0]
+    manager = evaluate.task_manager([spec])
+    res = evaluate.run_tasks(ScriptedLM(answers), [spec], manager)[spec.name]
+    assert res["n-samples"]["ift_quick"]["effective"] == len(single)
+    assert res["results"]["ift_quick"]["exact_match,none"] == pytest.approx(right / len(single), abs=1e-12)
+
+
+def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metric():
+    from lm_eval.tasks._yaml_loader import load_yaml
+    manager = evaluate.task_manager(evaluate.PAPER_SUITE)
+    for spec in evaluate.PAPER_SUITE:
+        entry = manager.task_index[spec.name]
+        cfg = load_yaml(entry.yaml_path, resolve_func=False)
+        metric, filt = spec.metric.split(",")
+        metrics = cfg.get("metric_list") or cfg.get("aggregate_metric_list") or []
+        assert metric in [m["metric"] for m in metrics], spec.name
+        assert filt in ["none"] + [f["name"] for f in cfg.get("filter_list", [])], spec.name
+    assert [(s.name, s.num_fewshot) for s in evaluate.PAPER_SUITE] == [
+        ("arc_challenge", 25), ("hellaswag", 10), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
+
+
+def test_the_table_averages_the_six_paper_tasks_only_when_all_ran_in_full():
+    tasks = {s.name: {"num_fewshot": s.num_fewshot, "metric": s.metric, "value": v, "stderr": None,
+                      "n_samples": 10, "limit": None, "metrics": {}}
+             for s, v in zip(evaluate.PAPER_SUITE, [0.6, 0.8, 0.55, 0.45, 0.75, 0.35])}
+    assert "| **average of the paper's six** | | | **58.33** | | |" in evaluate.markdown_table(
+        {"model": "m", "tasks": tasks})
+    tasks["gsm8k"]["limit"] = 5
+    assert "average" not in evaluate.markdown_table({"model": "m", "tasks": tasks})
+
+
+@pytest.mark.parametrize("make_final, tasks, message", [
+    (False, [], "no model to evaluate: {run}/final/config.json does not exist"),
+    (True, ["--tasks", "arc_challenge", "no_such_task"], "unknown lm-eval task(s): no_such_task"),
+])
+def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypatch, make_final, tasks, message):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    if make_final:
+        (run / "final" / "config.json").write_text("{}")  # not loadable: reaching the load would fail differently
+    monkeypatch.setattr(evaluate, "load_lm", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), *tasks])
+    assert str(e.value).startswith("evaluate.py: " + message.format(run=run))
+    assert "\n" not in str(e.value)
+    assert not (run / "eval").exists()

@@ -1,0 +1,252 @@
+"""LoRA through peft: the trainable parameter count against the model's shapes, training that moves
+only the adapters, final/ merged = base + (alpha / r) B A computed in float64, DPO's adapter-disabled
+reference against an explicit frozen copy, FSDP2 over 1 and 2 ranks, and the CPU refusal of QLoRA."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import config_schema
+import lora
+import losses
+import train
+from conftest import launch_run, make_cfg
+from utils import REPO_DIR, ConfigError
+
+BASE = REPO_DIR / "models" / "tiny-mistral"
+STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
+         "do_first_eval=false", "warmup_steps=0", "optimizer=AdamW", "lr=1e-2"]
+LORA = ["lora=default", "lora.r=4", "lora.alpha=8"]
+
+
+def tiny_peft(*overrides):
+    from transformers import AutoModelForCausalLM
+    cfg = make_cfg(*LORA, *overrides)
+    torch.manual_seed(0)
+    return cfg, lora.apply(cfg, AutoModelForCausalLM.from_pretrained(BASE))
+
+
+def adapter_count(config, r, targets):
+    """r * (in + out) per targeted projection of every layer, from the model's dimensions alone."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (h, config.num_attention_heads * config.head_dim), "k_proj": (h, kv), "v_proj": (h, kv),
+              "o_proj": (config.num_attention_heads * config.head_dim, h), "gate_proj": (h, config.intermediate_size),
+              "up_proj": (h, config.intermediate_size), "down_proj": (config.intermediate_size, h)}
+    return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+@pytest.mark.parametrize("overrides, targets, extra", [
+    ([], lora.FAMILY_TARGETS["mistral"], 0),
+    (["lora.target_modules=[q_proj,v_proj]", "lora.trainable_modules=[embed_tokens]"], ["q_proj", "v_proj"], 930 * 128),
+])
+def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targets, extra):
+    cfg, model = tiny_peft(*overrides)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == adapter_count(model.config, 4, targets) + extra
+    assert all(".lora_" in n or ".modules_to_save." in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    base_total = sum(t.numel() for t in load_file(BASE / "model.safetensors").values())
+    assert frozen == base_total  # every base weight is there, frozen (trainable copies are extra)
+
+
+def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(tmp_path):
+    """Two identical IFT runs, one saving the adapter alone, one the merged model: the merged weights
+    are the base's plus (alpha / r) B A of the saved adapter, computed here in float64; everything
+    not targeted (embeddings, norms, head) is the base's bit for bit, so the embedding table stayed
+    frozen under IFT's blended embeddings."""
+    ift = ["loss=ift", "loss.min_lambda=0.3", "loss.max_lambda=0.3", "datasets=[ultrachat_sample]"]
+    cfg = make_cfg(f"run_dir={tmp_path / 'adapter'}", *STEPS, *ift, *LORA, "lora.merge=false")
+    train.validate_config(cfg)
+    train.launch(cfg)
+    assert not (tmp_path / "adapter" / "final" / "model.safetensors").exists()  # the adapter alone
+    _, merged = launch_run(tmp_path / "merged", *STEPS, *ift, *LORA)
+
+    adapter = load_file(tmp_path / "adapter" / "final" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter" / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(lora.FAMILY_TARGETS["mistral"])
+    base = load_file(BASE / "model.safetensors")
+    assert merged.keys() == base.keys()
+    deltas = 0
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        a = adapter.get(f"base_model.model.{module}.lora_A.weight")
+        if a is None:
+            assert torch.equal(merged[name], w), name
+            continue
+        b = adapter[f"base_model.model.{module}.lora_B.weight"]
+        assert b.abs().max() > 0, name  # B starts at zero: it trained
+        expected = w.double() + (8 / 4) * b.double() @ a.double()
+        torch.testing.assert_close(merged[name].double(), expected, rtol=0, atol=1e-6)
+        deltas += 1
+    assert deltas == 4 * 7
+
+    # evaluate.py reads the adapter-only final/ on top of its base: the same answers as peft's model
+    import evaluate
+    from peft import PeftModel
+    from test_evaluate import our_greedy_answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    evaluate.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
+                   "--device", "cpu", "--log-samples"])
+    samples = [json.loads(line) for line in open(tmp_path / "adapter" / "eval" / "samples_ift_quick.jsonl")]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "adapter" / "final")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter" / "final")
+    with torch.no_grad():
+        ours = [our_greedy_answer(model.eval(), tokenizer, s["doc"]["question"], 24) for s in samples]
+    assert [s["response"].strip() for s in samples] == [a.strip() for a in ours]
+    with torch.no_grad(), model.disable_adapter():  # and not the base model's answers
+        assert ours != [our_greedy_answer(model, tokenizer, s["doc"]["question"], 24) for s in samples]
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo"])
+def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
+    """(IFT: the test above.) DPO and IPO run against the adapter-disabled base, which the trainer
+    fingerprints and checks unchanged at the end."""
+    data = ["datasets=[ultrachat_sample]"] if loss == "sft" else ["datasets=[ultrafeedback_sample]"]
+    _, final = launch_run(tmp_path / loss, *STEPS, "n_examples=16", f"loss={loss}", *data, *LORA)
+    base = load_file(BASE / "model.safetensors")
+    changed = {k for k in base if not torch.equal(final[k], base[k])}
+    assert changed == {f"model.layers.{i}.{part}.{t}.weight" for i in range(4) for part, targets in
+                       (("self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                        ("mlp", ["gate_proj", "up_proj", "down_proj"])) for t in targets}
+
+
+def test_dpo_with_the_adapter_disabled_reference_equals_dpo_with_a_frozen_copy():
+    cfg, policy = tiny_peft("loss=dpo", "lora.dropout=0.0")
+    frozen = copy.deepcopy(policy.get_base_model())  # the base weights, before the adapters move
+    with torch.no_grad():  # adapters away from zero, so the policy differs from its reference
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    frozen = _without_adapters(frozen)
+    batch = _dpo_batch()
+    policy.train()
+
+    results = []
+    for reference in (lora.AdaptersDisabled(policy), frozen.eval().requires_grad_(False)):
+        policy.zero_grad()
+        rows, valid, metrics = losses.batch_loss(cfg.loss, policy, reference, batch, 0.0)
+        rows.sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results.append((rows.detach(), metrics, grads))
+        assert policy.training  # the reference call restored the policy's mode
+    (rows_a, metrics_a, grads_a), (rows_b, metrics_b, grads_b) = results
+    assert metrics_a["rewards_margin"].abs().max() > 1e-3  # the adapters made a difference
+    torch.testing.assert_close(rows_a, rows_b, rtol=0, atol=1e-6)
+    for k in metrics_a:
+        torch.testing.assert_close(metrics_a[k], metrics_b[k], rtol=0, atol=1e-6)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=0, atol=1e-6)
+
+
+def _without_adapters(model):
+    """A deep copy of the peft-injected base with every LoRA layer replaced by its base Linear."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.base_layer)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    return model
+
+
+def _dpo_batch():
+    from preference_datasets import collate
+    cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]")
+    tokenizer = train.load_tokenizer(cfg)
+    data, _ = train.load_data(cfg, tokenizer, pairs=True)
+    return collate(data, list(range(4)), tokenizer.pad_token_id)
+
+
+FSDP_LOSSES = {
+    "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3", "lora.trainable_modules=[embed_tokens]"],
+    "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],  # the reference: the sharded base, adapters off
+}
+
+
+@pytest.mark.parametrize("loss", sorted(FSDP_LOSSES))
+def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
+    from test_distributed import assert_same_run
+    run = [*STEPS, "lr=1e-3", "max_grad_norm=1.0", *LORA, "lora.dropout=0.0", *FSDP_LOSSES[loss]]
+    one = launch_run(tmp_path / "one", *run, "trainer=FSDPTrainer", "nproc=1", "gradient_accumulation_steps=2")
+    two = launch_run(tmp_path / "two", *run, "trainer=FSDPTrainer", "nproc=2")
+    assert_same_run(one, two)
+    base = load_file(BASE / "model.safetensors")
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(two[1][embed], base[embed]) == (loss == "dpo")  # trained only where listed
+    assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # never listed: frozen
+
+
+def test_merging_takes_the_frozen_weights_from_the_base_when_given():
+    """QLoRA's path: the base weights come from an unquantised copy, the adapters from training."""
+    state = {"base_model.model.l.q.base_layer.weight": torch.zeros(3, 2, dtype=torch.uint8),
+             "base_model.model.l.q.lora_A.default.weight": torch.tensor([[1.0, 2.0]]),
+             "base_model.model.l.q.lora_B.default.weight": torch.tensor([[1.0], [0.0], [-1.0]]),
+             "base_model.model.norm.weight": torch.zeros(2, dtype=torch.uint8)}
+    base = {"l.q.weight": torch.ones(3, 2), "norm.weight": torch.full((2,), 7.0)}
+    merged = lora.merged_state_dict(state, 0.5, base=base)
+    assert merged.keys() == {"l.q.weight", "norm.weight"}
+    torch.testing.assert_close(merged["l.q.weight"], torch.tensor([[1.5, 2.0], [1.0, 1.0], [0.5, 0.0]]))
+    torch.testing.assert_close(merged["norm.weight"], base["norm.weight"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.quantize=4bit", "device=cpu"], "lora.quantize=4bit (QLoRA) needs a CUDA GPU"),
+    (["lora.r=0"], "lora.r=0 is out of range: allowed [1, inf)"),
+    (["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: allowed [0, 1)"),
+    (["lora.quantize=8bit"], "lora.quantize='8bit' is not allowed; choose one of None, 4bit"),
+    (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
+])
+def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message, monkeypatch):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    cfg = make_cfg("lora=default", *overrides)
+    with pytest.raises(ConfigError) as e:
+        train.validate_config(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_resuming_a_lora_run_is_refused_with_one_line(tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="^resume_from with lora is not supported yet"):
+        train.validate_config(make_cfg("lora=default", f"resume_from={checkpoint}"))
+
+
+def test_lora_keys_without_choosing_lora_are_named():
+    with pytest.raises(ConfigError, match=r"lora\.\* keys need lora=default on the command line"):
+        config_schema.check_overrides(["lora.r=8"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.alpah' \(did you mean 'alpha'\?\)"):
+        config_schema.check_overrides(["lora=default", "lora.alpah=8"])
+
+
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):
+    """policy_dtype=bfloat16: the base (the memory) stays bf16, the adapters are float32 master
+    weights, and the forward computes in bf16 under autocast; final/ is merged and saved in bf16."""
+    from transformers import AutoModelForCausalLM
+    from trainers import BasicTrainer
+    cfg = make_cfg(*LORA, "model.policy_dtype=bfloat16")
+    torch.manual_seed(0)
+    model = lora.apply(cfg, AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16))
+    trainer = BasicTrainer.__new__(BasicTrainer)  # only wrap() is exercised: no data, no optimizer
+    trainer.cfg, trainer.device, trainer.compute_dtype = cfg, torch.device("cpu"), torch.bfloat16
+    model = trainer.wrap(model, trainable=True)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16  # computed under autocast
+    logits.float().logsumexp(-1).sum().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+    _, final = launch_run(tmp_path / "bf16", *STEPS, "n_examples=16", "loss=sft", "datasets=[ultrachat_sample]",
+                          *LORA, "model.policy_dtype=bfloat16")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    base = load_file(BASE / "model.safetensors")
+    assert torch.equal(final["model.norm.weight"], base["model.norm.weight"].to(torch.bfloat16))
+    assert not torch.equal(final["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
