@@ -160,11 +160,25 @@ class Run:
                              before="\n---- evaluation and logging")
     do_first_eval: bool = option(True, "evaluate before the first step too")
     save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
-                                             "null = only final/", low=1)
-    resume_from: Optional[str] = option(None, "a checkpoints/step-N folder of an earlier run: continue exactly from "
-                                              "there (same config,\nnew run_dir); metrics and checkpoints of the "
-                                              "earlier run are left untouched")
-    n_samples: int = option(0, "at the end, answer this many held-out prompts greedily and report exact match", low=0)
+                                             "null = only final/\n(and a checkpoint when a preemption signal "
+                                             "arrives)", low=1,
+                                       before='\n---- checkpoints and resume (checkpoints.py; README "Checkpoints, '
+                                              'resume and preemption")')
+    keep_last: Optional[int] = option(None, "keep only the newest K checkpoints (older ones go once a newer one is "
+                                            "complete); null = all", low=1)
+    save_async: bool = option(False, "write checkpoint shards in a background thread while training goes on "
+                                     "(meant for GPUs)")
+    save_hf_checkpoints: bool = option(False, "also put a Hugging Face copy of the weights (policy_dtype) in each "
+                                              "checkpoint")
+    resume_from: Optional[str] = option(None, "latest: continue the newest checkpoint of run_dir in place (starts "
+                                              "afresh if there is\nnone yet); or a checkpoints/step-N folder (of "
+                                              "another run: continue into a new run_dir)")
+    resume_force: bool = option(False, "resume even if the checkpoint's lr, seed, loss, data, ... differ (recorded "
+                                       "in metrics.jsonl)")
+    preempt_signals: Optional[list] = option(["SIGTERM", "SIGINT", "SIGUSR1"], "finish the step, checkpoint, exit "
+                                             "with status 75;\nalso SIGUSR2, SIGHUP; null = none")
+    n_samples: int = option(0, "at the end, answer this many held-out prompts greedily and report exact match", low=0,
+                            before="\n---- at the end")
     max_new_tokens: int = option(64, "longest greedy answer", low=1)
     wandb: Wandb = option(Wandb(), "Weights & Biases")
 
@@ -280,13 +294,11 @@ def check_run(cfg, world):
     import torch
     from preference_datasets import DataError, check_dataset_name
 
-    if cfg.resume_from is not None:
-        path = resolve_path(cfg.resume_from)
-        if path is None or not (path / "trainer_state.pt").is_file() or not (path / "config.json").is_file():
-            raise ConfigError(f"resume_from={cfg.resume_from} is not a checkpoint folder (one holding config.json and "
-                              "trainer_state.pt, e.g. <run_dir>/checkpoints/step-100)")
-    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)):
-        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir")
+    import checkpoints
+
+    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
+                          "with resume_from=latest")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
@@ -311,6 +323,7 @@ def check_run(cfg, world):
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
     lora.check_run(cfg, cuda=use_cuda(cfg))
+    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)

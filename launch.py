@@ -9,6 +9,7 @@ because OpenMP threads that spin while waiting stall every step on a CPU shared 
 import contextlib
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,24 +32,26 @@ def planned_world_size(cfg):
     return torch.cuda.device_count() if use_cuda(cfg) else 2
 
 
-def launch(run, cfg):
-    """Call run(cfg, local_rank, world, port) in this process, or in each process FSDPTrainer needs.
-    cfg: a plain (resolved) dict, so that it pickles."""
+def launch(run, cfg, signals=()):
+    """Call run(cfg, local_rank, world, port) in this process, or in each process FSDPTrainer needs,
+    and return its exit status. cfg: a plain (resolved) dict, so that it pickles. signals: names of
+    the signals this process forwards to the processes it starts (preempt_signals)."""
     from omegaconf import OmegaConf
+
+    import checkpoints
 
     conf = OmegaConf.create(cfg)
     world = planned_world_size(conf)
     if conf.trainer != "FSDPTrainer" or launched_by_torchrun():
-        run(cfg)
-    elif world == 1:  # FSDP2 needs a process group even for one rank
-        run(cfg, 0, 1, free_port())
-    else:
-        import torch.multiprocessing as mp
-        try:
-            mp.spawn(_spawned, args=(run, cfg, world, free_port()), nprocs=world, join=True)
-        except mp.ProcessRaisedException as e:
-            _reraise_one_line_error(e)
-            raise
+        return run(cfg)
+    if world == 1:  # FSDP2 needs a process group even for one rank
+        return run(cfg, 0, 1, free_port())
+    import torch.multiprocessing as mp
+    try:
+        return checkpoints.spawn(_spawned, (run, cfg, world, free_port()), world, signals or ())
+    except mp.ProcessRaisedException as e:
+        _reraise_one_line_error(e)
+        raise
 
 
 def _reraise_one_line_error(e):
@@ -63,7 +66,9 @@ def _reraise_one_line_error(e):
 
 
 def _spawned(local_rank, run, cfg, world, port):
-    run(cfg, local_rank, world, port)
+    status = run(cfg, local_rank, world, port)
+    if status:
+        sys.exit(status)
 
 
 @contextlib.contextmanager

@@ -21,11 +21,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import config_schema
 import launch as launcher
 import lora
 import losses
-from utils import ConfigError, barrier, is_main, main_process_first, make_run_dir, resolve_path, set_seed
+from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, resolve_path, \
+    set_seed
 
 
 # ---------------------------------------------------------------- compose and check
@@ -45,13 +47,18 @@ def compose_and_launch(cfg: DictConfig):
     from trainers import NonFiniteError
     try:
         validate_config(sweep_run_dir(cfg))
-        launch(cfg)
+        if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
+            print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
+            return
+        status = launch(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
     except NonFiniteError as e:  # names the step and the metric; what was written before it stays
         sys.exit(f"training stopped: {e}")
+    if status:  # checkpoints.EXIT_PREEMPTED after a preemption signal (checkpoint written)
+        sys.exit(status)
 
 
 # ---------------------------------------------------------------- sweeps (python train.py -m ...)
@@ -102,8 +109,9 @@ def validate_config(cfg, world=None):
 
 
 def launch(cfg):
-    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not."""
-    launcher.launch(run, OmegaConf.to_container(cfg, resolve=True))
+    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
+    Returns the exit status: 0, or checkpoints.EXIT_PREEMPTED when a signal stopped the run."""
+    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), cfg.preempt_signals)
 
 
 # ---------------------------------------------------------------- build
@@ -119,11 +127,13 @@ def load_tokenizer(cfg):
     return ensure_chat_template(tokenizer)
 
 
-def load_model(cfg, dtype, name_or_path=None, **extra):
+def load_model(cfg, dtype, name_or_path=None, weights=True, **extra):
     """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
     reads them; the others build the architecture on the meta device (no memory) and receive their
     shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
-    extra: more from_pretrained arguments (QLoRA's quantization_config)."""
+    weights=False (a resumed run): no rank reads them; parameters stay on the meta device until the
+    trainer gives them storage for the checkpoint's shards. extra: more from_pretrained arguments
+    (QLoRA's quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     scratch = name_or_path is None and cfg.model.get("from_scratch", False)
@@ -131,6 +141,14 @@ def load_model(cfg, dtype, name_or_path=None, **extra):
     name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
     kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code,
               attn_implementation=cfg.model.attn_implementation)
+    if not weights:
+        from transformers import GenerationConfig
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        with checkpoints.parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, **kw)
+        with contextlib.suppress(OSError):  # as from_pretrained would: the model's own generation settings
+            model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+        return model
     if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
@@ -205,38 +223,48 @@ def build(cfg, device):
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
-    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name)
+    checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
+    if checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
+        checkpoints.check_fingerprint(cfg, checkpoint, train_data)
+    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=checkpoints.resumes_in_place(cfg))
     if is_main():
+        checkpoints.prepare_run_dir(cfg, run_dir)  # in place: leftovers removed, metrics cut to the checkpoint
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
     # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
     # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
     # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory saved.
+    # A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's instead.
     policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
-                        None if cfg.resume_from is None else str(resolve_path(cfg.resume_from)), **lora.load_kwargs(cfg))
+                        weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
     stop_at_end_of_turn(policy, tokenizer, eot_token)
     if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
         policy, reference = lora.apply(cfg, policy), None
     else:
         reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
     trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
-    if cfg.resume_from is not None:
-        trainer.resume(resolve_path(cfg.resume_from))
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
     return trainer
 
 
 # ---------------------------------------------------------------- train (one process of a run)
 
 def run(cfg, local_rank=0, world=1, port=None):
-    """Everything one rank does: join the process group, build, train, report."""
+    """Everything one rank does: join the process group, build, train, report. Returns
+    checkpoints.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
         trainer = build(cfg, device)
-        trainer.train()
+        with checkpoints.preemption_signals(cfg.preempt_signals):
+            trainer.train()
+        if trainer.preempted:
+            return checkpoints.EXIT_PREEMPTED
         if is_main():
             report(cfg, trainer, device)
         barrier()
+    return 0
 
 
 def report(cfg, trainer, device):

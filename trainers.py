@@ -20,11 +20,11 @@ import functools
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import lora
 import losses
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
@@ -82,6 +82,8 @@ class BasicTrainer:
         self._epoch_cache = {}
         self.metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if is_main() else None
         self.wandb = None
+        self.checkpointer = checkpoints.Checkpointer(cfg, run_dir)
+        self.preempted = False  # set when train() stopped early after a preemption signal
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
         self.eval_losses = []  # eval loss of each evaluation of this run, in order
@@ -93,6 +95,9 @@ class BasicTrainer:
         float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
         frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
         LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
+        if trainable and checkpoints.builds_without_weights(self.cfg):
+            checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
+            model.tie_weights()
         model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
         if trainable:
             if lora.enabled(self.cfg):
@@ -116,14 +121,6 @@ class BasicTrainer:
     def full_state_dict(self, dtype=None):
         """The policy's full (unsharded) state dict on rank 0, cast to `dtype` if given; None elsewhere."""
         return {k: v.detach().to("cpu", dtype) for k, v in self.policy.state_dict().items()}
-
-    def optimizer_state(self):
-        """The optimizer's full state dict on rank 0 (None elsewhere)."""
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state):
-        """Load a state from optimizer_state() (given on rank 0; the others may get None)."""
-        self.optimizer.load_state_dict(state)
 
     def forward_settings(self):
         """How the losses call the models: chunked output head, packing (losses.forward_settings)."""
@@ -232,10 +229,22 @@ class BasicTrainer:
                 raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
                 self.evaluate(step=step + 1)
-            if cfg.save_every is not None and _crossed(step, cfg.batch_size, cfg.save_every) \
-                    and step + 1 < self.total_steps:
+            saved = cfg.save_every is not None and _crossed(step, cfg.batch_size, cfg.save_every) \
+                and step + 1 < self.total_steps
+            if saved:
                 self.save_checkpoint(step + 1)
+            if step + 1 < self.total_steps and self.checkpointer.stop_requested(self.device):
+                if not saved:
+                    self.save_checkpoint(step + 1)
+                self.checkpointer.wait()
+                self.checkpointer.report_preempted(step + 1)
+                self.preempted = True
+                break
         bar.close()
+        self.checkpointer.wait()
+        if self.preempted:
+            self.finish_logging()
+            return
         if self.reference is not None and not torch.equal(_fingerprint(self.reference), self.reference_fingerprint):
             raise RuntimeError("the frozen reference model changed during training")
         self.save(self.run_dir / "final")
@@ -322,9 +331,11 @@ class BasicTrainer:
             print("wandb: no credentials (WANDB_API_KEY or `wandb login`), logging offline instead")
             mode = "offline"
         from omegaconf import OmegaConf
+        # a run resumed in place continues its wandb run (checkpointer.wandb_run_id), else a new one
         self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                 name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,
-                                config=OmegaConf.to_container(self.cfg, resolve=True))
+                                config=OmegaConf.to_container(self.cfg, resolve=True),
+                                id=self.checkpointer.wandb_run_id, resume="allow")
 
     def log(self, row):
         if not is_main():
@@ -352,39 +363,23 @@ class BasicTrainer:
                 lora.save_final(self.policy, self.tokenizer, state, tmp, dtype, self.cfg)
         barrier()
 
-    def _save_model(self, directory, dtype, trainer_state=None):
+    def _save_model(self, directory, dtype):
         state = self.full_state_dict(dtype)
         if is_main():
             with atomic_directory(directory) as tmp:
                 self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
-                if trainer_state is not None:
-                    torch.save(trainer_state, tmp / TRAINER_STATE)
         barrier()
 
     def save_checkpoint(self, step):
-        """checkpoints/step-<step>/: the weights exactly as trained (no dtype cast), loadable with
-        from_pretrained, plus trainer_state.pt (optimizer, scheduler, step) for resume_from."""
-        optimizer = self.optimizer_state()
-        state = None
-        if is_main():
-            state = {"step": step, "total_steps": self.total_steps, "optimizer": optimizer,
-                     "scheduler": self.scheduler.state_dict(), "tokens_seen": self.tokens_seen,
-                     "slots_seen": self.slots_seen}
-        self._save_model(self.run_dir / "checkpoints" / f"step-{step}", None, state)
+        """checkpoints/step-<step>/: sharded model and optimizer state plus everything resume needs
+        (checkpoints.py); every rank writes its own shards."""
+        self.checkpointer.save(self, step)
 
     def resume(self, directory):
-        """Continue exactly where checkpoint `directory` stopped: the caller loaded its weights into
-        the policy; here the optimizer, the scheduler and the step. Data order and lambda noise are
-        functions of (seed, epoch) and (seed, step), so nothing else is needed."""
-        state = torch.load(Path(directory) / TRAINER_STATE, weights_only=True, map_location="cpu")
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"resume_from={directory} comes from a run of {state['total_steps']} steps, but this "
-                             f"config gives {self.total_steps}; resume with the same data and batch settings")
-        self.load_optimizer_state(state["optimizer"] if is_main() else None)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.start_step = state["step"]
-        self.tokens_seen, self.slots_seen = state["tokens_seen"], state["slots_seen"]
+        """Continue exactly where checkpoint `directory` stopped (weights, optimizer, scheduler, step,
+        RNG states). Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
+        self.checkpointer.load(self, directory)
 
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
@@ -461,7 +456,9 @@ class FSDPTrainer(BasicTrainer):
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if self.world > 1:
+        if trainable and checkpoints.builds_without_weights(self.cfg):
+            checkpoints.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
+        elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)
 
@@ -479,19 +476,6 @@ class FSDPTrainer(BasicTrainer):
 
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.to(dtype) for k, v in state.items()} if is_main() else None
-
-    def optimizer_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(self.policy, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if is_main() else None
-
-    def load_optimizer_state(self, state):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=state or {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def compile_blocks(model, block_name, backend="inductor"):
@@ -526,5 +510,4 @@ def _broadcast_weights_from_rank0(model, full_state, device):
         dist.broadcast(buffer.data, src=0)
 
 
-TRAINER_STATE = "trainer_state.pt"
 TRAINERS = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}

@@ -36,15 +36,19 @@ def holds_run(path):
     return (path / "metrics.jsonl").exists() or (path / "final").exists()
 
 
-def make_run_dir(run_dir, exp_name):
+def make_run_dir(run_dir, exp_name, in_place=False):
     """The run directory (run_dir, or runs/<exp_name>_<date_time>), reserved by rank 0 and shared with
-    the others. Refuses a directory that already holds a run, so nothing written earlier is overwritten;
-    a default name taken by another launcher in the same second gets a suffix (_1, _2, ...)."""
+    the others. Refuses a directory that already holds a run, so nothing written earlier is overwritten,
+    unless the run continues in it (in_place: resume_from=latest); a default name taken by another
+    launcher in the same second gets a suffix (_1, _2, ...)."""
     import datetime
     import itertools
     path = None
     if is_main():
-        if run_dir is not None:
+        if run_dir is not None and in_place:  # the run's own directory: its metrics.jsonl continues
+            path = Path(run_dir).resolve()
+            path.mkdir(parents=True, exist_ok=True)
+        elif run_dir is not None:
             path = Path(run_dir).resolve()
             if not reserve_run_dir(path):
                 raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
@@ -159,12 +163,36 @@ def atomic_directory(target):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)
     old = target.with_name(target.name + ".old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     tmp.rename(target)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(root):
+    """Flush every file under `root`, then the folders themselves, to the disk: after a power cut or
+    kill -9 a renamed folder then holds its whole content, not empty or truncated files."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def fsync_dir(path):
+    """Make the entries of folder `path` (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def format_count(n):

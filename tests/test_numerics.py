@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+import checkpoints
 import launch as launcher
 import losses
 import train
@@ -57,9 +58,10 @@ def weights_and_optimizer_states(run_dir):
     out = []
     for path in glob.glob(str(run_dir / "**" / "model.safetensors"), recursive=True):
         out += list(load_file(path).values())
-    for path in glob.glob(str(run_dir / "**" / "trainer_state.pt"), recursive=True):
-        state = torch.load(path, weights_only=True)["optimizer"]["state"]
-        out += [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
+    for checkpoint in checkpoints.complete_checkpoints(run_dir).values():
+        state = checkpoints.read_checkpoint(checkpoint)
+        out += list(state["model"].values())
+        out += [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
     return out
 
 
@@ -69,7 +71,7 @@ def assert_all_finite(run_dir):
 
 
 def optimizer_steps_taken(checkpoint):
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    state = checkpoints.read_checkpoint(checkpoint)["optimizer"]["state"]
     return {int(s["step"]) for s in state.values()}
 
 
@@ -116,7 +118,7 @@ def test_bf16_updates_smaller_than_bf16_resolution_still_train_every_matrix(tmp_
     run(tmp_path / "r", "model.policy_dtype=bfloat16", "lr=1e-5", "n_examples=72", "save_every=64")
     initial = load_file(REPO_DIR / "models" / "tiny-mistral" / "model.safetensors")
     final = load_file(tmp_path / "r" / "final" / "model.safetensors")
-    master = load_file(tmp_path / "r" / "checkpoints" / "step-8" / "model.safetensors")
+    master = checkpoints.read_checkpoint(tmp_path / "r" / "checkpoints" / "step-8")["model"]
     assert all(v.dtype == torch.float32 for v in master.values())
     for k, v in final.items():
         if v.dim() == 2 and k != "model.embed_tokens.weight":

@@ -246,8 +246,9 @@ print("checked", cfg.loss.name, cfg.model.name)
     # run_frozen_lake.sh also builds data and plays games: tests/test_frozen_lake.py runs it end to end
     scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
     assert len(scripts) >= 6
-    for script in scripts:
-        proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+    requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
+    for script, extra in [(s, []) for s in scripts] + [requeue]:
+        proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "0",
                                    "PYTHONPATH": str(REPO_DIR)})
         assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
@@ -263,7 +264,8 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = make_cfg("wandb.enabled=true", "wandb.mode=online")
-    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None)
+    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None,
+                                    checkpointer=types.SimpleNamespace(wandb_run_id=None))
     trainers.BasicTrainer.start_logging(trainer)
     assert calls[-1]["mode"] == "offline" and calls[-1]["name"] == cfg.exp_name
     assert calls[-1]["config"]["loss"]["gamma"] == 0.95  # the resolved config travels with the run

@@ -1,0 +1,556 @@
+"""Sharded, crash-safe checkpoints, exact resume and preemption.
+
+A checkpoint is a folder `RUN/checkpoints/step-N/`:
+
+    .metadata, __<rank>_0.distcp   model and optimizer state in torch.distributed.checkpoint (DCP) format:
+                                   every rank writes (and on resume reads) only its own shards, and a
+                                   checkpoint written by R ranks loads on any R' (DCP reshards)
+    rng-rank<r>.pt                 the RNG states (python, numpy, torch CPU and CUDA) of rank r
+    trainer_state.pt               step, scheduler, float16 loss scale, token and skipped-step counters,
+                                   world size, wandb run id, and the fingerprint of everything that
+                                   changes the math (rank 0)
+    hf/                            a Hugging Face copy of the weights, as final/, only with save_hf_checkpoints
+
+It is written into `step-N.tmp/`, every file and the folder are fsynced, and only then is it renamed to
+`step-N/`: a visible checkpoint is always complete, whatever moment a `kill -9` picks. Leftover `*.tmp`
+folders are removed when a run resumes in place. `keep_last=K` deletes older checkpoints only after a
+newer one is complete (renamed to `*.tmp` first, so a half-deleted folder is never visible either).
+
+Resume is exact because a run is a function of its config: data order comes from (seed, epoch), lambda
+noise from (seed, step), and everything else that carries over lives in the checkpoint. So a resume
+with a config that changes the math (lr, seed, loss, data, ...) is refused unless resume_force=true.
+
+Preemption: run() installs handlers for `preempt_signals`; the trainer asks `stop_requested()` after
+every optimizer step (an all-reduced flag, so all ranks stop after the same step), writes a
+checkpoint and exits with EXIT_PREEMPTED.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, is_main, rank, resolve_path, \
+    world_size
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry"
+TRAINER_STATE = "trainer_state.pt"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"step-(\d+)")
+# Keys of the resolved config that do not change what is computed: where the run writes and runs, how
+# often it evaluates, saves and logs, and how it resumes. Every other key (including keys added later)
+# is part of the fingerprint, so the check fails closed. Resharding (trainer, nproc) is allowed on purpose.
+NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing", "dataset_paths",
+            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "save_every", "save_async",
+            "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
+            "max_new_tokens", "wandb", "hydra")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+# DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
+warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
+# Test-only: "POINT@STEP" makes the save of step STEP SIGKILL its own process at POINT (see _crash_point).
+CRASH_ENV = "IFT_TEST_KILL_AT"
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+def complete_checkpoints(run_dir):
+    """{step: folder} of the complete checkpoints under run_dir/checkpoints (renamed into place)."""
+    root = Path(run_dir) / "checkpoints"
+    found = {}
+    for path in root.glob("step-*") if root.is_dir() else ():
+        match = STEP_DIR.fullmatch(path.name)
+        if match and is_checkpoint(path):
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def is_checkpoint(path):
+    path = Path(path)
+    return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+
+
+def resume_checkpoint(cfg):
+    """The folder cfg.resume_from names: `latest` = the newest complete checkpoint of run_dir (None when
+    there is none yet, so the same command starts a run and resumes it after a requeue), or a path."""
+    if cfg.resume_from is None:
+        return None
+    if cfg.resume_from == "latest":
+        found = complete_checkpoints(cfg.run_dir)
+        return found[max(found)] if found else None
+    path = resolve_path(cfg.resume_from)
+    if path is None or not is_checkpoint(path):
+        raise ConfigError(f"resume_from={cfg.resume_from} is not a checkpoint folder (one holding .metadata and "
+                          f"{TRAINER_STATE}, e.g. <run_dir>/checkpoints/step-100), nor 'latest'")
+    return path
+
+
+def resumes_in_place(cfg):
+    """Whether this run continues in its own run_dir (resume_from=latest, or a checkpoint of run_dir)."""
+    if cfg.resume_from is None or cfg.run_dir is None:
+        return False
+    if cfg.resume_from == "latest":
+        return True
+    path = resolve_path(cfg.resume_from)
+    return path is not None and path.parent.parent == Path(cfg.run_dir).resolve()
+
+
+def builds_without_weights(cfg):
+    """Whether the policy is built without reading its weights, because a checkpoint fills them: a
+    resume, except with LoRA, whose frozen base loads as usual (possibly quantized)."""
+    return resume_checkpoint(cfg) is not None and cfg.get("lora") is None
+
+
+def finished_in_place(cfg):
+    """Whether a resume in place finds its run finished (final/ written): then there is nothing to do,
+    and a requeued `resume_from=latest` command simply ends."""
+    return resumes_in_place(cfg) and (Path(cfg.run_dir) / "final").exists()
+
+
+def read_checkpoint(directory):
+    """A checkpoint's model and optimizer state as full tensors, in one process, without a model:
+    {"model": {name: tensor}, "optimizer": {"state": {name: {...}}, "param_groups": [...]}}.
+    For inspecting a checkpoint (a 7B one needs its whole size in memory)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(checkpoint_id=str(directory))  # every key, unsharded
+
+
+def read_trainer_state(directory):
+    return torch.load(Path(directory) / TRAINER_STATE, weights_only=True, map_location="cpu")
+
+
+# ---------------------------------------------------------------- config checks
+
+def validate(cfg):
+    """What config_schema's declarations cannot check of the checkpoint keys (signal names, the
+    checkpoint to resume), and that checkpoint's fingerprint, before anything loads. Raises ConfigError."""
+    for name in cfg.preempt_signals or ():
+        if name not in SIGNALS:
+            raise ConfigError(f"preempt_signals has '{name}'; allowed: {', '.join(SIGNALS)}")
+    if cfg.resume_from == "latest" and cfg.run_dir is None:
+        raise ConfigError("resume_from=latest continues the run in run_dir: set run_dir to that run's directory")
+    if finished_in_place(cfg) and cfg.resume_from != "latest":
+        raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run (final/ exists): nothing to resume")
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is not None and resumes_in_place(cfg):
+        newer = [s for s in complete_checkpoints(cfg.run_dir) if s > read_trainer_state(checkpoint)["step"]]
+        if newer:
+            raise ConfigError(f"resume_from={cfg.resume_from} is older than this run's checkpoint step-{max(newer)}; "
+                              "resume from latest, or into a new run_dir")
+    if checkpoint is not None:
+        check_fingerprint(cfg, checkpoint)
+
+
+def config_fingerprint(cfg):
+    """{dotted key: value} of the resolved config, less the keys that do not change the math (NOT_MATH)."""
+    from omegaconf import OmegaConf
+
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in NOT_MATH:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = value
+
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    walk(container, "")
+    return flat
+
+
+def data_fingerprint(data):
+    """sha256 (32 hex digits) of the tokenised training rows, in order: changes with the files, the
+    tokenizer, the chat template or the truncation settings."""
+    h = hashlib.sha256()
+    for column in (data.prompt_ids, data.chosen_ids, data.rejected_ids or []):
+        h.update(np.asarray([len(x) for x in column], dtype=np.int64).tobytes())
+        if column:
+            h.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in column]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def fingerprint_differences(saved, current):
+    """{key: (value in the checkpoint, value now)} for every key whose value differs."""
+    return {k: (saved.get(k, "<absent>"), current.get(k, "<absent>"))
+            for k in sorted(set(saved) | set(current)) if saved.get(k, "<absent>") != current.get(k, "<absent>")}
+
+
+def check_fingerprint(cfg, checkpoint, data=None):
+    """Refuse (ConfigError) a resume whose config, or tokenised data when given, differs from the
+    checkpoint's, naming every differing key with both values; with resume_force=true, return them."""
+    saved = read_trainer_state(checkpoint)["fingerprint"]
+    current = {"config": config_fingerprint(cfg)}
+    if data is not None:
+        current["data"] = data_fingerprint(data)
+    differences = fingerprint_differences(saved["config"], current["config"])
+    if data is not None and saved["data"] != current["data"]:
+        differences["tokenised training data (sha256)"] = (saved["data"], current["data"])
+    if differences and not cfg.resume_force:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in
+                           ((k, *v) for k, v in differences.items()))
+        raise ConfigError(f"resume_from={cfg.resume_from} ({checkpoint}) was written by a run whose math differs: "
+                          f"{listed}. Resume with the checkpoint's values, or set resume_force=true to continue anyway")
+    return differences
+
+
+# ---------------------------------------------------------------- the run directory on resume
+
+def remove_leftovers(run_dir):
+    """Remove what an interrupted save left behind: `*.tmp` (and atomic_directory's `*.old`) folders and
+    files in run_dir and run_dir/checkpoints. Nothing visible is touched."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for path in folder.glob("*") if folder.is_dir() else ():
+            if path.suffix in (".tmp", ".old"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prune(run_dir, keep_last):
+    """Delete all but the newest `keep_last` complete checkpoints (None: keep all). Each is renamed to
+    `*.tmp` before it is deleted, so a crash never leaves half a checkpoint in view."""
+    if keep_last is None:
+        return
+    found = complete_checkpoints(run_dir)
+    for step in sorted(found)[:-keep_last]:
+        doomed = found[step].with_name(found[step].name + ".old.tmp")
+        found[step].rename(doomed)
+        fsync_dir(doomed.parent)
+        shutil.rmtree(doomed)
+
+
+def truncate_metrics(path, step):
+    """Keep the rows of metrics.jsonl up to `step` (those the checkpoint has seen) and drop the
+    interrupted tail, so the resumed run appends to one consistent history. Replaced atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a crash tore in half
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def prepare_run_dir(cfg, run_dir):
+    """Rank 0, when resuming in place: remove leftovers and cut metrics.jsonl back to the checkpoint's
+    step (to nothing when there is no checkpoint yet: the run starts again)."""
+    if not resumes_in_place(cfg):
+        return
+    remove_leftovers(run_dir)
+    prune(run_dir, cfg.keep_last)  # a crash may have come between a save and its clean-up
+    checkpoint = resume_checkpoint(cfg)
+    step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else -1
+    truncate_metrics(run_dir / "metrics.jsonl", step)
+    if checkpoint is None:
+        print(f"resume_from=latest: {run_dir} has no complete checkpoint yet; starting the run from the beginning")
+
+
+# ---------------------------------------------------------------- a model without weights
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and
+    real buffers: buffers such as rotary frequencies are computed in __init__ and are in no checkpoint."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:  # an already-meta parameter is a tied one: keep it shared
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def materialize(model, device):
+    """Uninitialised storage on `device` for a model built by parameters_on_meta (sharded or not),
+    keeping its buffers' values. Its parameters must then be loaded from a checkpoint."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+# ---------------------------------------------------------------- RNG states
+
+def rng_state():
+    state = {"python": _python_state(random.getstate()), "numpy": _numpy_state(np.random.get_state()),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state(state):  # lists and tensors only, so torch.load(weights_only=True) reads it
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _numpy_state(state):
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+# ---------------------------------------------------------------- saving and loading
+
+class Checkpointer:
+    """Writes and reads the checkpoints of one trainer. Collective: every rank calls save() and load()."""
+
+    def __init__(self, cfg, run_dir):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.pending = None  # an asynchronous save still being written: (future, tmp, folder, trainer state)
+        self.wandb_run_id = None  # set by load() when the run continues in place
+        self.group = None
+        if cfg.save_async and torch.distributed.is_initialized():
+            # the background writer runs collectives; they must not share a group with training's
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def save(self, trainer, step):
+        """checkpoints/step-<step>/ of the trainer's state, from every rank's own shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        start = time.perf_counter()
+        folder = self.run_dir / "checkpoints" / f"step-{step}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        torch.save(rng_state(), tmp / f"rng-rank{rank()}.pt")
+        if self.cfg.save_hf_checkpoints:  # gathered on rank 0, like final/: for evaluation, not for resuming
+            trainer.save(tmp / "hf")
+        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        meta = self._trainer_state(trainer, step)  # taken now: training moves on during an async save
+        writer = dcp.FileSystemWriter(tmp, sync_files=True)
+        if self.cfg.save_async:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=_no_dist())
+            self.pending = (future, tmp, folder, meta, start)
+            _report(f"checkpoint step-{step}: training resumes after {time.perf_counter() - start:.2f} s; "
+                    "the shards are written in the background")
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+            barrier()  # every rank's shards are written before rank 0 publishes the folder
+            self._publish(tmp, folder, meta, start)
+            barrier()
+
+    def wait(self):
+        """Finish an asynchronous save (rank 0 publishes it once every rank's shards are written)."""
+        if self.pending is None:
+            return
+        future, tmp, folder, meta, start = self.pending
+        self.pending = None
+        future.result()
+        # DCP's coordinator (rank 0) finishes only after gathering every rank's write results, so the
+        # folder is complete when rank 0 publishes it; the other ranks have nothing left to do
+        self._publish(tmp, folder, meta, start)
+
+    def poll(self):
+        """Publish a finished asynchronous save without waiting for one still being written."""
+        if self.pending is not None and self.pending[0].done():
+            self.wait()
+
+    def _trainer_state(self, trainer, step):
+        if not is_main():
+            return None
+        wandb = getattr(trainer, "wandb", None)
+        return {"format": FORMAT_VERSION, "step": step, "total_steps": trainer.total_steps,
+                "scheduler": trainer.scheduler.state_dict(), "tokens_seen": trainer.tokens_seen,
+                "slots_seen": trainer.slots_seen, "world_size": world_size(),
+                "skipped_steps": trainer.skipped_steps, "consecutive_skips": trainer.consecutive_skips,
+                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                "wandb_run_id": wandb.id if wandb is not None else self.wandb_run_id,
+                "fingerprint": {"config": config_fingerprint(self.cfg), "data": data_fingerprint(trainer.train_data)}}
+
+    def _publish(self, tmp, folder, meta, start):
+        """Rank 0: trainer_state.pt, fsync everything, rename into place, then apply keep_last."""
+        if not is_main():
+            return
+        step = meta["step"]
+        _crash_point("state", step)
+        torch.save(meta, tmp / TRAINER_STATE)
+        fsync_tree(tmp)
+        _crash_point("rename", step)
+        tmp.rename(folder)
+        fsync_dir(folder.parent)
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        _report(f"saved {folder} ({size:.1f} MiB) in {time.perf_counter() - start:.2f} s")
+        _crash_point("retention", step)
+        prune(self.run_dir, self.cfg.keep_last)
+
+    def load(self, trainer, directory):
+        """Continue exactly where checkpoint `directory` stopped: weights, optimizer, scheduler, step,
+        token counters and this rank's RNG states. The hyperparameters are the config's (equal to the
+        checkpoint's unless resume_force=true)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        directory = Path(directory)
+        start = time.perf_counter()
+        differences = check_fingerprint(self.cfg, directory, trainer.train_data)
+        meta = read_trainer_state(directory)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
+        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())  # each rank reads what its shards hold
+        set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        for group, hyper in zip(trainer.optimizer.param_groups, fresh):
+            group.update(hyper)
+        base_lrs = list(trainer.scheduler.base_lrs)
+        trainer.scheduler.load_state_dict(meta["scheduler"])
+        trainer.scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(trainer.optimizer.param_groups, base_lrs, trainer.scheduler.lr_lambdas):
+            group["lr"] = base * factor(trainer.scheduler.last_epoch)
+        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+        trainer.start_step = meta["step"]
+        trainer.tokens_seen, trainer.slots_seen = meta["tokens_seen"], meta["slots_seen"]
+        trainer.skipped_steps, trainer.consecutive_skips = meta["skipped_steps"], meta["consecutive_skips"]
+        if trainer.scaler is not None and meta["scaler"] is not None:  # float16's loss scale goes on from where it was
+            trainer.scaler.load_state_dict(meta["scaler"])
+        if resumes_in_place(self.cfg):
+            self.wandb_run_id = meta["wandb_run_id"]
+        # with a different number of ranks, rank r continues the random streams of saved rank r mod R
+        set_rng_state(torch.load(directory / f"rng-rank{rank() % meta['world_size']}.pt", weights_only=True))
+        if is_main():
+            _report(f"resumed from {directory} (step {meta['step']}, written by {meta['world_size']} rank(s), read by "
+                    f"{world_size()}) in {time.perf_counter() - start:.2f} s")
+            row = {"split": "resume", "step": meta["step"], "checkpoint": str(directory),
+                   "ranks": [meta["world_size"], world_size()], "forced": bool(differences),
+                   "differences": {k: [a, b] for k, (a, b) in differences.items()}}
+            trainer.metrics_file.write(row)
+            if differences:
+                print(f"resume_force=true: continuing despite differences in {', '.join(differences)}")
+
+    # ------------------------------------------------------------ preemption
+
+    def stop_requested(self, device):
+        """Whether any rank received a preemption signal (all ranks get the same answer, so they stop
+        after the same step). One all-reduce of one number per optimizer step."""
+        self.poll()
+        flag = torch.tensor([float(_received is not None)], device=device)
+        return all_reduce_sum(flag).item() > 0
+
+    def report_preempted(self, step):
+        """Print where the run stopped and how to continue it."""
+        if is_main():
+            name = signal.Signals(_received).name if _received is not None else "a signal on another rank"
+            print(f"\nstopped by {name} after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}\n"
+                  f"to continue, run the same command with run_dir={self.run_dir} resume_from=latest "
+                  f"(exit status {EXIT_PREEMPTED})", flush=True)
+
+
+def _report(line):
+    """A line from rank 0 that does not break the progress bar."""
+    from tqdm import tqdm
+    if is_main():
+        tqdm.write(line)
+
+
+def _no_dist():
+    return not torch.distributed.is_initialized()
+
+
+def _crash_point(point, step):
+    """Test-only: with IFT_TEST_KILL_AT=POINT@STEP, the save of step STEP dies by SIGKILL at POINT
+    (state: before trainer_state.pt; rename: before the rename; retention: before old ones are deleted)."""
+    if os.environ.get(CRASH_ENV) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- signals
+
+_received = None  # the first preemption signal this process received, or None
+
+
+@contextlib.contextmanager
+def preemption_signals(names):
+    """While inside, the named signals ask the trainer to stop after the current optimizer step; a
+    repeated signal (for instance during the save that follows) is ignored. Main thread only."""
+    global _received
+    _received = None
+
+    def handler(signum, frame):
+        global _received
+        if _received is None:
+            _received = signum
+            print(f"\n[rank {rank()}] {signal.Signals(signum).name}: finishing this optimizer step, then saving a "
+                  "checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"[rank {rank()}] {signal.Signals(signum).name} ignored: already stopping (kill -9 to abort "
+                  "now; the previous checkpoints stay intact)", file=sys.stderr, flush=True)
+
+    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names or ()}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        _received = None
+
+
+def spawn(fn, args, nprocs, signal_names):
+    """torch.multiprocessing.spawn that forwards the preemption signals this process receives to its
+    children (a scheduler signals the process it started). Returns EXIT_PREEMPTED when the ranks stopped
+    after a signal, else 0."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in signal_names}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code == EXIT_PREEMPTED:
+            return EXIT_PREEMPTED
+        raise
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    return 0
