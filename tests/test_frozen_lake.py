@@ -226,3 +226,74 @@ def test_batched_greedy_decoding_stops_each_row_at_its_end_of_turn_token():
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=6, do_sample=False, pad_token_id=pad, eos_token_id=eot)[0, len(p):]
         assert ours == [t for t in ref.tolist() if t != eot][:6] and (eot in ref.tolist()) == (len(ours) < 6)
+
+
+# ---------------------------------------------------------------- next-move quality and recovery
+
+def floyd_warshall(desc, allowed):
+    """All-pairs shortest move counts over the cells whose letter is in `allowed` (float64; inf = none)."""
+    n_rows, n_cols = len(desc), len(desc[0])
+    cells = [(r, c) for r in range(n_rows) for c in range(n_cols)]
+    d = np.full((len(cells), len(cells)), np.inf)
+    for i, (r, c) in enumerate(cells):
+        d[i, i] = 0.0
+        for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+            r2, c2 = r + dr, c + dc
+            if 0 <= r2 < n_rows and 0 <= c2 < n_cols and desc[r][c] in allowed and desc[r2][c2] in allowed:
+                d[i, r2 * n_cols + c2] = 1.0
+    for k in range(len(cells)):
+        d = np.minimum(d, d[:, k:k + 1] + d[k:k + 1, :])
+    return d
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cell_prefixes_and_optimal_moves_against_floyd_warshall(seed):
+    desc = generate_random_map(size=5, seed=seed)
+    n_cols = len(desc[0])
+    walk = floyd_warshall(desc, "SF")     # prefixes never pass through G or a hole
+    to_goal = floyd_warshall(desc, "SFG")
+    s, g = [r * n_cols + c for r, row in enumerate(desc) for c, x in enumerate(row) if x == "S"][0], \
+        [r * n_cols + c for r, row in enumerate(desc) for c, x in enumerate(row) if x == "G"][0]
+    cells = game.cell_prefixes(desc)
+    want = {i for i in range(len(walk)) if np.isfinite(walk[s, i]) and np.isfinite(to_goal[i, g])
+            and desc[i // n_cols][i % n_cols] in "SF"}
+    assert {r * n_cols + c for (r, c), _, _ in cells} == want
+    for (r, c), prefix, best in cells:
+        i = r * n_cols + c
+        assert len(prefix) == walk[s, i]
+        pos = game.find(desc, "S")
+        for a in prefix:
+            pos = game.step(desc, pos, a)
+            assert desc[pos[0]][pos[1]] in "SF"
+        assert pos == (r, c)
+        closer = {a for a in game.ACTIONS if game.step(desc, pos, a) != pos and
+                  to_goal[np.ravel_multi_index(game.step(desc, pos, a), (5, 5)), g] == to_goal[i, g] - 1}
+        assert set(best) == closer and best
+    detour = game.detour_prefix(desc)
+    if detour is not None:
+        assert game.shortest_path(desc).startswith(detour[:-1])
+        pos = game.find(desc, "S")
+        for a in detour[:-1]:
+            pos = game.step(desc, pos, a)
+        assert detour[-1] not in game.optimal_moves(desc, pos)
+        nxt = game.step(desc, pos, detour[-1])
+        assert nxt != pos and desc[nxt[0]][nxt[1]] in "SF"
+
+
+def test_prefix_prompts_are_the_training_tokens_and_the_measures_count_every_cell(tmp_path, tokenizer):
+    from experiments.frozen_lake.evaluate_env import move_quality, prefix_prompts, recovery
+
+    _, rows = build_data.build(tmp_path, n_train=4, n_test=6, seed=2)
+    row = rows[0]
+    best = row["chosen"][-1]["content"]
+    prompt, answer = encode_chat(tokenizer, row["chosen"][:-1], best)
+    for k in range(len(best)):
+        assert prefix_prompts(tokenizer, row, [best[:k]], "</s>")[0] == list(prompt) + list(answer[:k])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TINY))).eval()
+    q = move_quality(model, tokenizer, rows, "</s>")
+    assert q["n_cells"] == sum(len(game.cell_prefixes(r["map"])) for r in rows)
+    assert 0 <= q["move_mse"] <= 1 and 0 <= q["move_greedy_optimal"] <= 1
+    rec = recovery(model, tokenizer, rows, "</s>", max_new_tokens=4)
+    assert rec["n_recovery_maps"] == sum(game.detour_prefix(r["map"]) is not None for r in rows)
+    assert rec["recovery_rate"] == 0.0  # a random model does not find its way back
