@@ -42,14 +42,17 @@ def ranks_fork_from_a_warm_server():
     of the moment the server started (the first multi-rank launch), not of the launch itself.
     Runs of the CLI in a subprocess (test_resume's signals, test_numerics' divergence) still spawn."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
-    spawn = torch.multiprocessing.start_processes
+    spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
+    spawn = spawn_module.start_processes
 
     def start_processes(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
         return spawn(fn, args, nprocs, join, daemon, "forkserver" if start_method == "spawn" else start_method)
 
-    torch.multiprocessing.start_processes = start_processes
+    for module in (torch.multiprocessing, spawn_module):
+        module.start_processes = start_processes
     yield
-    torch.multiprocessing.start_processes = spawn
+    for module in (torch.multiprocessing, spawn_module):
+        module.start_processes = spawn
     stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
     if stop is not None:  # and reap it, so that its CPU time counts as this process's children's
         stop()
