@@ -125,7 +125,8 @@ def test_quick_mode_runs_every_method_end_to_end_and_writes_report_and_results(t
         metrics = json.loads((out / "runs" / f"{method}_seed0" / "task_metrics.json").read_text())
         assert metrics["n_maps"] == 16 and metrics["success_rate"] == r["success_rate"][0]
     report = (out / "report.md").read_text()
-    for label in ("| sft |", "| ift |", "| sft → dpo |", "| orpo |", "| dft |"):
+    # the DPO stage trains on half the budget (after its SFT half): its label says so
+    for label in ("| sft |", "| ift |", "| sft → dpo, n_examples=64 |", "| orpo |", "| dft |"):
         assert label in report
     for png in ("eval_nll.png", "lambda.png", "relation_propagation.png", "ift_seed0_frozen_lake_path.png"):
         assert (out / png).stat().st_size > 10_000, png
