@@ -38,16 +38,6 @@ TINY = ["optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "batch_size=8", "eval_ba
         "n_eval_examples=8", "do_first_eval=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread per process: tests share the machine's cores, and threads that wait on each other
-    in OpenMP barriers only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def resolved(cfg):
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
