@@ -478,7 +478,18 @@ def _unfinished(run):
             + (f", last evaluated at step {evals[-1]}" if evals else ", never evaluated"))
 
 
+# `python report.py --protocol NAME --out DIR [--quick]` runs an experiment's whole equal-tuning protocol
+# (experiments/protocol.py): tuning on validation, seeds at the chosen settings, report.md with intervals.
+PROTOCOLS = {"frozen_lake_paper": "experiments.frozen_lake_paper.run", "frozen_lake": "experiments.frozen_lake.tune"}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--protocol"]:
+        if len(argv) < 2 or argv[1] not in PROTOCOLS:
+            raise SystemExit(f"report: --protocol takes one of {', '.join(PROTOCOLS)}, got {argv[1:2] or 'nothing'}")
+        import importlib
+        return importlib.import_module(PROTOCOLS[argv[1]]).main(argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="run directories, or directories with runs below them (sweeps)")
     p.add_argument("--out", help="where report.md and the plots go (default: PATH/report for the one path given, "

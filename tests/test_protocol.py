@@ -72,3 +72,15 @@ def test_unequal_budgets_and_too_few_seeds_are_refused():
         protocol.Budget({"sft": [{"lr": 1}], "ift": [{"lr": 1}, {"lr": 2}]}).check()
     with pytest.raises(ValueError, match="at least 5"):
         protocol.Budget({"sft": [{"lr": 1}]}, test_seeds=(0, 1, 2)).check()
+
+
+def test_report_runs_a_named_protocol_and_refuses_an_unknown_one(monkeypatch):
+    import report
+    from experiments.frozen_lake_paper import run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append(argv) or 0)
+    assert report.main(["--protocol", "frozen_lake_paper", "--out", "x", "--quick"]) == 0
+    assert seen == [["--out", "x", "--quick"]]
+    with pytest.raises(SystemExit, match="one of frozen_lake_paper, frozen_lake"):
+        report.main(["--protocol", "lake"])

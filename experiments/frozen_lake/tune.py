@@ -32,7 +32,7 @@ from experiments import protocol
 
 REPO = Path(__file__).resolve().parents[2]
 
-FULL = dict(n_train=8000, n_val=100, n_test=200, max_examples=3072, eval_every=512, batch=32, test_seeds=5)
+FULL = dict(n_train=4000, n_val=50, n_test=100, max_examples=2048, eval_every=256, batch=32, test_seeds=5)
 QUICK = dict(n_train=256, n_val=8, n_test=8, max_examples=64, eval_every=32, batch=16, test_seeds=5)
 
 METRIC_NOTES = {
@@ -169,13 +169,13 @@ def plot_curves(exp, results, path):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--python", default=sys.executable)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     t0 = time.time()
     exp = Experiment(a.out, a.quick, a.jobs, a.python)
     s = exp.size

@@ -171,14 +171,14 @@ class Experiment:
         return out
 
 
-def main():
+def main(argv=None):
     from experiments import protocol
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="1 map per split, 1 setting per method, 5 seeds, 10 steps")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     t0 = time.time()
     exp = Experiment(a.out, a.quick, a.jobs)
     budget = protocol.Budget(grids(a.quick), val_seeds=(0,), test_seeds=tuple(range(5 if a.quick else 10)),
