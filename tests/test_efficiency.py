@@ -19,7 +19,6 @@ import trainers
 from conftest import FAST, make_cfg, run_inprocess
 from utils import ConfigError
 
-torch.set_num_threads(1)
 
 CONFIGS = {
     "sft": {"name": "sft"},
