@@ -367,7 +367,7 @@ class BasicTrainer:
         state = self.full_state_dict()  # merged in float32 (or as trained), then cast
         if is_main():
             with atomic_directory(directory) as tmp:
-                lora.save_final(self.policy, self.tokenizer, state, tmp, dtype, self.cfg)
+                lora.save_final(self.policy, tokenizer_as_trained(self.tokenizer), state, tmp, dtype, self.cfg)
         barrier()
 
     def _save_model(self, directory, dtype):
@@ -375,7 +375,7 @@ class BasicTrainer:
         if is_main():
             with atomic_directory(directory) as tmp:
                 self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                tokenizer_as_trained(self.tokenizer).save_pretrained(tmp)
         barrier()
 
     def save_checkpoint(self, step):
@@ -394,6 +394,23 @@ class BasicTrainer:
 
 
 SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
+
+
+def tokenizer_as_trained(tokenizer):
+    """The tokenizer to save with the weights, so that tools rendering its chat template (lm-eval,
+    vLLM, generate) give the model the prompt it was trained on. Training prepends bos to every chat
+    when the tokenizer has one and neither the template nor encoding adds it
+    (preference_datasets.encode_chat); then the saved template starts with {{ bos_token }} itself (a copy;
+    the training tokenizer is unchanged). Otherwise the tokenizer as it is."""
+    import copy
+    if tokenizer.bos_token is None or not tokenizer.chat_template:
+        return tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    if tokenizer(text)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    saved = copy.deepcopy(tokenizer)
+    saved.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return saved
 
 
 class NonFiniteError(FloatingPointError):
