@@ -115,6 +115,9 @@ class Run:
     compile: bool = option(False, "torch.compile each decoder block (model.block_name)")
     compile_backend: str = option("inductor", "inductor | aot_eager | eager: the torch.compile backend (aot_eager: "
                                               "for debugging)", choices=("inductor", "aot_eager", "eager"))
+    peak_tflops: Optional[float] = option(None, "peak dense TFLOP/s of one device, the denominator of the logged "
+                                                "mfu; null = the card's bf16/fp16\nfigure from flops.PEAK_TFLOPS "
+                                                "(CUDA; no mfu on the CPU or an unlisted card)", low=0, low_open=True)
 
     datasets: list = option(["ultrachat_sample", "ultrafeedback_sample"],
                             "registry names (ultrachat, ultrafeedback, hh, shp, orca),\ntheir bundled samples "

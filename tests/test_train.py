@@ -121,7 +121,7 @@ def test_hydra_flags_work_in_every_documented_form(tmp_path):
 def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", "n_samples=2", "max_new_tokens=8",
-                   timeout=600)
+                   "peak_tflops=0.001", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval loss: " in proc.stdout
@@ -137,6 +137,13 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
                     "weight_max", "weight_first"):
             assert isinstance(r[key], float) and r[key] == r[key], key
         assert r["lambda"] == 0.2 and r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)  # peak_tflops given: mfu on the CPU too
+        # FLOPs per real token of an IFT step (flops.py): 2·N for the intuition pass and 6·N for the trained
+        # one, N = 4 blocks x (q, o 128², k, v 128·64, MLP 3·128·344); plus the head at the answer tokens
+        # (at most 8 x 930·128 per token) and attention (4 passes x 4 layers x 4·128·(n+1)/2, n <= 512)
+        per_token = r["tflops"] * 1e12 / r["tokens_per_s"]
+        body = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344)
+        assert 8 * body <= per_token <= 8 * body + 8 * 930 * 128 + 4 * 4 * 4 * 128 * 513 / 2
     assert [r["step"] for r in eval_rows] == [0, 2, 4, 6, 8, 10]
     assert eval_rows[-1]["loss"] < eval_rows[0]["loss"] * 0.9  # a short IFT run lowers the eval loss
 
