@@ -55,7 +55,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing", "dataset_paths",
             "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "save_every", "save_async",
             "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
-            "max_new_tokens", "wandb", "hydra", "peak_tflops")
+            "max_new_tokens", "wandb", "hydra", "peak_tflops", "reference_logps")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
 warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")

@@ -115,6 +115,9 @@ class Run:
     compile: bool = option(False, "torch.compile each decoder block (model.block_name)")
     compile_backend: str = option("inductor", "inductor | aot_eager | eager: the torch.compile backend (aot_eager: "
                                               "for debugging)", choices=("inductor", "aot_eager", "eager"))
+    reference_logps: str = option("live", "live | precompute: DPO/IPO/cDPO run the reference once over the train and "
+                                          "eval rows before\ntraining (cached beside the tokenised data), free it and "
+                                          "train with the policy alone; same losses", choices=("live", "precompute"))
     peak_tflops: Optional[float] = option(None, "peak dense TFLOP/s of one device, the denominator of the logged "
                                                 "mfu; null = the card's bf16/fp16\nfigure from flops.PEAK_TFLOPS "
                                                 "(CUDA; no mfu on the CPU or an unlisted card)", low=0, low_open=True)

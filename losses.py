@@ -917,6 +917,8 @@ def _preference_rows(policy, reference, batch, loss_type, beta, label_smoothing,
     if reference_free:
         ref = {"chosen_logps": torch.zeros_like(pol["chosen_logps"]),
                "rejected_logps": torch.zeros_like(pol["rejected_logps"])}
+    elif "reference_chosen_logps" in batch:  # reference_logps=precompute: the reference's sums, computed before
+        ref = {k: batch[f"reference_{k}"].to(pol[k].dtype) for k in ("chosen_logps", "rejected_logps")}
     else:
         if reference is None:
             raise ValueError(f"loss={loss_type} with reference_free=false needs a reference model")

@@ -29,6 +29,7 @@ import checkpoints
 import flops
 import lora
 import losses
+import reference_logps
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
@@ -86,6 +87,10 @@ class BasicTrainer:
         elif lora.enabled(cfg) and losses.needs_reference(cfg.loss):
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
+        self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
+        if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
+            self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
+            self.reference = None  # freed (once train.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -188,6 +193,9 @@ class BasicTrainer:
             ignore = len(rows) == 0
             rows = micro[0][:1] if ignore else rows
             batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
+            if self.reference_logps is not None:  # the reference's precomputed sums instead of its forward
+                batch.update(reference_logps.batch_columns(self.reference_logps["train" if train else "eval"], rows,
+                                                           self.device))
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
             tokens += sum(int(m.sum()) for m in masks)
             slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
