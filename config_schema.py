@@ -115,6 +115,12 @@ class Run:
     compile: bool = option(False, "torch.compile each decoder block (model.block_name)")
     compile_backend: str = option("inductor", "inductor | aot_eager | eager: the torch.compile backend (aot_eager: "
                                               "for debugging)", choices=("inductor", "aot_eager", "eager"))
+    reference_logps: str = option("live", "live | precompute: DPO/IPO/cDPO run the reference once over the train and "
+                                          "eval rows before\ntraining (cached beside the tokenised data), free it and "
+                                          "train with the policy alone; same losses", choices=("live", "precompute"))
+    peak_tflops: Optional[float] = option(None, "peak dense TFLOP/s of one device, the denominator of the logged "
+                                                "mfu; null = the card's bf16/fp16\nfigure from flops.PEAK_TFLOPS "
+                                                "(CUDA; no mfu on the CPU or an unlisted card)", low=0, low_open=True)
 
     datasets: list = option(["ultrachat_sample", "ultrafeedback_sample"],
                             "registry names (ultrachat, ultrafeedback, hh, shp, orca),\ntheir bundled samples "
@@ -192,7 +198,8 @@ NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_che
             "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
             "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
             "do_first_eval", "save_every", "save_async", "save_hf_checkpoints", "keep_last", "resume_from",
-            "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra")
+            "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra", "reference_logps",
+            "peak_tflops")
 
 
 def changes_the_math(key):

@@ -131,7 +131,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     warmup = ["loss.lambda_schedule=warmup", "loss.min_lambda=0.0", "loss.max_lambda=0.4", "warmup_steps=4"]
     proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", *warmup, "n_samples=2",
-                   "max_new_tokens=8", timeout=600)
+                   "max_new_tokens=8", "peak_tflops=0.001", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval nll: " in proc.stdout
@@ -148,6 +148,14 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
                     "weight_max", "weight_first"):
             assert isinstance(r[key], float) and r[key] == r[key], key
         assert r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)  # peak_tflops given: mfu on the CPU too
+        # FLOPs per real token of an IFT step (flops.py): 2·N per forward's worth, 4 of them with the intuition
+        # pass (lambda > 0), 3 without; N = 4 blocks x (q, o 128², k, v 128·64, MLP 3·128·344); at most as much
+        # again for the head (930·128) and attention (4 layers x 4·128·(n+1)/2, n <= 512) per forward's worth
+        per_token = r["tflops"] * 1e12 / r["tokens_per_s"]
+        body = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344)
+        passes = 4 if r["lambda"] > 0 else 3
+        assert 2 * passes * body <= per_token <= 2 * passes * (body + 930 * 128) + passes * 4 * 4 * 128 * 513 / 2
     # spec §1's warmup schedule: min_lambda -> max_lambda over the lr's warm-up steps (0-based step s - 1),
     # then max_lambda; evaluation takes the same scheduled value (no disturbance here)
     warm = lambda step: 0.4 * min(1.0, step / 4)  # noqa: E731
