@@ -52,7 +52,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 # often it evaluates, saves and logs, and how it resumes. Every other key (including keys added later)
 # is part of the fingerprint, so the check fails closed. Resharding (trainer, nproc) is allowed on purpose.
 NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing", "dataset_paths",
-            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "save_every", "save_async",
+            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "progress_every", "save_every", "save_async",
             "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
             "max_new_tokens", "wandb", "hydra")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")

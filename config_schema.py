@@ -159,6 +159,8 @@ class Run:
     eval_every: int = option(640, "evaluate every this many training examples (and always at the end)", low=1,
                              before="\n---- evaluation and logging")
     do_first_eval: bool = option(True, "evaluate before the first step too")
+    progress_every: int = option(10, "when stderr is not a terminal (a Slurm log): a progress line every this many "
+                                     "steps,\ninstead of a progress bar", low=1)
     save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
                                              "null = only final/\n(and a checkpoint when a preemption signal "
                                              "arrives)", low=1,

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from utils import launched_by_torchrun
+from utils import ConfigError, launched_by_torchrun
 
 
 def use_cuda(cfg):
@@ -56,10 +56,12 @@ def launch(run, cfg, signals=()):
 
 def _reraise_one_line_error(e):
     """A spawned rank's error arrives as its traceback text; raise the errors whose message says it all
-    (a non-finite step: every rank stops at the same step) as themselves, for main's one-line exit."""
+    (bad data or config: the message names the file, row or key; a non-finite step: every rank stops at
+    the same step) as themselves, for main's one-line exit."""
+    from preference_datasets import DataError
     from trainers import NonFiniteError
     last = str(e).strip().splitlines()[-1]
-    for cls in (NonFiniteError,):
+    for cls in (DataError, ConfigError, NonFiniteError):
         prefix = f"{cls.__module__}.{cls.__qualname__}: "
         if last.startswith(prefix):
             raise cls(last[len(prefix):]) from None

@@ -1,7 +1,7 @@
 """Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO, ORPO, and the DFT and SimPO baselines.
 
 Everything here is a function of tensors and of one call of a model's own `forward`. The IFT math
-follows IFT_SPEC.md section by section (the section numbers in the comments refer to it). At the end,
+follows docs/ift_spec.md section by section ("spec §N" in the comments is its section N). At the end,
 the registry: one small dataclass per loss (its config keys, what it needs, its per-row loss), which
 is all the trainer sees, and `reduce_rows`, the one reduction of per-row losses.
 
@@ -865,7 +865,7 @@ class SFT(Loss):
 
 @register
 class IFT(Loss):
-    """Intuitive Fine-Tuning (Hua et al., arXiv 2405.11870). See README, "IFT", and shared IFT_SPEC."""
+    """Intuitive Fine-Tuning (Hua et al., arXiv 2405.11870). See README, "What IFT does", and docs/ift_spec.md."""
 
     name: ClassVar[str] = "ift"
     min_lambda: float = option(0.2, "lambda at the first step (linear) / before warm-up ends (warmup); in [0, 1]",
@@ -1029,9 +1029,6 @@ class SimPO(Loss):
             "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
         }
-
-
-LOSS_NAMES = tuple(LOSSES)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import config_schema
 import launch as launcher
 import lora
 import losses
-from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, resolve_path, \
-    set_seed
+from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, \
+    released_on_failure, resolve_path, set_seed
 
 
 # ---------------------------------------------------------------- compose and check
@@ -214,7 +214,8 @@ def stop_at_end_of_turn(model, tokenizer, eot_token):
 
 def build(cfg, device):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
-    models, in that order, so bad data costs no model load and leaves no run directory."""
+    models, in that order, so bad data costs no model load and leaves no run directory. Returns
+    (trainer, fresh): fresh when the run directory was reserved for this run (not continued in place)."""
     from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
@@ -226,26 +227,28 @@ def build(cfg, device):
     checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
     if checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
         checkpoints.check_fingerprint(cfg, checkpoint, train_data)
-    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=checkpoints.resumes_in_place(cfg))
-    if is_main():
-        checkpoints.prepare_run_dir(cfg, run_dir)  # in place: leftovers removed, metrics cut to the checkpoint
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
-    # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
-    # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
-    # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory saved.
-    # A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's instead.
-    policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
-                        weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
-    stop_at_end_of_turn(policy, tokenizer, eot_token)
-    if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
-        policy, reference = lora.apply(cfg, policy), None
-    else:
-        reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None  # the original model
-    trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    return trainer
+    in_place = checkpoints.resumes_in_place(cfg)
+    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=in_place)
+    with released_on_failure(run_dir, fresh=not in_place):  # e.g. a model that fails to load
+        if is_main():
+            checkpoints.prepare_run_dir(cfg, run_dir)  # in place: leftovers removed, metrics cut to the checkpoint
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
+        # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
+        # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
+        # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory
+        # saved. A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's.
+        policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
+                            weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
+        stop_at_end_of_turn(policy, tokenizer, eot_token)
+        if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
+            policy, reference = lora.apply(cfg, policy), None
+        else:  # the original model
+            reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
+        trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+    return trainer, not in_place
 
 
 # ---------------------------------------------------------------- train (one process of a run)
@@ -256,9 +259,9 @@ def run(cfg, local_rank=0, world=1, port=None):
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
-        trainer = build(cfg, device)
-        with checkpoints.preemption_signals(cfg.preempt_signals):
-            trainer.train()
+        trainer, fresh = build(cfg, device)
+        with released_on_failure(trainer.run_dir, fresh), checkpoints.preemption_signals(cfg.preempt_signals):
+            trainer.train()  # a failure before its first metrics row leaves run_dir free for the same run
         if trainer.preempted:
             return checkpoints.EXIT_PREEMPTED
         if is_main():

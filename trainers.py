@@ -19,6 +19,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import time
 
 import torch
@@ -198,9 +199,8 @@ class BasicTrainer:
         self.start_logging()
         if cfg.do_first_eval and self.start_step == 0:
             self.evaluate(step=0)
-        bar = tqdm(range(self.start_step, self.total_steps), desc="train", disable=not is_main(),
-                   dynamic_ncols=True, initial=self.start_step, total=self.total_steps)
-        for step in bar:
+        progress = Progress(self.start_step, self.total_steps, cfg.progress_every)
+        for step in range(self.start_step, self.total_steps):
             t0 = time.perf_counter()
             self.policy.train()
             batch = self.global_batch(step)
@@ -224,7 +224,7 @@ class BasicTrainer:
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.get_scale()
             self.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            progress.step(step + 1, loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
             if error:  # after logging the step's row; nothing of this step reached the weights
                 raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
@@ -240,7 +240,7 @@ class BasicTrainer:
                 self.checkpointer.report_preempted(step + 1)
                 self.preempted = True
                 break
-        bar.close()
+        progress.close()
         self.checkpointer.wait()
         if self.preempted:
             self.finish_logging()
@@ -384,6 +384,34 @@ class BasicTrainer:
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
+
+
+class Progress:
+    """Rank 0's training progress: tqdm's bar on a terminal; when stderr is not one (a Slurm log, a
+    pipe), where a bar's carriage returns pile up into one endless line, a plain line every `every`
+    optimizer steps and at the last. Other ranks show nothing."""
+
+    def __init__(self, start, total, every):
+        self.total, self.every, self.shown = total, every, is_main()
+        self.start_time, self.start = time.perf_counter(), start
+        self.bar = None
+        if self.shown and sys.stderr.isatty():
+            self.bar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=total)
+
+    def step(self, step, **postfix):
+        """Optimizer step `step` (1-based) is done; postfix: name=text pairs to show."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix)
+        elif self.shown and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.start_time
+            print(f"train step {step}/{self.total} ({step / self.total:.0%}), " +
+                  ", ".join(f"{k}={v}" for k, v in postfix.items()) +
+                  f", {elapsed / (step - self.start):.2f} s/step", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class NonFiniteError(FloatingPointError):

@@ -74,6 +74,24 @@ def reserve_run_dir(path):
     return True
 
 
+@contextlib.contextmanager
+def released_on_failure(run_dir, fresh):
+    """Inside, a failure (an exception, Ctrl-C) before the run's first metrics row gives back the run
+    directory that make_run_dir reserved for it (fresh: not a run continued in place), so the same
+    run_dir can be used again: rank 0 removes the still-empty metrics.jsonl that claims it, the
+    config.yaml written beside it, and the directory when nothing else is left in it."""
+    try:
+        yield
+    except BaseException:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if fresh and is_main() and metrics.is_file() and metrics.stat().st_size == 0:
+            metrics.unlink()
+            (Path(run_dir) / "config.yaml").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else was written there
+                Path(run_dir).rmdir()
+        raise
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -194,6 +212,3 @@ def fsync_dir(path):
     finally:
         os.close(fd)
 
-
-def format_count(n):
-    return f"{n:,}"

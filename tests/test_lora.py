@@ -88,7 +88,7 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
     # evaluate.py reads the adapter-only final/ on top of its base: the same answers as peft's model
     import evaluate
     from peft import PeftModel
-    from test_evaluate import our_greedy_answer
+    from test_run_eval import our_greedy_answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     evaluate.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
                    "--device", "cpu", "--log-samples"])

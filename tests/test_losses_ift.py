@@ -1,4 +1,4 @@
-"""IFT (IFT_SPEC.md) and SFT: Relation Propagation weights, the discounted cumulative sum, the lambda
+"""IFT (docs/ift_spec.md) and SFT: Relation Propagation weights, the discounted cumulative sum, the lambda
 schedule, and the losses on a tiny random Mistral.
 
 Every expected value comes from a brute-force float64 computation written here straight from the

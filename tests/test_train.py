@@ -121,8 +121,12 @@ def test_hydra_flags_work_in_every_documented_form(tmp_path):
 def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", "n_samples=2", "max_new_tokens=8",
-                   timeout=600)
+                   "progress_every=4", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stderr is a pipe here, as in a Slurm log: progress lines every 4 steps and at the end, no progress bar
+    progress = [line.split(",")[0] for line in proc.stderr.splitlines() if line.startswith("train step ")]
+    assert progress == ["train step 4/10 (40%)", "train step 8/10 (80%)", "train step 10/10 (100%)"]
+    assert "\r" not in proc.stderr
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval loss: " in proc.stdout
 
@@ -211,6 +215,36 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         make_run_dir(str(tmp_path), "x")
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise OSError("the weights are unreadable")
+
+    monkeypatch.setattr(train, "load_model", no_model)
+    with pytest.raises(OSError, match="unreadable"):
+        run_inprocess(tmp_path / "run", *FAST)
+    assert not (tmp_path / "run").exists()  # the empty metrics.jsonl that reserved it is gone
+    monkeypatch.undo()
+    with pytest.raises(ZeroDivisionError):  # now it fails in the first step, before any metrics row
+        monkeypatch.setattr(train.losses.LOSSES["ift"], "rows", lambda *a: 1 / 0)
+        run_inprocess(tmp_path / "run", *FAST, "do_first_eval=false")
+    assert not (tmp_path / "run").exists()
+    assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
+
+
+def _data_error_on_rank_1(cfg, local_rank, world, port):
+    from preference_datasets import DataError
+    if local_rank == 1:
+        raise DataError("data/x.jsonl: line 3: 'messages' is missing")
+
+
+def test_a_data_or_config_error_in_a_spawned_rank_comes_back_as_itself():
+    """train.main turns these into one line (`data error: ...`); from a spawned rank they arrive as a
+    traceback's text, which launch turns back into the error."""
+    from preference_datasets import DataError
+    with pytest.raises(DataError, match=r"^data/x.jsonl: line 3: 'messages' is missing$"):
+        train.launcher.launch(_data_error_on_rank_1, {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu"})
 
 
 def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path):
