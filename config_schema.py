@@ -17,6 +17,7 @@ from typing import Optional
 from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
+import forward
 import lora
 import losses
 from launch import use_cuda
@@ -106,7 +107,7 @@ class Run:
     activation_checkpointing: bool = option(False, "FSDPTrainer: recompute each decoder block in backward (less "
                                                    "memory, more compute)")
     loss_chunk_tokens: Optional[int] = option(
-        losses.DEFAULT_LOSS_CHUNK_TOKENS, "the output head runs on this many answer tokens at a time, forward and "
+        forward.DEFAULT_LOSS_CHUNK_TOKENS, "the output head runs on this many answer tokens at a time, forward and "
         "backward, so only\none chunk's logits are in memory (null = all at once); values and gradients are "
         "unchanged", low=1)
     packing: bool = option(False, "concatenate each micro-batch's rows into one sequence without padding (position "

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import checkpoints
 import lora
 import losses
+from forward import ModelCall
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
@@ -69,13 +70,15 @@ class BasicTrainer:
                              else min(cfg.warmup_steps, self.total_steps))
 
         self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        # how the losses call the models (chunked output head, packing), handed to every loss call
+        self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
         self.policy = self.wrap(policy, trainable=True)
         self.reference = None
         if reference is not None:
             reference.requires_grad_(False)
             self.reference = self.wrap(reference, trainable=False).eval()
             self.reference_fingerprint = _fingerprint(self.reference)
-        elif lora.enabled(cfg) and losses.needs_reference(cfg.loss):
+        elif lora.enabled(cfg) and self.loss.needs_reference:
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
         self.optimizer = self.build_optimizer()
@@ -122,10 +125,6 @@ class BasicTrainer:
     def full_state_dict(self, dtype=None):
         """The policy's full (unsharded) state dict on rank 0, cast to `dtype` if given; None elsewhere."""
         return {k: v.detach().to("cpu", dtype) for k, v in self.policy.state_dict().items()}
-
-    def forward_settings(self):
-        """How the losses call the models: chunked output head, packing (losses.forward_settings)."""
-        return losses.forward_settings(loss_chunk_tokens=self.cfg.loss_chunk_tokens, packing=self.cfg.packing)
 
     # ------------------------------------------------------------ set-up
 
@@ -175,13 +174,14 @@ class BasicTrainer:
             slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
             if train:
                 self.gradient_sync(j == len(mine) - 1)
-            with contextlib.nullcontext() if train else torch.no_grad(), self.forward_settings():
+            with contextlib.nullcontext() if train else torch.no_grad():
                 own = batch
                 if not train and "chosen_input_ids" in batch and not self.loss.needs_pairs:
                     own = losses.chosen_view(batch)  # preference eval data, a loss that trains on one answer
-                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam)
+                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam,
+                                                                   self.call)
                 if not train:  # the metrics every method logs the same way (nll; margin, pref_accuracy on pairs)
-                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.policy, batch)}
+                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.call, self.policy, batch)}
                 loss_sum, metric_sums, _ = losses.reduce_rows(row_losses, valid & (not ignore), row_metrics)
                 if train:
                     loss = loss_sum * (self.world / n_rows)

@@ -271,7 +271,7 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
     train.validate_config(cfg)  # the names are valid: the problem is the data
     message = r"dataset 'ultrachat_sample' \(train\) row \d+ has no rejected answer"
     with pytest.raises(DataError, match=message):
-        train.load_data(cfg, train.load_tokenizer(cfg), pairs=losses.needs_pairs(cfg.loss))
+        train.load_data(cfg, train.load_tokenizer(cfg), pairs=losses.build(cfg.loss).needs_pairs)
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
@@ -287,8 +287,8 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
 def test_reference_free_loads_no_reference_model_and_trains(tmp_path, monkeypatch, fit_copy, loss):
     cfg = make_cfg(f"loss={loss}", "reference_free=true")
-    assert not losses.needs_reference(cfg.loss)
-    assert losses.needs_reference(make_cfg(f"loss={loss}").loss)  # the default does need one
+    assert not losses.build(cfg.loss).needs_reference
+    assert losses.build(make_cfg(f"loss={loss}").loss).needs_reference  # the default does need one
 
     loaded, made = [], []
     real_load_model = train.load_model

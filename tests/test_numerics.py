@@ -21,6 +21,7 @@ import losses
 import train
 import utils
 from conftest import launch_run, make_cfg, read_rows
+from forward import ModelCall
 from trainers import NonFiniteError
 from utils import REPO_DIR, ConfigError
 
@@ -34,8 +35,8 @@ def inject_nan_gradient(steps, value=float("nan")):
     that under FSDP only one rank's gradient is bad. The returned loss stays finite."""
     original, calls = losses.batch_loss, [0]
 
-    def batch_loss(loss_cfg, policy, reference, batch, lam):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam)
+    def batch_loss(loss_cfg, policy, reference, batch, lam, call):
+        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
         if torch.is_grad_enabled():
             calls[0] += 1
             if calls[0] in steps and utils.rank() == 0:
@@ -137,7 +138,7 @@ def test_the_policy_computes_in_bf16_under_autocast_with_float32_parameters_and_
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(embed=out.dtype))
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     labels = torch.tensor([[-100, -100, 6, 7, 8, 9]])
-    logps, _ = losses.policy_logps(model, ids, torch.ones_like(ids), labels, intuitive_ids=ids.flip(-1), lam=0.5)
+    logps, _ = ModelCall().logps(model, ids, torch.ones_like(ids), labels, intuitive_ids=ids.flip(-1), lam=0.5)
     assert seen["embed"] == torch.float32 and logps.dtype == torch.float32
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -185,8 +186,8 @@ def test_max_skipped_steps_in_a_row_stops_a_skipping_run(tmp_path, monkeypatch):
 def test_a_nonfinite_eval_loss_follows_on_nonfinite(mode, tmp_path, monkeypatch):
     original = losses.batch_loss
 
-    def nan_in_eval(loss_cfg, policy, reference, batch, lam):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam)
+    def nan_in_eval(loss_cfg, policy, reference, batch, lam, call):
+        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
         if not torch.is_grad_enabled():
             metrics["loss"] = torch.full_like(metrics["loss"], float("inf"))
         return row_losses, valid, metrics
