@@ -21,12 +21,11 @@ Resume is exact because a run is a function of its config: data order comes from
 noise from (seed, step), and everything else that carries over lives in the checkpoint. So a resume
 with a config that changes the math (lr, seed, loss, data, ...) is refused unless resume_force=true.
 
-Preemption: run() installs handlers for `preempt_signals`; the trainer asks `stop_requested()` after
-every optimizer step (an all-reduced flag, so all ranks stop after the same step), writes a
-checkpoint and exits with EXIT_PREEMPTED.
+Preemption: run() installs handlers for `preempt_signals` (launch.preemption_signals); the trainer
+asks `stop_requested()` after every optimizer step (an all-reduced flag, so all ranks stop after the
+same step), writes a checkpoint and exits with EXIT_PREEMPTED.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +33,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launch import EXIT_PREEMPTED, SIGNALS, stop_signal
 from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, is_main, rank, resolve_path, \
     world_size
 
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry"
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -53,10 +51,9 @@ STEP_DIR = re.compile(r"step-(\d+)")
 # often it evaluates, saves and logs, and how it resumes. Every other key (including keys added later)
 # is part of the fingerprint, so the check fails closed. Resharding (trainer, nproc) is allowed on purpose.
 NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing", "dataset_paths",
-            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "progress_every", "save_every", "save_async",
-            "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
+            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "progress_every", "save_every",
+            "save_async", "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
             "max_new_tokens", "wandb", "hydra")
-SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
 warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
 # Test-only: "POINT@STEP" makes the save of step STEP SIGKILL its own process at POINT (see _crash_point).
@@ -270,36 +267,6 @@ def prepare_run_dir(cfg, run_dir):
         print(f"resume_from=latest: {run_dir} has no complete checkpoint yet; starting the run from the beginning")
 
 
-# ---------------------------------------------------------------- a model without weights
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and
-    real buffers: buffers such as rotary frequencies are computed in __init__ and are in no checkpoint."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:  # an already-meta parameter is a tied one: keep it shared
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def materialize(model, device):
-    """Uninitialised storage on `device` for a model built by parameters_on_meta (sharded or not),
-    keeping its buffers' values. Its parameters must then be loaded from a checkpoint."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-
-
 # ---------------------------------------------------------------- RNG states
 
 def rng_state():
@@ -479,13 +446,13 @@ class Checkpointer:
         """Whether any rank received a preemption signal (all ranks get the same answer, so they stop
         after the same step). One all-reduce of one number per optimizer step."""
         self.poll()
-        flag = torch.tensor([float(_received is not None)], device=device)
+        flag = torch.tensor([float(stop_signal() is not None)], device=device)
         return all_reduce_sum(flag).item() > 0
 
     def report_preempted(self, step):
         """Print where the run stopped and how to continue it."""
         if is_main():
-            name = signal.Signals(_received).name if _received is not None else "a signal on another rank"
+            name = signal.Signals(stop_signal()).name if stop_signal() is not None else "a signal on another rank"
             print(f"\nstopped by {name} after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}\n"
                   f"to continue, run the same command with run_dir={self.run_dir} resume_from=latest "
                   f"(exit status {EXIT_PREEMPTED})", flush=True)
@@ -507,61 +474,3 @@ def _crash_point(point, step):
     (state: before trainer_state.pt; rename: before the rename; retention: before old ones are deleted)."""
     if os.environ.get(CRASH_ENV) == f"{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------- signals
-
-_received = None  # the first preemption signal this process received, or None
-
-
-@contextlib.contextmanager
-def preemption_signals(names):
-    """While inside, the named signals ask the trainer to stop after the current optimizer step; a
-    repeated signal (for instance during the save that follows) is ignored. Main thread only."""
-    global _received
-    _received = None
-
-    def handler(signum, frame):
-        global _received
-        if _received is None:
-            _received = signum
-            print(f"\n[rank {rank()}] {signal.Signals(signum).name}: finishing this optimizer step, then saving a "
-                  "checkpoint", file=sys.stderr, flush=True)
-        else:
-            print(f"[rank {rank()}] {signal.Signals(signum).name} ignored: already stopping (kill -9 to abort "
-                  "now; the previous checkpoints stay intact)", file=sys.stderr, flush=True)
-
-    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names or ()}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        _received = None
-
-
-def spawn(fn, args, nprocs, signal_names):
-    """torch.multiprocessing.spawn that forwards the preemption signals this process receives to its
-    children (a scheduler signals the process it started). Returns EXIT_PREEMPTED when the ranks stopped
-    after a signal, else 0."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-
-    def forward(signum, frame):
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in signal_names}
-    try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as e:
-        if e.exit_code == EXIT_PREEMPTED:
-            return EXIT_PREEMPTED
-        raise
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-    return 0

@@ -380,7 +380,8 @@ class DPO(Loss):
         return not self.reference_free
 
     def rows(self, call, policy, reference, batch, lam):
-        return _preference_rows(call, policy, reference, batch, "dpo", self.beta, self.label_smoothing, self.reference_free)
+        return _preference_rows(call, policy, reference, batch, "dpo", self.beta, self.label_smoothing,
+                                self.reference_free)
 
 
 @register

@@ -263,7 +263,7 @@ def relation_propagation_example(run, row_index=0):
     import losses
     from forward import ModelCall
     from preference_datasets import collate, load_split
-    from train import load_tokenizer
+    from modeling import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     cfg = OmegaConf.load(run["path"] / "config.yaml")

@@ -11,13 +11,10 @@ build (data, run directory, models: `build`) -> launch (`launch`) -> train and r
 dataset row is checked before any model loads, so a typo never costs a 7B model load.
 """
 
-import contextlib
 import json
 import sys
-from pathlib import Path
 
 import hydra
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,8 +23,10 @@ import config_schema
 import launch as launcher
 import lora
 import losses
-from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, \
-    released_on_failure, resolve_path, set_seed
+import modeling
+from sweeps import sweep_run_dir
+from utils import ConfigError, NonFiniteError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, \
+    released_on_failure, set_seed
 
 
 # ---------------------------------------------------------------- compose and check
@@ -44,7 +43,6 @@ def main():
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
-    from trainers import NonFiniteError
     try:
         validate_config(sweep_run_dir(cfg))
         if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
@@ -57,49 +55,8 @@ def compose_and_launch(cfg: DictConfig):
         sys.exit(f"data error: {e}")
     except NonFiniteError as e:  # names the step and the metric; what was written before it stays
         sys.exit(f"training stopped: {e}")
-    if status:  # checkpoints.EXIT_PREEMPTED after a preemption signal (checkpoint written)
+    if status:  # launcher.EXIT_PREEMPTED after a preemption signal (checkpoint written)
         sys.exit(status)
-
-
-# ---------------------------------------------------------------- sweeps (python train.py -m ...)
-
-def swept_keys(argv=None):
-    """The keys a `-m` command line sweeps: `loss=sft,ift seed=0,1 lr=1e-3` -> ['loss', 'seed']."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-    return [o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()]
-
-
-def sweep_job_name():
-    """hydra.sweep.subdir: this job's values of the swept keys, e.g. 'loss=sft,seed=0', so the jobs of a
-    sweep are told apart by what differs between them (a '/' in a value becomes '_')."""
-    from hydra.core.hydra_config import HydraConfig
-
-    swept = set(swept_keys())
-    parts = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
-
-
-# config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
-OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
-OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
-
-
-def sweep_run_dir(cfg):
-    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory
-    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.run_dir is None:
-            cfg.run_dir = str(job_dir)
-        elif job_dir.resolve() != Path(cfg.run_dir).resolve():
-            with contextlib.suppress(OSError):  # Hydra made it for the job, which writes elsewhere: leave no litter
-                job_dir.rmdir()
-    return cfg
 
 
 def validate_config(cfg, world=None):
@@ -110,57 +67,11 @@ def validate_config(cfg, world=None):
 
 def launch(cfg):
     """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
-    Returns the exit status: 0, or checkpoints.EXIT_PREEMPTED when a signal stopped the run."""
+    Returns the exit status: 0, or launcher.EXIT_PREEMPTED when a signal stopped the run."""
     return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), cfg.preempt_signals)
 
 
 # ---------------------------------------------------------------- build
-
-def load_tokenizer(cfg):
-    from transformers import AutoTokenizer
-    from preference_datasets import ensure_chat_template
-
-    name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
-    path = resolve_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(str(path or name), trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer.padding_side = "right"
-    return ensure_chat_template(tokenizer)
-
-
-def load_model(cfg, dtype, name_or_path=None, weights=True, **extra):
-    """The model's weights from a hub id or directory. Under FSDPTrainer with several ranks only rank 0
-    reads them; the others build the architecture on the meta device (no memory) and receive their
-    shards from rank 0 when the trainer shards the model, so a node holds one copy in host memory.
-    weights=False (a resumed run): no rank reads them; parameters stay on the meta device until the
-    trainer gives them storage for the checkpoint's shards. extra: more from_pretrained arguments
-    (QLoRA's quantization_config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    scratch = name_or_path is None and cfg.model.get("from_scratch", False)
-    name = name_or_path or cfg.model.name_or_path
-    name_or_path = str(resolve_path(name) or name)  # a local directory, else a hub id
-    kw = dict(dtype=getattr(torch, dtype), trust_remote_code=cfg.model.trust_remote_code,
-              attn_implementation=cfg.model.attn_implementation)
-    if not weights:
-        from transformers import GenerationConfig
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        with checkpoints.parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, **kw)
-        with contextlib.suppress(OSError):  # as from_pretrained would: the model's own generation settings
-            model.generation_config = GenerationConfig.from_pretrained(name_or_path)
-        return model
-    if cfg.trainer == "FSDPTrainer" and dist.is_initialized() and dist.get_world_size() > 1 and not is_main():
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, **kw)
-    if scratch:
-        # Random weights from config.json, seeded by `seed` alone: each seed is its own initialisation,
-        # and the policy and a reference model (two calls) start from the same weights.
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        torch.manual_seed(cfg.seed)
-        return AutoModelForCausalLM.from_config(config, **kw)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw, **extra)
-
 
 def load_data(cfg, tokenizer, pairs, eot_token=None):
     from preference_datasets import load_split
@@ -201,17 +112,6 @@ def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
     return mask_audit(train_data, tokenizer, eot_token)
 
 
-def stop_at_end_of_turn(model, tokenizer, eot_token):
-    """Make generation stop at the end-of-turn token as well as at eos: generate() (greedy_samples)
-    reads model.generation_config, and save_pretrained writes it to generation_config.json, where
-    lm-eval-harness, vLLM and generate() find it."""
-    stop = [tokenizer.convert_tokens_to_ids(eot_token)]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-        stop.append(tokenizer.eos_token_id)
-    model.generation_config.eos_token_id = stop
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
 def build(cfg, device):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
     models, in that order, so bad data costs no model load and leaves no run directory. Returns
@@ -220,7 +120,7 @@ def build(cfg, device):
     from trainers import TRAINERS
 
     loss = losses.build(cfg.loss)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = modeling.load_tokenizer(cfg)
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
@@ -238,13 +138,13 @@ def build(cfg, device):
         # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
         # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory
         # saved. A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's.
-        policy = load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
-                            weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
-        stop_at_end_of_turn(policy, tokenizer, eot_token)
+        policy = modeling.load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
+                                     weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
+        modeling.stop_at_end_of_turn(policy, tokenizer, eot_token)
         if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
             policy, reference = lora.apply(cfg, policy), None
         else:  # the original model
-            reference = load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
+            reference = modeling.load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
         if checkpoint is not None:
             trainer.resume(checkpoint)
@@ -255,15 +155,15 @@ def build(cfg, device):
 
 def run(cfg, local_rank=0, world=1, port=None):
     """Everything one rank does: join the process group, build, train, report. Returns
-    checkpoints.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
+    launcher.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
         trainer, fresh = build(cfg, device)
-        with released_on_failure(trainer.run_dir, fresh), checkpoints.preemption_signals(cfg.preempt_signals):
+        with released_on_failure(trainer.run_dir, fresh), launcher.preemption_signals(cfg.preempt_signals):
             trainer.train()  # a failure before its first metrics row leaves run_dir free for the same run
         if trainer.preempted:
-            return checkpoints.EXIT_PREEMPTED
+            return launcher.EXIT_PREEMPTED
         if is_main():
             report(cfg, trainer, device)
         barrier()
@@ -281,7 +181,8 @@ def report(cfg, trainer, device):
     if dist.is_initialized():  # a sharded policy cannot generate on one rank alone: reload the saved final/
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(str(trainer.run_dir / "final")).to(device)
-    samples = greedy_samples(model, trainer.tokenizer, trainer.eval_data, cfg.n_samples, cfg.max_new_tokens, device)
+    samples = modeling.greedy_samples(model, trainer.tokenizer, trainer.eval_data, cfg.n_samples, cfg.max_new_tokens,
+                                      device)
     with open(trainer.run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     for s in samples[:5]:
@@ -289,23 +190,6 @@ def report(cfg, trainer, device):
               f"{'exact match' if s['exact'] else 'different'}")
     hits = sum(s["exact"] for s in samples)
     print(f"\nheld-out exact match: {hits / len(samples):.2f} ({hits}/{len(samples)} greedy answers)")
-
-
-@torch.no_grad()
-def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
-    """Greedy answers to the first n held-out prompts, with exact match against the reference answer
-    (both stripped); generation stops at model.generation_config's eos ids (stop_at_end_of_turn).
-    Returns a list of dicts (prompt, reference, answer, exact)."""
-    model.eval()
-    out = []
-    for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
-        gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
-                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
-        out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
-                    "exact": answer == ref.strip()})
-    return out
 
 
 if __name__ == "__main__":

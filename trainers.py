@@ -28,9 +28,11 @@ from tqdm import tqdm
 import checkpoints
 import lora
 import losses
+import modeling
 from forward import ModelCall
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
-from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
+from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, \
+    world_size
 
 
 class BasicTrainer:
@@ -100,7 +102,7 @@ class BasicTrainer:
         frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
         LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
         if trainable and checkpoints.builds_without_weights(self.cfg):
-            checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
+            modeling.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
         model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
         if trainable:
@@ -414,11 +416,6 @@ class Progress:
             self.bar.close()
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm was NaN or infinite and on_nonfinite says stop. No update of that step
-    was applied; the message names the step and the metric."""
-
-
 def _autocast_forward(model, device_type, dtype):
     """Make `model`'s forward run under torch.autocast(device_type, dtype): matrix products compute
     in `dtype` while the parameters (and their gradients) stay float32, what FSDP2's
@@ -476,7 +473,7 @@ class FSDPTrainer(BasicTrainer):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:
             compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
-        # Only rank 0 read the weights (train.load_model); the others built the model on the meta device.
+        # Only rank 0 read the weights (modeling.load_model); the others built the model on the meta device.
         # Rank 0 keeps its full tensors until every rank has copied its shard from them.
         full = model.state_dict() if is_main() else None
         for block in blocks:
@@ -485,7 +482,7 @@ class FSDPTrainer(BasicTrainer):
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
         if trainable and checkpoints.builds_without_weights(self.cfg):
-            checkpoints.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
+            modeling.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
         elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)

@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A config key has an impossible or unknown value. Raised before any model loads."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm was NaN or infinite and on_nonfinite says stop. No update of that step
+    was applied; the message names the step and the metric."""
+
+
 def resolve_path(path):
     """A local path as given (relative to the working directory) or, failing that, relative to the
     repository, so `models/tiny-mistral` works from any directory. Returns None when neither exists

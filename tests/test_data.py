@@ -329,10 +329,11 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
 
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
+    import modeling
     import train
     from conftest import make_cfg
     from utils import ConfigError
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
     train.validate_config(cfg)
     with pytest.raises((pd.DataError, ConfigError)) as error:

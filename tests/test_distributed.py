@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import launch as launcher
+import modeling
 import train
 import trainers
 from utils import REPO_DIR
@@ -111,10 +112,10 @@ def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(train, "is_main", lambda: False)
-    other = train.load_model(cfg, "float32")
+    other = modeling.load_model(cfg, "float32")
     assert all(p.is_meta for p in other.parameters())
     monkeypatch.setattr(train, "is_main", lambda: True)
-    assert not any(p.is_meta for p in train.load_model(cfg, "float32").parameters())
+    assert not any(p.is_meta for p in modeling.load_model(cfg, "float32").parameters())
     plain = make_cfg()  # BasicTrainer: always real weights
     monkeypatch.setattr(train, "is_main", lambda: False)
-    assert not any(p.is_meta for p in train.load_model(plain, "float32").parameters())
+    assert not any(p.is_meta for p in modeling.load_model(plain, "float32").parameters())

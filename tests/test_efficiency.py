@@ -15,6 +15,7 @@ import conftest
 import forward
 import launch
 import losses
+import modeling
 import train
 import trainers
 from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
@@ -303,7 +304,7 @@ def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
     values = {}
     for attn in ("eager", "sdpa"):
         cfg = make_cfg(f"model.attn_implementation={attn}")
-        model = train.load_model(cfg, "float32")
+        model = modeling.load_model(cfg, "float32")
         assert model.config._attn_implementation == attn
         values[attn] = sft_loss(model, *batch.values())[0]
     torch.testing.assert_close(values["eager"], values["sdpa"], rtol=1e-5, atol=1e-6)

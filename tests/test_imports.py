@@ -1,4 +1,5 @@
-"""The repository's import graph, computed from the source (module-level and function-level imports).
+"""The repository's import graph, computed from the source (module-level and function-level imports):
+no module imports another in a circle, and nothing but the tests imports the entry point train.py.
 
     python tests/test_imports.py     # prints the graph: module -> the repository modules it imports
 """
@@ -53,6 +54,15 @@ def cycles(graph):
 def test_cycles_finds_a_circle():
     assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c", "a"]]
     assert cycles({"a": ["b"], "b": [], "c": ["a", "b"]}) == []
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_only_tests_import_the_entry_point():
+    importers = [m for m, deps in import_graph().items() if "train" in deps]
+    assert importers == []
 
 
 if __name__ == "__main__":

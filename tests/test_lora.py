@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import config_schema
 import lora
 import losses
+import modeling
 import train
 from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
@@ -162,7 +163,7 @@ def _without_adapters(model):
 def _dpo_batch():
     from preference_datasets import collate
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]")
-    tokenizer = train.load_tokenizer(cfg)
+    tokenizer = modeling.load_tokenizer(cfg)
     data, _ = train.load_data(cfg, tokenizer, pairs=True)
     return collate(data, list(range(4)), tokenizer.pad_token_id)
 
@@ -207,7 +208,7 @@ def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
 ])
 def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message, monkeypatch):
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     cfg = make_cfg("lora=default", *overrides)
     with pytest.raises(ConfigError) as e:
         train.validate_config(cfg)

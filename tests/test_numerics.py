@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 import checkpoints
 import launch as launcher
 import losses
+import modeling
 import train
 import utils
 from conftest import launch_run, make_cfg, read_rows
 from forward import ModelCall
-from trainers import NonFiniteError
-from utils import REPO_DIR, ConfigError
+from utils import REPO_DIR, ConfigError, NonFiniteError
 
 STEPS = ["batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000", "do_first_eval=false",
          "warmup_steps=0", "optimizer=AdamW", "lr=1e-3", "loss=sft"]
@@ -132,7 +132,7 @@ def test_the_policy_computes_in_bf16_under_autocast_with_float32_parameters_and_
     the blended-embedding hooks of IFT inside the autocast forward, float32 log-probabilities."""
     from trainers import _autocast_forward
     cfg = make_cfg("model.policy_dtype=bfloat16")
-    model = train.load_model(cfg, "float32")
+    model = modeling.load_model(cfg, "float32")
     _autocast_forward(model, "cpu", torch.bfloat16)
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(embed=out.dtype))

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
+import launch as launcher
 import train
 from conftest import launch_run, make_cfg, read_rows
 from preference_datasets import TokenizedData
@@ -87,7 +88,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
 def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     status, out = signal_after_step(start_cli(run_dir), run_dir, 2)
-    assert status == checkpoints.EXIT_PREEMPTED, out[-3000:]
+    assert status == launcher.EXIT_PREEMPTED, out[-3000:]
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert 2 <= stopped < TOTAL and not (run_dir / "final").exists()
     assert f"run_dir={run_dir} resume_from=latest" in out
@@ -107,7 +108,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
     run_dir = tmp_path / "run"
     proc = start_cli(run_dir, "trainer=FSDPTrainer", "nproc=2", "device=cpu", "save_async=true")
     status, out = signal_after_step(proc, run_dir, 2)
-    assert status == checkpoints.EXIT_PREEMPTED, out[-3000:]
+    assert status == launcher.EXIT_PREEMPTED, out[-3000:]
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert {p.name for p in (run_dir / "checkpoints" / f"step-{stopped}").glob("rng-rank*.pt")} == \
         {"rng-rank0.pt", "rng-rank1.pt"}
@@ -161,7 +162,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                    "save_hf_checkpoints=true")
     train.validate_config(cfg)
-    assert train.launch(cfg) == checkpoints.EXIT_PREEMPTED
+    assert train.launch(cfg) == launcher.EXIT_PREEMPTED
     assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
     from transformers import AutoModelForCausalLM  # save_hf_checkpoints: the checkpoint loads for evaluation
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2" / "hf")).__name__ == \
@@ -208,11 +209,11 @@ def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference)
 
 def test_preemption_signals_are_caught_once_and_then_restored():
     previous = signal.getsignal(signal.SIGUSR1)
-    with checkpoints.preemption_signals(["SIGUSR1"]):
+    with launcher.preemption_signals(["SIGUSR1"]):
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal is only reported
-        assert checkpoints._received == signal.SIGUSR1
-    assert signal.getsignal(signal.SIGUSR1) is previous and checkpoints._received is None
+        assert launcher.stop_signal() == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is previous and launcher.stop_signal() is None
 
 
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import modeling
 import preference_datasets as pd
 import train
 from conftest import make_cfg
@@ -127,7 +128,7 @@ def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
 
     tok = _tokenizer(family_dirs, family)
     model = AutoModelForCausalLM.from_pretrained(str(family_dirs[family][0]))
-    train.stop_at_end_of_turn(model, tok, END_OF_TURN[family])
+    modeling.stop_at_end_of_turn(model, tok, END_OF_TURN[family])
     data = pd.tokenize_rows([{"prompt": [{"role": "user", "content": "Say x."}], "chosen": "x", "rejected": None}],
                             tok, 64, 32, pairs=False)
     last, x, eot = data.prompt_ids[0][-1], data.chosen_ids[0][0], tok.convert_tokens_to_ids(END_OF_TURN[family])
@@ -140,7 +141,7 @@ def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
         emb[last, 0] = emb[eot, 0] = 1.0  # after the prompt, and after eot: x
         emb[x, 1] = 1.0                   # after x: eot
         head[x, 0] = head[eot, 1] = 10.0
-    samples = train.greedy_samples(model, tok, data, 1, 8, torch.device("cpu"))
+    samples = modeling.greedy_samples(model, tok, data, 1, 8, torch.device("cpu"))
     assert samples[0]["answer"] == "x" and samples[0]["exact"]
 
 

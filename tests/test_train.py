@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import config_schema
+import modeling
 import train
 from conftest import FAST, make_cfg, read_rows, run_inprocess
 from utils import REPO_DIR, ConfigError, make_run_dir
@@ -221,7 +222,7 @@ def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(t
     def no_model(*args, **kwargs):
         raise OSError("the weights are unreadable")
 
-    monkeypatch.setattr(train, "load_model", no_model)
+    monkeypatch.setattr(modeling, "load_model", no_model)
     with pytest.raises(OSError, match="unreadable"):
         run_inprocess(tmp_path / "run", *FAST)
     assert not (tmp_path / "run").exists()  # the empty metrics.jsonl that reserved it is gone
@@ -314,7 +315,7 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
 def test_from_scratch_initialises_from_config_json_seeded_by_seed():
     """model.from_scratch=true: random weights (not the bundled ones), a function of the seed, so a DPO
     reference built by a second call starts equal to the policy."""
-    state = lambda cfg: train.load_model(cfg, "float32").state_dict()  # noqa: E731
+    state = lambda cfg: modeling.load_model(cfg, "float32").state_dict()  # noqa: E731
     a, b = state(make_cfg("model.from_scratch=true", "seed=1")), state(make_cfg("model.from_scratch=true", "seed=1"))
     other_seed, pretrained = state(make_cfg("model.from_scratch=true", "seed=2")), state(make_cfg("seed=1"))
     name = "model.layers.0.self_attn.q_proj.weight"
