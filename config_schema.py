@@ -22,7 +22,7 @@ import lora
 import losses
 from launch import use_cuda
 from options import check, default_of, option, unknown_key
-from utils import REPO_DIR, ConfigError, holds_run, resolve_path
+from utils import REPO_DIR, ConfigError, resolve_path
 
 CONFIG_DIR = REPO_DIR / "config"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -293,15 +293,12 @@ def check_keys(cfg):
 
 def check_run(cfg, world):
     """What no single key's declaration can say: combinations, the file system, the devices.
-    world: the number of ranks the run will have."""
+    world: the number of ranks the run will have. Returns the run's checkpoints.ResumePlan."""
     import torch
     from preference_datasets import DataError, check_dataset_name
 
     import checkpoints
 
-    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
-        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
-                          "with resume_from=latest")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
@@ -326,7 +323,7 @@ def check_run(cfg, world):
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
     lora.check_run(cfg, cuda=use_cuda(cfg))
-    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
+    plan = checkpoints.plan_resume(cfg)  # run_dir, resume_from and preempt_signals, the checkpoint's fingerprint
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)
@@ -337,6 +334,7 @@ def check_run(cfg, world):
         if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConfigError(f"{key}={value} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
                               f"point {key} at a local copy")
+    return plan
 
 
 # ---------------------------------------------------------------- the YAML files, written from the declarations

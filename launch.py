@@ -36,21 +36,22 @@ def planned_world_size(cfg):
     return torch.cuda.device_count() if use_cuda(cfg) else 2
 
 
-def launch(run, cfg, signals=()):
-    """Call run(cfg, local_rank, world, port) in this process, or in each process FSDPTrainer needs,
-    and return its exit status. cfg: a plain (resolved) dict, so that it pickles. signals: names of
-    the signals this process forwards to the processes it starts (preempt_signals)."""
+def launch(run, cfg, plan=None, signals=()):
+    """Call run(cfg, local_rank, world, port, plan) in this process, or in each process FSDPTrainer
+    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. plan: the
+    run's checkpoints.ResumePlan (None: rank 0 makes it). signals: names of the signals this process
+    forwards to the processes it starts (preempt_signals)."""
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create(cfg)
     world = planned_world_size(conf)
     if conf.trainer != "FSDPTrainer" or launched_by_torchrun():
-        return run(cfg)
+        return run(cfg, plan=plan)
     if world == 1:  # FSDP2 needs a process group even for one rank
-        return run(cfg, 0, 1, free_port())
+        return run(cfg, 0, 1, free_port(), plan)
     import torch.multiprocessing as mp
     try:
-        return spawn(_spawned, (run, cfg, world, free_port()), world, signals or ())
+        return spawn(_spawned, (run, cfg, world, free_port(), plan), world, signals or ())
     except mp.ProcessRaisedException as e:
         _reraise_one_line_error(e)
         raise
@@ -68,8 +69,8 @@ def _reraise_one_line_error(e):
             raise cls(last[len(prefix):]) from None
 
 
-def _spawned(local_rank, run, cfg, world, port):
-    status = run(cfg, local_rank, world, port)
+def _spawned(local_rank, run, cfg, world, port, plan):
+    status = run(cfg, local_rank, world, port, plan)
     if status:
         sys.exit(status)
 

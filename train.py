@@ -11,6 +11,7 @@ build (data, run directory, models: `build`) -> launch (`launch`) -> train and r
 dataset row is checked before any model loads, so a typo never costs a 7B model load.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -44,11 +45,11 @@ def main():
 def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     try:
-        validate_config(sweep_run_dir(cfg))
-        if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
+        plan = validate_config(sweep_run_dir(cfg))
+        if plan.finished:  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return
-        status = launch(cfg)
+        status = launch(cfg, plan)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
@@ -60,15 +61,16 @@ def compose_and_launch(cfg: DictConfig):
 
 
 def validate_config(cfg, world=None):
-    """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks."""
+    """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks.
+    Returns the run's checkpoints.ResumePlan (what it resumes, where, whether weights are read)."""
     config_schema.check_keys(cfg)
-    config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
+    return config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
 
 
-def launch(cfg):
+def launch(cfg, plan=None):
     """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
     Returns the exit status: 0, or launcher.EXIT_PREEMPTED when a signal stopped the run."""
-    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), cfg.preempt_signals)
+    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), plan, cfg.preempt_signals)
 
 
 # ---------------------------------------------------------------- build
@@ -112,7 +114,7 @@ def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
     return mask_audit(train_data, tokenizer, eot_token)
 
 
-def build(cfg, device):
+def build(cfg, device, plan=None):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
     models, in that order, so bad data costs no model load and leaves no run directory. Returns
     (trainer, fresh): fresh when the run directory was reserved for this run (not continued in place)."""
@@ -124,14 +126,14 @@ def build(cfg, device):
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
-    checkpoint = broadcast_object(checkpoints.resume_checkpoint(cfg))  # rank 0's view of run_dir
-    if checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
-        checkpoints.check_fingerprint(cfg, checkpoint, train_data)
-    in_place = checkpoints.resumes_in_place(cfg)
-    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=in_place)
-    with released_on_failure(run_dir, fresh=not in_place):  # e.g. a model that fails to load
+    plan = broadcast_object(plan if plan is not None or not is_main() else checkpoints.plan_resume(cfg))  # rank 0's
+    if plan.checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
+        data_changes = checkpoints.check_fingerprint(cfg, plan.checkpoint, train_data, saved=plan.fingerprint)
+        plan = dataclasses.replace(plan, differences={**plan.differences, **data_changes})
+    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=plan.in_place)
+    with released_on_failure(run_dir, fresh=not plan.in_place):  # e.g. a model that fails to load
         if is_main():
-            checkpoints.prepare_run_dir(cfg, run_dir)  # in place: leftovers removed, metrics cut to the checkpoint
+            checkpoints.prepare_run_dir(plan, run_dir, cfg.keep_last)  # in place: leftovers gone, metrics cut back
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
         # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
@@ -139,27 +141,28 @@ def build(cfg, device):
         # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory
         # saved. A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's.
         policy = modeling.load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
-                                     weights=not checkpoints.builds_without_weights(cfg), **lora.load_kwargs(cfg))
+                                     weights=plan.reads_weights, **lora.load_kwargs(cfg))
         modeling.stop_at_end_of_turn(policy, tokenizer, eot_token)
         if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
             policy, reference = lora.apply(cfg, policy), None
         else:  # the original model
             reference = modeling.load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
-        trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-    return trainer, not in_place
+        trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
+                                        plan)
+        if plan.checkpoint is not None:
+            trainer.resume(plan)
+    return trainer, not plan.in_place
 
 
 # ---------------------------------------------------------------- train (one process of a run)
 
-def run(cfg, local_rank=0, world=1, port=None):
+def run(cfg, local_rank=0, world=1, port=None, plan=None):
     """Everything one rank does: join the process group, build, train, report. Returns
     launcher.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
-        trainer, fresh = build(cfg, device)
+        trainer, fresh = build(cfg, device, plan)
         with released_on_failure(trainer.run_dir, fresh), launcher.preemption_signals(cfg.preempt_signals):
             trainer.train()  # a failure before its first metrics row leaves run_dir free for the same run
         if trainer.preempted:

@@ -46,10 +46,12 @@ class BasicTrainer:
         train_data, eval_data: preference_datasets.TokenizedData.
         run_dir: pathlib.Path, created by the caller.
         device: torch.device where this rank computes.
+        plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
     """
 
-    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device):
-        self.cfg, self.tokenizer, self.run_dir, self.device = cfg, tokenizer, run_dir, device
+    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
+                 plan=checkpoints.ResumePlan()):
+        self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
         self.world, self.rank = world_size(), rank()
@@ -92,6 +94,7 @@ class BasicTrainer:
         self.preempted = False  # set when train() stopped early after a preemption signal
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
+        self.wandb_run_id = None  # the wandb run a run resumed in place continues
         self.eval_losses = []  # eval loss of each evaluation of this run, in order
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
@@ -101,7 +104,7 @@ class BasicTrainer:
         float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
         frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
         LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
-        if trainable and checkpoints.builds_without_weights(self.cfg):
+        if trainable and not self.plan.reads_weights:
             modeling.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
         model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
@@ -333,11 +336,11 @@ class BasicTrainer:
             print("wandb: no credentials (WANDB_API_KEY or `wandb login`), logging offline instead")
             mode = "offline"
         from omegaconf import OmegaConf
-        # a run resumed in place continues its wandb run (checkpointer.wandb_run_id), else a new one
+        # a run resumed in place continues its wandb run (wandb_run_id), else a new one
         self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                 name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,
                                 config=OmegaConf.to_container(self.cfg, resolve=True),
-                                id=self.checkpointer.wandb_run_id, resume="allow")
+                                id=self.wandb_run_id, resume="allow")
 
     def log(self, row):
         if not is_main():
@@ -378,10 +381,31 @@ class BasicTrainer:
         (checkpoints.py); every rank writes its own shards."""
         self.checkpointer.save(self, step)
 
-    def resume(self, directory):
-        """Continue exactly where checkpoint `directory` stopped (weights, optimizer, scheduler, step,
-        RNG states). Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
-        self.checkpointer.load(self, directory)
+    def resume(self, plan):
+        """Continue exactly where plan.checkpoint stopped: the Checkpointer reads the weights, optimizer
+        state and RNG states; the scheduler, counters and step come back as its TrainerState, applied here.
+        Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
+        state = self.checkpointer.load(self.policy, self.optimizer, plan)
+        # the schedule continues from the checkpoint's step, with the config's base lr (equal unless forced)
+        base_lrs = list(self.scheduler.base_lrs)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.scaler is not None and state.scaler is not None:  # float16's loss scale goes on from where it was
+            self.scaler.load_state_dict(state.scaler)
+        self.start_step = state.step
+        self.tokens_seen, self.slots_seen = state.tokens_seen, state.slots_seen
+        self.skipped_steps, self.consecutive_skips = state.skipped_steps, state.consecutive_skips
+        if plan.in_place:
+            self.wandb_run_id = state.wandb_run_id
+        if is_main():
+            self.metrics_file.write({"split": "resume", "step": state.step, "checkpoint": str(plan.checkpoint),
+                                     "ranks": [state.world_size, self.world], "forced": bool(plan.differences),
+                                     "differences": {k: [a, b] for k, (a, b) in plan.differences.items()}})
+            if plan.differences:
+                print(f"resume_force=true: continuing despite differences in {', '.join(plan.differences)}")
 
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
@@ -481,7 +505,7 @@ class FSDPTrainer(BasicTrainer):
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if trainable and checkpoints.builds_without_weights(self.cfg):
+        if trainable and not self.plan.reads_weights:
             modeling.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
         elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)

@@ -234,7 +234,7 @@ def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(t
     assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
 
 
-def _data_error_on_rank_1(cfg, local_rank, world, port):
+def _data_error_on_rank_1(cfg, local_rank, world, port, plan):
     from preference_datasets import DataError
     if local_rank == 1:
         raise DataError("data/x.jsonl: line 3: 'messages' is missing")
