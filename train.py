@@ -25,9 +25,10 @@ import launch as launcher
 import lora
 import losses
 import modeling
+import run_data
 from sweeps import sweep_run_dir
-from utils import ConfigError, NonFiniteError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, \
-    released_on_failure, set_seed
+from utils import ConfigError, NonFiniteError, barrier, broadcast_object, is_main, make_run_dir, released_on_failure, \
+    set_seed
 
 
 # ---------------------------------------------------------------- compose and check
@@ -75,45 +76,6 @@ def launch(cfg, plan=None):
 
 # ---------------------------------------------------------------- build
 
-def load_data(cfg, tokenizer, pairs, eot_token=None):
-    from preference_datasets import load_split
-
-    kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
-              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
-              eot_token=eot_token)
-    with main_process_first():
-        train = load_split(cfg.datasets, "train", **kw)
-        evals = load_eval_split(cfg.datasets, kw)
-    if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
-        evals = evals.first(cfg.n_eval_examples)
-    return train, evals
-
-
-def load_eval_split(datasets, kw):
-    """The held-out rows, with their rejected answers whenever every row has one (whatever the loss),
-    so that every method's evaluation reports the same preference metrics (margin, pref_accuracy)."""
-    from preference_datasets import DataError, load_split
-    if not kw["pairs"]:
-        try:
-            return load_split(datasets, "test", **{**kw, "pairs": True})
-        except DataError:  # a dataset without rejected answers (or a bad row, which the next call names)
-            pass
-    return load_split(datasets, "test", **kw)
-
-
-def check_data(cfg, tokenizer, eot_token, train_data, eval_data):
-    """Refuse, before any model loads and before the run dir exists, a run that cannot take one
-    optimizer step or whose label masks are wrong (preference_datasets.mask_audit); returns the
-    mask audit of one training row, to print."""
-    from preference_datasets import DataError, mask_audit
-
-    if len(train_data) < cfg.batch_size:
-        raise DataError(f"datasets={list(cfg.datasets)} have {len(train_data)} training rows, fewer than one batch "
-                        f"(batch_size={cfg.batch_size}); lower batch_size or add rows")
-    mask_audit(eval_data, tokenizer, eot_token)
-    return mask_audit(train_data, tokenizer, eot_token)
-
-
 def build(cfg, device, plan=None):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
     models, in that order, so bad data costs no model load and leaves no run directory. Returns
@@ -124,8 +86,8 @@ def build(cfg, device, plan=None):
     loss = losses.build(cfg.loss)
     tokenizer = modeling.load_tokenizer(cfg)
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
-    train_data, eval_data = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
-    audit = check_data(cfg, tokenizer, eot_token, train_data, eval_data)
+    train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
+    audit = run_data.check_data(cfg, tokenizer, eot_token, train_data, eval_data)
     plan = broadcast_object(plan if plan is not None or not is_main() else checkpoints.plan_resume(cfg))  # rank 0's
     if plan.checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
         data_changes = checkpoints.check_fingerprint(cfg, plan.checkpoint, train_data, saved=plan.fingerprint)

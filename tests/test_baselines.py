@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 import losses
 import modeling
+import run_data
 import train
 import trainers
 from conftest import make_cfg, read_rows, run_inprocess
@@ -211,7 +212,7 @@ def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
     cfg = resolved(make_cfg(f"run_dir={run_dir}", "loss=dpo", "datasets=[ultrafeedback_sample]", *TINY,
                             "n_examples=24"))
     tokenizer = modeling.load_tokenizer(cfg)
-    train_data, eval_data = train.load_data(cfg, tokenizer, pairs=True)
+    train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=True)
     policy = modeling.load_model(cfg, cfg.model.policy_dtype)
     reference = modeling.load_model(cfg, cfg.model.reference_dtype)
     assert policy is not reference
@@ -272,7 +273,7 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
     train.validate_config(cfg)  # the names are valid: the problem is the data
     message = r"dataset 'ultrachat_sample' \(train\) row \d+ has no rejected answer"
     with pytest.raises(DataError, match=message):
-        train.load_data(cfg, modeling.load_tokenizer(cfg), pairs=losses.build(cfg.loss).needs_pairs)
+        run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=losses.build(cfg.loss).needs_pairs)
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")

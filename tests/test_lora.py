@@ -14,6 +14,7 @@ import config_schema
 import lora
 import losses
 import modeling
+import run_data
 import train
 from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
@@ -164,7 +165,7 @@ def _dpo_batch():
     from preference_datasets import collate
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]")
     tokenizer = modeling.load_tokenizer(cfg)
-    data, _ = train.load_data(cfg, tokenizer, pairs=True)
+    data, _ = run_data.load_data(cfg, tokenizer, pairs=True)
     return collate(data, list(range(4)), tokenizer.pad_token_id)
 
 
