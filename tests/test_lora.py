@@ -93,12 +93,12 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         deltas += 1
     assert deltas == 4 * 7
 
-    # evaluate.py reads the adapter-only final/ on top of its base: the same answers as peft's model
-    import evaluate
+    # run_eval.py reads the adapter-only final/ on top of its base: the same answers as peft's model
+    import run_eval
     from peft import PeftModel
     from test_run_eval import our_greedy_answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    evaluate.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
+    run_eval.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
                    "--device", "cpu", "--log-samples"])
     samples = [json.loads(line) for line in open(tmp_path / "adapter" / "eval" / "samples_ift_quick.jsonl")]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "adapter" / "final")
