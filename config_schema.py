@@ -186,6 +186,43 @@ class Run:
     wandb: Wandb = option(Wandb(), "Weights & Biases")
 
 
+# The keys that do not change what a run computes: where it writes and runs, how its work is split
+# over ranks, micro-batches and kernels (the trainer makes these give the same numbers), how often it
+# evaluates, saves and logs, and how it resumes. The one declaration both resume (checkpoints.py's
+# fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
+# read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
+NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
+            "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
+            "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
+            "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
+            "resume_from", "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra")
+
+
+def changes_the_math(key):
+    """Whether the dotted config key (e.g. `lr`, `wandb.name`) is one that changes what is computed."""
+    parts = key.split(".")
+    return not any(".".join(parts[:i]) in NOT_MATH for i in range(1, len(parts) + 1))
+
+
+def with_resolved_paths(cfg):
+    """A copy of the resolved config for the run's config.yaml, with every local path the run read
+    (datasets, dataset_paths, model and tokenizer) made absolute as train.py found it, so the file means
+    the same from any working directory (report.py reads the data and models back). Registry names and
+    hub ids are kept as written."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+    def absolute(value):
+        path = resolve_path(value) if isinstance(value, str) else None
+        return str(path) if path is not None else value
+
+    out.datasets = [absolute(name) for name in out.datasets]
+    for name, value in (out.dataset_paths or {}).items():
+        out.dataset_paths[name] = absolute(value)
+    for key in ("name_or_path", "tokenizer_name_or_path"):
+        out.model[key] = absolute(out.model[key])
+    return out
+
+
 DEFAULTS = {"loss": "ift", "model": "tiny"}  # the groups' default choices (config.yaml's defaults list)
 GROUPS = {"loss": None, "model": Model, "lora": Lora}  # loss sections are declared by the registered losses
 
@@ -242,13 +279,27 @@ def check_overrides(args):
     if any(a.lstrip("+").startswith("lora.") for a in args) and not any(a.startswith("lora=") for a in args):
         raise ConfigError("lora.* keys need lora=default on the command line too (LoRA is off by default)")
     for arg in args:
-        key, eq, _ = arg.lstrip("+").partition("=")
+        key, eq, value = arg.lstrip("+").partition("=")
         if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
             continue
-        if key.startswith("loss."):
+        if key in GROUPS:
+            _check_group_choice(key, value)
+        elif key.startswith("loss."):
             _check_loss_key(key, key.removeprefix("loss."), chosen_losses(args))
         else:
             _check_declared(key)
+
+
+def _check_group_choice(group, value):
+    """loss=NAME, model=NAME, lora=NAME (or a sweep's NAME,NAME) against config/<group>/*.yaml: one line
+    naming the choices, before Hydra's longer error."""
+    names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    for choice in value.removeprefix("choice(").removesuffix(")").split(","):
+        choice = choice.strip()
+        if choice not in names and not (group == "lora" and choice == "null"):
+            extra = {"model": "; or add config/model/<name>.yaml (a copy of tiny.yaml), or set model.name_or_path",
+                     "lora": "; null = full fine-tuning"}.get(group, "")
+            raise ConfigError(f"{group}={choice} is not one of: {', '.join(names)} (config/{group}/*.yaml){extra}")
 
 
 def _check_declared(key):
@@ -293,11 +344,9 @@ def check_keys(cfg):
 
 def check_run(cfg, world):
     """What no single key's declaration can say: combinations, the file system, the devices.
-    world: the number of ranks the run will have. Returns the run's checkpoints.ResumePlan."""
+    world: the number of ranks the run will have. (What concerns resuming: checkpoints.plan_resume.)"""
     import torch
     from preference_datasets import DataError, check_dataset_name
-
-    import checkpoints
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
@@ -323,7 +372,6 @@ def check_run(cfg, world):
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
     lora.check_run(cfg, cuda=use_cuda(cfg))
-    plan = checkpoints.plan_resume(cfg)  # run_dir, resume_from and preempt_signals, the checkpoint's fingerprint
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)
@@ -334,7 +382,6 @@ def check_run(cfg, world):
         if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConfigError(f"{key}={value} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
                               f"point {key} at a local copy")
-    return plan
 
 
 # ---------------------------------------------------------------- the YAML files, written from the declarations
@@ -359,7 +406,7 @@ hydra:
   run:
     dir: .             # hydra writes nothing of its own; the run dir is ours (run_dir)
   sweep:                # python train.py -m loss=sft,ift seed=0,1: one sweep folder, one run folder per job
-    dir: runs/sweep_${swept_keys:}_${now:%Y-%m-%d_%H-%M-%S}   # e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
+    dir: ${sweep_dir:}  # run_dir=... (one for all jobs), else e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
     subdir: ${sweep_job_name:}                              # e.g. loss=sft,seed=0 (the swept values)
   output_subdir: null
   job:

@@ -3,6 +3,7 @@ for a resumed run), building a model without weights, and what a trained model d
 run (stop at the end of its turn, answer held-out prompts greedily)."""
 
 import contextlib
+import sys
 
 import torch
 import torch.distributed as dist
@@ -102,9 +103,13 @@ def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
     """Greedy answers to the first n held-out prompts, with exact match against the reference answer
     (both stripped); generation stops at model.generation_config's eos ids (stop_at_end_of_turn).
     Returns a list of dicts (prompt, reference, answer, exact)."""
+    from tqdm import tqdm
+
     model.eval()
     out = []
-    for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
+    rows = list(zip(data.prompts, data.prompt_ids, data.answers))[:n]
+    bar = is_main() and sys.stderr.isatty()  # a log file (not a terminal) gets no carriage-return stream
+    for prompt, ids, ref in tqdm(rows, desc="greedy answers", leave=False, disable=not bar):
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)

@@ -4,6 +4,7 @@ config.yaml names a sweep's directory by its swept keys and each job's folder by
 through the two resolvers registered here (imported by train.py before Hydra composes)."""
 
 import contextlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,22 +29,53 @@ def sweep_job_name():
     return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
 
 
+def sweep_dir(argv=None):
+    """hydra.sweep.dir: the command's run_dir when it sets one for all jobs (they run in its sub-folders),
+    else runs/sweep_<swept keys>_<date_time>. A run_dir that interpolates a swept key (run_dir=runs/lr_${lr})
+    names each job's own folder instead, and the sweep folder is left out (sweep_run_dir)."""
+    import datetime
+    for arg in (sys.argv[1:] if argv is None else argv):
+        key, eq, value = arg.lstrip("+").partition("=")
+        if key == "run_dir" and eq and "${" not in value and value != "null":
+            return value
+    return f"runs/sweep_{'+'.join(swept_keys(argv)) or 'none'}_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def sweep_size(argv=None):
+    """How many jobs a `-m` command line runs: the product of the swept keys' numbers of values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    n = 1
+    for o in OverridesParser.create().parse_overrides(args):
+        if o.is_sweep_override():
+            n *= len(list(o.sweep_string_iterator()))
+    return n
+
+
 # config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
-OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True, use_cache=True)  # one time stamp per sweep
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
 
 
 def sweep_run_dir(cfg):
-    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory
-    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created)."""
+    """Under `python train.py -m`, each job runs in its own folder of the sweep directory
+    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created; hydra.sweep.dir is run_dir when
+    the command sets it), and says which job of how many it is."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.run_dir is None:
+        hydra = HydraConfig.get()
+        job_dir, sweep = Path(hydra.runtime.output_dir), Path(hydra.sweep.dir)
+        if cfg.run_dir is None or Path(cfg.run_dir).resolve() == sweep.resolve():
             cfg.run_dir = str(job_dir)
-        elif job_dir.resolve() != Path(cfg.run_dir).resolve():
-            with contextlib.suppress(OSError):  # Hydra made it for the job, which writes elsewhere: leave no litter
+        else:  # each job names its own run_dir: Hydra's folders for it would be litter
+            with contextlib.suppress(OSError):
                 job_dir.rmdir()
+                outside = sweep.resolve() not in Path(cfg.run_dir).resolve().parents
+                if outside and {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+                    shutil.rmtree(sweep)
+                    sweep.parent.rmdir()  # runs/, when the sweep made it and nothing else is there
+        print(f"job {hydra.job.num + 1}/{sweep_size()}: {sweep_job_name()} -> {cfg.run_dir}", flush=True)
     return cfg

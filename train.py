@@ -65,7 +65,8 @@ def validate_config(cfg, world=None):
     """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks.
     Returns the run's checkpoints.ResumePlan (what it resumes, where, whether weights are read)."""
     config_schema.check_keys(cfg)
-    return config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
+    config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
+    return checkpoints.plan_resume(cfg)  # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
 
 
 def launch(cfg, plan=None):
@@ -96,7 +97,7 @@ def build(cfg, device, plan=None):
     with released_on_failure(run_dir, fresh=not plan.in_place):  # e.g. a model that fails to load
         if is_main():
             checkpoints.prepare_run_dir(plan, run_dir, cfg.keep_last)  # in place: leftovers gone, metrics cut back
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            OmegaConf.save(config_schema.with_resolved_paths(cfg), run_dir / "config.yaml")
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
         # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
         # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
@@ -124,9 +125,12 @@ def run(cfg, local_rank=0, world=1, port=None, plan=None):
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
-        trainer, fresh = build(cfg, device, plan)
-        with released_on_failure(trainer.run_dir, fresh), launcher.preemption_signals(cfg.preempt_signals):
-            trainer.train()  # a failure before its first metrics row leaves run_dir free for the same run
+        # from before the run dir exists: a signal while the data or models load ends the run as one in
+        # training does (exit status 75, resume_from=latest continues), not with a run dir that refuses a rerun
+        with launcher.preemption_signals(cfg.preempt_signals):
+            trainer, fresh = build(cfg, device, plan)
+            with released_on_failure(trainer.run_dir, fresh):  # failing before its first metrics row: run_dir free
+                trainer.train()
         if trainer.preempted:
             return launcher.EXIT_PREEMPTED
         if is_main():
@@ -137,9 +141,8 @@ def run(cfg, local_rank=0, world=1, port=None, plan=None):
 
 def report(cfg, trainer, device):
     """Print the run's summary; with n_samples, answer held-out prompts greedily into samples.jsonl."""
-    first, last = trainer.eval_losses[0], trainer.eval_losses[-1]
-    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}\n"
-          f"eval loss: {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%} over the run)")
+    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
+    print(eval_summary(trainer.run_dir / "metrics.jsonl", cfg.loss.name))
     if cfg.n_samples == 0:
         return
     model = trainer.policy
@@ -155,6 +158,20 @@ def report(cfg, trainer, device):
               f"{'exact match' if s['exact'] else 'different'}")
     hits = sum(s["exact"] for s in samples)
     print(f"\nheld-out exact match: {hits / len(samples):.2f} ({hits}/{len(samples)} greedy answers)")
+
+
+def eval_summary(metrics_path, loss_name):
+    """One line: the held-out nll (computed alike for every method) from the run's first evaluation to
+    its last, and the method's own eval loss beside it. Read from metrics.jsonl, so a resumed run
+    counts the evaluations of the processes before it too."""
+    evals = [row for row in map(json.loads, open(metrics_path, encoding="utf-8")) if row.get("split") == "eval"]
+    first, last = evals[0], evals[-1]
+    span = f"step {first['step']} -> {last['step']}"
+    if "nll" not in first or "nll" not in last:
+        return f"eval loss ({loss_name}'s own): {first['loss']:.4f} -> {last['loss']:.4f} ({span})"
+    return (f"eval nll: {first['nll']:.4f} -> {last['nll']:.4f} ({(last['nll'] - first['nll']) / first['nll']:+.0%}, "
+            f"{span}); {loss_name}'s own eval loss (not comparable across methods): {first['loss']:.4f} -> "
+            f"{last['loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class BasicTrainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
         self.world, self.rank = world_size(), rank()
+        self.last_step_s = 0.0  # the previous optimizer step's time: a long one gets a micro-batch progress bar
         # policy_dtype is the compute dtype; parameters and optimizer state are always float32.
         self.compute_dtype = getattr(torch, cfg.model.policy_dtype)
         # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
@@ -95,7 +96,6 @@ class BasicTrainer:
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
         self.wandb_run_id = None  # the wandb run a run resumed in place continues
-        self.eval_losses = []  # eval loss of each evaluation of this run, in order
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -168,7 +168,9 @@ class BasicTrainer:
         data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]
         sums, tokens, slots = {}, 0, 0
-        for j, rows in enumerate(mine):
+        # a step of more than a few seconds shows its micro-batches (this rank's), so a long step is seen to move
+        slow = train and self.last_step_s > SLOW_STEP_S and len(mine) > 1 and _bars()
+        for j, rows in enumerate(tqdm(mine, desc="micro-batches", leave=False, disable=not slow)):
             # A short last eval batch can leave a rank without rows; it still runs one (ignored) row,
             # because every rank of an FSDP model must take part in every forward.
             ignore = len(rows) == 0
@@ -201,6 +203,11 @@ class BasicTrainer:
 
     def train(self):
         cfg = self.cfg
+        if self.checkpointer.stop_requested(self.device):  # signalled while the models loaded: nothing to save
+            self.checkpointer.report_preempted(self.start_step, saved=False)
+            self.preempted = True
+            self.finish_logging()
+            return
         self.start_logging()
         if cfg.do_first_eval and self.start_step == 0:
             self.evaluate(step=0)
@@ -217,7 +224,7 @@ class BasicTrainer:
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
-            dt = time.perf_counter() - t0
+            dt = self.last_step_s = time.perf_counter() - t0
             self.tokens_seen += tokens
             self.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
@@ -301,7 +308,8 @@ class BasicTrainer:
         self.policy.eval()
         lam = self.lam(min(step, self.total_steps - 1), disturb=False)
         totals, n = {}, 0
-        for batch in eval_batches(self.eval_lengths, self.cfg.eval_batch_size):
+        batches = eval_batches(self.eval_lengths, self.cfg.eval_batch_size)
+        for batch in tqdm(batches, desc=f"eval @ step {step}", leave=False, disable=not _bars()):
             sums, _, _ = self.run_micro_batches(micro_batches(batch, self.eval_lengths, self.world), len(batch),
                                                 lam, train=False)
             for k, v in sums.items():
@@ -319,7 +327,6 @@ class BasicTrainer:
                                      f"metrics.jsonl up to here are in {self.run_dir}")
             if is_main():
                 tqdm.write(f"{what}; training goes on (on_nonfinite=skip)")
-        self.eval_losses.append(row["loss"])
         if is_main():
             tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float)))
@@ -412,6 +419,14 @@ class BasicTrainer:
         return self.tokens_seen / max(1, self.slots_seen)
 
 
+SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
+
+
+def _bars():
+    """Whether this process draws progress bars: rank 0, on a terminal (a log file gets Progress's lines)."""
+    return is_main() and sys.stderr.isatty()
+
+
 class Progress:
     """Rank 0's training progress: tqdm's bar on a terminal; when stderr is not one (a Slurm log, a
     pipe), where a bar's carriage returns pile up into one endless line, a plain line every `every`
@@ -421,7 +436,7 @@ class Progress:
         self.total, self.every, self.shown = total, every, is_main()
         self.start_time, self.start = time.perf_counter(), start
         self.bar = None
-        if self.shown and sys.stderr.isatty():
+        if _bars():
             self.bar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=total)
 
     def step(self, step, **postfix):

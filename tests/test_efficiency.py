@@ -22,7 +22,6 @@ from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
 from forward import ModelCall
 from utils import ConfigError
 
-torch.set_num_threads(1)
 
 CONFIGS = {
     "sft": {"name": "sft"},
@@ -31,6 +30,8 @@ CONFIGS = {
     "dpo": {"name": "dpo", "beta": 0.5, "label_smoothing": 0.1, "reference_free": False},
     "ipo": {"name": "ipo", "beta": 0.5, "reference_free": False},
     "orpo": {"name": "orpo", "beta": 0.5},
+    "dft": {"name": "dft"},
+    "simpo": {"name": "simpo", "beta": 2.0, "gamma_margin": 0.5},
 }
 LAM = 0.4
 

@@ -19,7 +19,6 @@ from conftest import ift_loss, sft_loss, tiny_model
 from forward import ModelCall
 
 
-torch.set_num_threads(1)
 
 GAMMAS = (0.0, 0.5, 0.95, 1.0)
 COMBOS = list(itertools.product(losses.PROPAGATION_SIDES, losses.PROPAGATION_NORMS, losses.PROPAGATION_TYPES, GAMMAS))

@@ -11,7 +11,6 @@ import losses
 from conftest import tiny_model
 from forward import ModelCall
 
-torch.set_num_threads(1)
 
 PC = [-10.0, -3.5, -40.0, -7.25]  # policy chosen (summed log-probs)
 PR = [-12.0, -3.0, -20.0, -7.25]  # policy rejected

@@ -168,3 +168,19 @@ def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypa
     assert str(e.value).startswith("run_eval.py: " + message.format(run=run))
     assert "\n" not in str(e.value)
     assert not (run / "eval").exists()
+
+
+def test_a_hub_benchmark_offline_stops_with_one_line_naming_the_setting(monkeypatch):
+    import lm_eval
+
+    def offline(**kwargs):  # what datasets raises for lm-eval's arc_challenge under HF_DATASETS_OFFLINE=1
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(run_eval.EvalError) as e:
+        run_eval.run_tasks(None, [run_eval.KNOWN["arc_challenge"]], None)
+    message = str(e.value)
+    assert message.startswith("arc_challenge: Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled): ")
+    assert "unset HF_DATASETS_OFFLINE (set here)" in message and "--suite quick" in message and "\n" not in message
