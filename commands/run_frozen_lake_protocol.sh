@@ -8,7 +8,8 @@
 #
 #   bash commands/run_frozen_lake_protocol.sh           # the full protocol (28 training runs)
 #   QUICK=1 bash commands/run_frozen_lake_protocol.sh   # tiny budgets, 1 setting per method
-# Environment: OUT (runs/frozen_lake_protocol or runs/frozen_lake_protocol_quick), JOBS (2), PYTHON (python).
+# Environment: OUT (runs/frozen_lake_protocol or runs/frozen_lake_protocol_quick), JOBS (2), PYTHON (python),
+# METHODS (a comma-separated subset of sft,ift,orpo,dft; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -19,4 +20,4 @@ if [[ "${QUICK:-0}" == 1 ]]; then
 else
     OUT=${OUT:-runs/frozen_lake_protocol}; QUICK_FLAG=
 fi
-"$PYTHON" -m experiments.frozen_lake.tune --out "$OUT" --jobs "${JOBS:-2}" --python "$PYTHON" $QUICK_FLAG
+"$PYTHON" -m experiments.frozen_lake.tune --out "$OUT" --jobs "${JOBS:-2}" --python "$PYTHON" ${METHODS:+--methods "$METHODS"} $QUICK_FLAG

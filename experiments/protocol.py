@@ -87,8 +87,9 @@ def run_protocol(budget, evaluate_many, min_test_seeds=5, log=print):
 
     evaluate_many(jobs) -> list of {metric: float}, one per job (method, setting, split, seed), split
     'validation' or 'test'; all validation jobs come in one call, then all test jobs, so an experiment
-    may run them in parallel. A result's key "_cpu_s" (the CPU seconds the job took) is bookkeeping:
-    it is summed into the method's budget, not reported as a metric."""
+    may run them in parallel. Keys starting with "_" are bookkeeping, summed into the method's budget
+    and not reported as metrics: "_cpu_s" (the CPU seconds the job took) and "_runs" (the training runs
+    it made, e.g. one per map; 1 when absent)."""
     budget.check(min_test_seeds)
     jobs = [(m, st, "validation", seed) for m, grid in budget.grids.items() for st in grid for seed in budget.val_seeds]
     scores = dict(zip(_keys(jobs), evaluate_many(jobs)))
@@ -100,15 +101,16 @@ def run_protocol(budget, evaluate_many, min_test_seeds=5, log=print):
             val.append({"setting": setting, budget.select: statistics.fmean(x[budget.select] for x in mine)})
             log(f"{method} [{setting_label(setting)}] validation {budget.select} = {val[-1][budget.select]:.4g}")
         pick = (min if budget.lower_is_better else max)(range(len(val)), key=lambda i: val[i][budget.select])
-        cpu = sum(scores[_key(method, st, "validation", s)].get("_cpu_s", 0.0) for st in grid for s in budget.val_seeds)
+        mine = [scores[_key(method, st, "validation", s)] for st in grid for s in budget.val_seeds]
         results[method] = {"chosen": grid[pick], "validation": val,
-                           "budget": {"settings": len(grid), "validation_runs": len(grid) * len(budget.val_seeds),
-                                      "test_runs": len(budget.test_seeds), "tuning_cpu_s": cpu}}
+                           "budget": {"settings": len(grid), "validation_runs": sum(x.get("_runs", 1) for x in mine),
+                                      "tuning_cpu_s": sum(x.get("_cpu_s", 0.0) for x in mine)}}
     jobs = [(m, r["chosen"], "test", s) for m, r in results.items() for s in budget.test_seeds]
     scores = dict(zip(_keys(jobs), evaluate_many(jobs)))
     for method, r in results.items():
         per_seed = [scores[_key(method, r["chosen"], "test", s)] for s in budget.test_seeds]
         names = budget.metrics or tuple(k for k in per_seed[0] if not k.startswith("_"))
+        r["budget"]["test_runs"] = sum(x.get("_runs", 1) for x in per_seed)
         r["budget"]["cpu_s"] = r["budget"]["tuning_cpu_s"] + sum(x.get("_cpu_s", 0.0) for x in per_seed)
         r["test"] = {k: mean_ci95([x[k] for x in per_seed]) for k in names}
         log(f"{method}: chose [{setting_label(r['chosen'])}]; test " + ", ".join(

@@ -84,3 +84,43 @@ def test_report_runs_a_named_protocol_and_refuses_an_unknown_one(monkeypatch):
     assert seen == [["--out", "x", "--quick"]]
     with pytest.raises(SystemExit, match="one of frozen_lake_paper, frozen_lake"):
         report.main(["--protocol", "lake"])
+
+
+def test_the_llm_lake_stops_each_setting_where_validation_nll_was_lowest_and_tests_it_there(tmp_path, monkeypatch):
+    """experiments/frozen_lake/tune.py with train.py and the evaluation replaced by stand-ins that write
+    what they would (the real ones are tested elsewhere): the protocol's bookkeeping alone."""
+    import json
+
+    from experiments.frozen_lake import tune
+
+    curves = {2e-3: [0.9, 0.5, 0.4, 0.45], 4e-3: [0.8, 0.3, 0.35, 0.5]}  # nll at 16, 32, 48, 64 examples
+    launched = []
+
+    def fake_child(cmd, log):
+        from pathlib import Path
+        if "experiments.frozen_lake.evaluate_env" in cmd:  # the play of the test maps: its task metrics
+            (Path(cmd[-1]) / "task_metrics.json").write_text(json.dumps(
+                {"success_rate": 0.5, "move_mse": 0.1, "move_greedy_optimal": 0.7, "recovery_rate": 0.2}))
+            return 2.0
+        args = dict(a.split("=", 1) for a in cmd if "=" in a)  # train.py: its eval rows
+        launched.append(args)
+        run = Path(args["run_dir"])
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "metrics.jsonl", "w") as f:
+            for i, nll in enumerate(curves[float(args["lr"])][:int(args["n_examples"]) // 16]):
+                f.write(json.dumps({"split": "eval", "examples": 16 * (i + 1), "nll": nll}) + "\n")
+        return 2.0
+
+    monkeypatch.setattr(tune, "run_child", fake_child)
+    monkeypatch.setattr(tune, "QUICK", dict(n_train=20, n_val=4, n_test=4, max_examples=64, eval_every=16,
+                                           batch=16, test_seeds=5))
+    exp = tune.Experiment(tmp_path / "out", quick=True, jobs=1)
+    budget = protocol.Budget({"sft": [{"lr": 2e-3}, {"lr": 4e-3}]}, val_seeds=(0,), test_seeds=tuple(range(5)),
+                             select="nll")
+    results = protocol.run_protocol(budget, exp.evaluate_many, log=lambda *_: None)
+    assert results["sft"]["chosen"] == {"lr": 4e-3}  # lowest validation nll: 0.3
+    tests = [a for a in launched if "validation" not in a["datasets"]]
+    assert len(tests) == 5 and {a["n_examples"] for a in tests} == {"32"}  # stopped where nll was lowest
+    assert {a["seed"] for a in tests} == {"0", "1", "2", "3", "4"}
+    assert results["sft"]["test"]["nll"]["per_seed"] == [0.3] * 5
+    assert results["sft"]["budget"]["cpu_s"] == pytest.approx(2.0 * 2 + 5 * 4.0)

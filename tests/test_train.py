@@ -140,7 +140,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     assert "\r" not in proc.stderr
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval nll: " in proc.stdout
-    assert "eval @ step 0" in proc.stderr and "greedy answers" in proc.stderr  # progress bars of eval and sampling
+    assert "eval @ step 0: " in proc.stdout  # each evaluation's line; the eval and sampling bars are a terminal's
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.gamma == 0.9 and saved.run_dir == str(run_dir)
@@ -302,8 +302,9 @@ printf '%s\\037' "$@" >> {calls}
 echo >> {calls}
 """)
     shim.chmod(0o755)
-    # run_frozen_lake.sh also builds data and plays games: tests/test_frozen_lake.py runs it end to end
-    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
+    # run_frozen_lake*.sh build data and play games, or start an experiment's own runner (python -m ...), not
+    # train.py: tests/test_frozen_lake.py and tests/test_frozen_lake_paper.py run the first two end to end
+    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if not s.name.startswith("run_frozen_lake"))
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the recipes name hub models, which a GPU node downloads

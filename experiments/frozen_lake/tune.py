@@ -175,11 +175,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 2)))
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--methods", default=None, help="a comma-separated subset of the grids' methods (default: all)")
     a = p.parse_args(argv)
+    methods = grids(a.quick) if a.methods is None else {m: grids(a.quick)[m] for m in a.methods.split(",")}
     t0 = time.time()
     exp = Experiment(a.out, a.quick, a.jobs, a.python)
     s = exp.size
-    budget = protocol.Budget(grids(a.quick), val_seeds=(0,), test_seeds=tuple(range(s["test_seeds"])), select="nll",
+    budget = protocol.Budget(methods, val_seeds=(0,), test_seeds=tuple(range(s["test_seeds"])), select="nll",
                              metrics=("success_rate", "move_mse", "move_greedy_optimal", "recovery_rate", "nll"))
     results = protocol.run_protocol(budget, exp.evaluate_many)
     wall = time.time() - t0
