@@ -334,8 +334,7 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = make_cfg("wandb.enabled=true", "wandb.mode=online")
-    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None,
-                                    checkpointer=types.SimpleNamespace(wandb_run_id=None))
+    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None, wandb_run_id=None)
     trainers.BasicTrainer.start_logging(trainer)
     assert calls[-1]["mode"] == "offline" and calls[-1]["name"] == cfg.exp_name
     assert calls[-1]["config"]["loss"]["gamma"] == 0.95  # the resolved config travels with the run
