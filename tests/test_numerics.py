@@ -262,11 +262,11 @@ def test_a_reference_model_that_changes_during_training_stops_the_run_before_fin
     weight during training: the run ends with the trainer's error and writes no final/."""
     batch_loss = losses.batch_loss
 
-    def tampering(loss, policy, reference, batch, lam):
+    def tampering(loss, policy, reference, batch, lam, call):
         if reference is not None:
             with torch.no_grad():
                 next(iter(reference.parameters())).view(-1)[0] += 1e-3
-        return batch_loss(loss, policy, reference, batch, lam)
+        return batch_loss(loss, policy, reference, batch, lam, call)
 
     monkeypatch.setattr(losses, "batch_loss", tampering)
     cfg = make_cfg(f"run_dir={tmp_path}", *STEPS, "n_examples=16", "loss=dpo", "datasets=[ultrafeedback_sample]",
