@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import config_schema
 import lora
 import losses
@@ -261,6 +262,7 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp
     model = lora.apply(cfg, AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16))
     trainer = BasicTrainer.__new__(BasicTrainer)  # only wrap() is exercised: no data, no optimizer
     trainer.cfg, trainer.device, trainer.compute_dtype = cfg, torch.device("cpu"), torch.bfloat16
+    trainer.plan = checkpoints.ResumePlan()  # a fresh run: the weights were read
     model = trainer.wrap(model, trainable=True)
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
