@@ -26,6 +26,7 @@ import config_schema
 import launch as launcher
 import lora
 import losses
+import planning
 from utils import ConfigError, barrier, broadcast_object, is_main, main_process_first, make_run_dir, resolve_path, \
     set_seed
 
@@ -47,6 +48,8 @@ def compose_and_launch(cfg: DictConfig):
     from trainers import NonFiniteError
     try:
         validate_config(sweep_run_dir(cfg))
+        if cfg.dry_run:  # the data and the plan, without a model, a run directory or wandb
+            return planning.dry_run(cfg, load_tokenizer, load_data)
         if checkpoints.finished_in_place(cfg):  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return
@@ -167,9 +170,10 @@ def load_data(cfg, tokenizer, pairs, eot_token=None):
 
     kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
               dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
-              eot_token=eot_token)
-    with main_process_first():
-        train = load_split(cfg.datasets, "train", **kw)
+              eot_token=eot_token, min_answer_tokens=cfg.min_answer_tokens, num_proc=cfg.num_proc,
+              log=print if is_main() else None)
+    with main_process_first():  # rank 0 reads and tokenises into the cache; the others then map its files
+        train = load_split(cfg.datasets, "train", **kw, rows_per_dataset=cfg.rows_per_dataset, seed=cfg.seed)
         evals = load_eval_split(cfg.datasets, kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = evals.first(cfg.n_eval_examples)
@@ -295,12 +299,12 @@ def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
     Returns a list of dicts (prompt, reference, answer, exact)."""
     model.eval()
     out = []
-    for prompt, ids, ref in list(zip(data.prompts, data.prompt_ids, data.answers))[:n]:
+    for prompt, ids, ref in zip(data.questions[:n], data.prompt_ids[:n], data.answers[:n]):
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
-        out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
+        out.append({"prompt": prompt, "reference": ref, "answer": answer,
                     "exact": answer == ref.strip()})
     return out
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import checkpoints
 import lora
 import losses
+import planning
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
@@ -55,17 +56,10 @@ class BasicTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
         self.skipped_steps = self.consecutive_skips = 0  # updates not applied: non-finite loss or gradient
         self.n_micro = cfg.gradient_accumulation_steps * self.world
-        self.steps_per_epoch = len(train_data) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training rows")
         # as in the reference code, training stops at n_epochs or n_examples, whichever comes first
-        self.total_steps = cfg.n_epochs * self.steps_per_epoch
-        if cfg.n_examples is not None:
-            self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
-        if self.total_steps == 0:
-            raise ValueError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: no step to take")
-        self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None
-                             else min(cfg.warmup_steps, self.total_steps))
+        plan = planning.schedule(len(train_data), cfg)  # what dry_run=true prints
+        self.steps_per_epoch, self.total_steps = plan["steps_per_epoch"], plan["optimizer_steps"]
+        self.warmup_steps = plan["warmup_steps"]
 
         self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
         self.policy = self.wrap(policy, trainable=True)
