@@ -222,17 +222,21 @@ def _read_local_rows(path):
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if _stem_suffix(path) == ".json":
         text = _utf8(data, path)
+        if not text.strip():  # an empty file (a domain of SHP without rows in a split, say)
+            return []
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # not a JSON document; maybe one per line
                 raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        else:
-            if isinstance(rows, dict) and isinstance(rows.get("data"), list):
-                rows = rows["data"]
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            rows = None
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if isinstance(rows, list):
+            if not all(isinstance(r, dict) for r in rows):
                 raise DataError(f"{path}: a .json file must hold a list of row objects (or one object per line)")
             return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
+        # one row object per line (a file of one line is one object)
     rows = []
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
         line = _utf8(raw, path, line_no)
@@ -461,15 +465,21 @@ def _render(tokenizer, prompt_messages, answers, eot_token):
     return out
 
 
-def _split_encoding(ids, offsets, start, end, eot_id, bos):
-    """(prompt_ids, answer_ids) of one tokenised chat: the tokens wholly before character `start`,
-    then those up to the end-of-turn token ending at character `end` (encode_chat's rules)."""
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    n_prompt = int(np.argmax(offsets[:, 1] > start))  # the answer has a character, so some token ends after start
-    after = offsets[:, 0] >= end
-    n_chat = int(np.argmax(after)) if after.any() else len(ids)
-    if offsets[n_chat - 1, 1] != end or ids[n_chat - 1] != eot_id:
+def _split_encoding(encoding, start, end, eot_id, bos):
+    """(prompt_ids, answer_ids) of one tokenised chat (a tokenizers.Encoding): the tokens wholly
+    before character `start`, then those up to the end-of-turn token ending at character `end`
+    (encode_chat's rules). Positions come from the encoding's own char -> token map, so no list of
+    offsets is built in Python."""
+    ids = encoding.ids
+    n_prompt = None
+    for char in range(start, end):  # the first answer character a token holds (trimmed offsets may skip spaces)
+        n_prompt = encoding.char_to_token(char)
+        if n_prompt is not None:
+            break
+    last = encoding.char_to_token(end - 1)
+    if last is None or ids[last] != eot_id or encoding.token_to_chars(last)[1] != end:
         raise DataError(f"the end-of-turn token (id {eot_id}) is not tokenised as one token after the answer")
+    n_chat = last + 1
     if bos is not None and ids[0] != bos:
         ids, n_prompt, n_chat = [bos] + ids, n_prompt + 1, n_chat + 1
     return ids[:n_prompt], ids[n_prompt:n_chat]
@@ -488,7 +498,7 @@ def encode_row(tokenizer, prompt_messages, answers, eot_token):
     # the Python wrapper's per-call conversions
     encodings = tokenizer.backend_tokenizer.encode_batch([c for c, _, _ in chats], add_special_tokens=False)
     eot_id, bos = tokenizer.convert_tokens_to_ids(eot_token), tokenizer.bos_token_id
-    encoded = [_split_encoding(e.ids, e.offsets, start, end, eot_id, bos) for e, (_, start, end) in zip(encodings, chats)]
+    encoded = [_split_encoding(e, start, end, eot_id, bos) for e, (_, start, end) in zip(encodings, chats)]
     prompt = encoded[0][0]
     for p, _ in encoded[1:]:
         n = next((i for i, (x, y) in enumerate(zip(prompt, p)) if x != y), min(len(prompt), len(p)))

@@ -239,7 +239,7 @@ args = config_schema.rewrite_argv(sys.argv[1:])
 with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
     cfg = compose("config", overrides=args)
 train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
-print("checked", cfg.loss.name, cfg.model.name)
+print("checked", cfg.loss.name, cfg.model.name, "dry_run" if cfg.dry_run else "run", cfg.model.name_or_path)
 ' "$@"
 """)
     shim.chmod(0o755)
@@ -247,12 +247,16 @@ print("checked", cfg.loss.name, cfg.model.name)
     scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
-    for script, extra in [(s, []) for s in scripts] + [requeue]:
+    dry = [(s, ["dry_run=true"]) for s in scripts]  # every recipe passes dry_run=true to each of its runs
+    for script, extra in [(s, []) for s in scripts] + [requeue] + dry:
         proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "0",
                                    "PYTHONPATH": str(REPO_DIR)})
         assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
         assert "checked" in proc.stdout, script.name
+        if extra == ["dry_run=true"]:  # no run of it may train, nor read a model an earlier run would write
+            runs = [line for line in proc.stdout.splitlines() if line.startswith("checked")]
+            assert runs and all(" dry_run " in line and "/final" not in line for line in runs), (script.name, runs)
 
 
 def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_path, monkeypatch):
