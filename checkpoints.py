@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `RUN/checkpoints/step-N/`:
 
-    .metadata, __<rank>_0.distcp   model and optimizer state in torch.distributed.checkpoint (DCP) format:
+    .metadata, __<rank>_0.distcp   model and optimizer state in torch.distributed.checkpoint (DCP) format
+                                   (with LoRA, the trainable parameters only: Checkpointer.options):
                                    every rank writes (and on resume reads) only its own shards, and a
                                    checkpoint written by R ranks loads on any R' (DCP reshards)
     rng-rank<r>.pt                 the RNG states (python, numpy, torch CPU and CUDA) of rank r
@@ -338,6 +339,16 @@ class Checkpointer:
             # the background writer runs collectives; they must not share a group with training's
             self.group = torch.distributed.new_group(backend="gloo")
 
+    def options(self):
+        """What of the model a checkpoint holds: everything, or with LoRA only the trainable parameters
+        (adapters and trainable_modules). A LoRA run's frozen base is loaded from model.name_or_path on
+        resume, as at the start (possibly in 4 bits, which DCP could not reshard anyway). Loading is then
+        not strict about the frozen keys; dcp.load still fails on any trainable key the checkpoint lacks."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        adapters_only = self.cfg.get("lora") is not None
+        return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+
     def save(self, trainer, step):
         """checkpoints/step-<step>/ of the trainer's state, from every rank's own shards."""
         import torch.distributed.checkpoint as dcp
@@ -354,7 +365,7 @@ class Checkpointer:
         torch.save(rng_state(), tmp / f"rng-rank{rank()}.pt")
         if self.cfg.save_hf_checkpoints:  # gathered on rank 0, like final/: for evaluation, not for resuming
             trainer.save(tmp / "hf")
-        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer)
+        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer, options=self.options())
         state = {"model": model_state, "optimizer": optimizer_state}
         meta = self._trainer_state(trainer, step)  # taken now: training moves on during an async save
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
@@ -425,11 +436,11 @@ class Checkpointer:
         differences = check_fingerprint(self.cfg, directory, trainer.train_data)
         meta = read_trainer_state(directory)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer)
+        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer, options=self.options())
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())  # each rank reads what its shards hold
         set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"], options=self.options())
         for group, hyper in zip(trainer.optimizer.param_groups, fresh):
             group.update(hyper)
         base_lrs = list(trainer.scheduler.base_lrs)

@@ -10,9 +10,11 @@ What the rest of the repository sees:
   the adapters switched off, so no second copy is held; `save_final` writes final/.
 """
 
+import warnings
+
 import torch
 
-from utils import ConfigError
+from utils import ConfigError, is_main
 
 # Target modules by model family (config.model_type): every attention and MLP projection, the
 # usual choice for instruction tuning (the QLoRA paper found all linear layers needed to match full
@@ -49,9 +51,6 @@ def check_run(cfg, cuda):
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError(f"lora.quantize=4bit needs bitsandbytes: pip install {BITSANDBYTES}") from None
-    if cfg.resume_from is not None:
-        raise ConfigError("resume_from with lora is not supported yet: a LoRA run's checkpoints hold the "
-                          "adapter only; start a new run")
 
 
 def load_kwargs(cfg):
@@ -89,7 +88,21 @@ def apply(cfg, model):
     if c.quantize is not None:
         # upcasts the parameters left unquantised (embeddings, head, norms) to float32 for stable training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads model.is_gradient_checkpointing, which transformers deprecated in favour of
+        # is_activation_checkpointing: the warning is peft's to fix, and would otherwise open every LoRA run
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, config)
+    if is_main():
+        print(parameter_count(model))
+    return model
+
+
+def parameter_count(model):
+    """One line: how many parameters train (adapters and trainable_modules) out of the model's total."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})"
 
 
 def is_quantized(model):

@@ -1,6 +1,7 @@
 """LoRA through peft: the trainable parameter count against the model's shapes, training that moves
 only the adapters, final/ merged = base + (alpha / r) B A computed in float64, DPO's adapter-disabled
-reference against an explicit frozen copy, FSDP2 over 1 and 2 ranks, and the CPU refusal of QLoRA."""
+reference against an explicit frozen copy, FSDP2 over 1 and 2 ranks, exact resume after SIGTERM, and
+the CPU refusal of QLoRA."""
 
 import copy
 import json
@@ -42,10 +43,15 @@ def adapter_count(config, r, targets):
     ([], lora.FAMILY_TARGETS["mistral"], 0),
     (["lora.target_modules=[q_proj,v_proj]", "lora.trainable_modules=[embed_tokens]"], ["q_proj", "v_proj"], 930 * 128),
 ])
-def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targets, extra):
-    cfg, model = tiny_peft(*overrides)
+def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targets, extra, capsys):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning opens a LoRA run
+        cfg, model = tiny_peft(*overrides)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert sum(trainable.values()) == adapter_count(model.config, 4, targets) + extra
+    expected = adapter_count(model.config, 4, targets) + extra  # the count is printed as the run starts
+    assert f"LoRA: {expected:,} trainable parameters of " in capsys.readouterr().out
     assert all(".lora_" in n or ".modules_to_save." in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_" in n)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -208,13 +214,32 @@ def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-def test_resuming_a_lora_run_is_refused_with_one_line(tmp_path):
-    checkpoint = tmp_path / "checkpoints" / "step-2"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "config.json").write_text("{}")
-    (checkpoint / "trainer_state.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match="^resume_from with lora is not supported yet"):
-        train.validate_config(make_cfg("lora=default", f"resume_from={checkpoint}"))
+def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tmp_path):
+    """A LoRA IFT run (adapter dropout on, so the RNG states matter) stopped by SIGTERM and continued
+    with resume_from=latest equals the uninterrupted run step for step. Its checkpoints hold the
+    adapters and their optimizer state only (the frozen base is read again from model.name_or_path).
+    Without dropout (the ranks' dropout streams differ from one process's), a checkpoint of one
+    process continues on two FSDP ranks like the uninterrupted run."""
+    import checkpoints
+    from test_resume import ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step, \
+        start_cli
+    run = [*LORA, "lora.dropout=0.1"]
+    reference = launch_run(tmp_path / "reference", *RESUME_STEPS, *run)
+
+    run_dir = tmp_path / "stopped"
+    status, out = signal_after_step(start_cli(run_dir, *run), run_dir, 2)
+    assert status == 75, out[-3000:]  # sysexits' EX_TEMPFAIL, what schedulers requeue on
+    stopped = max(checkpoints.complete_checkpoints(run_dir))
+    saved = checkpoints.read_checkpoint(run_dir / "checkpoints" / f"step-{stopped}")
+    assert saved["model"] and all(".lora_A." in k or ".lora_B." in k for k in saved["model"])
+    resumed = launch_run(run_dir, *RESUME_STEPS, *run, "resume_from=latest")
+    assert_continues((*reference, run_dir), resumed, ONE_PROCESS)
+
+    still = [*LORA, "lora.dropout=0.0"]
+    reference = launch_run(tmp_path / "still", *RESUME_STEPS, *still, "save_every=16")
+    resumed = launch_run(tmp_path / "two", *RESUME_STEPS, *still, "trainer=FSDPTrainer", "nproc=2",
+                         f"resume_from={tmp_path / 'still' / 'checkpoints' / 'step-2'}")
+    assert_continues((*reference, None), resumed, ACROSS_RANKS)
 
 
 def test_lora_keys_without_choosing_lora_are_named():
