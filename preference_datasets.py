@@ -718,8 +718,8 @@ def _tokenise(rows, key, label, tokenizer, eot_token, pairs, max_length, max_pro
                                   "question": datasets.Value("string"), "answer": datasets.Value("string")})
     if folder.exists():  # an earlier attempt that did not finish
         import shutil
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
     source = datasets.Dataset.from_list(rows)
     del rows
     quiet = len(source) < 20_000
@@ -798,6 +798,11 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
             rows = load_normalised(name, split, dataset_paths)
             if not rows:
                 raise DataError(f"dataset '{name}' has no '{split}' rows")
+            missing = next((i for i, r in enumerate(rows) if r["rejected"] is None), None) if pairs else None
+            if missing is not None:  # refused before anything is written to the cache
+                raise DataError(f"dataset '{name}' ({split}) row {missing} has no rejected answer, but the loss "
+                                "compares chosen with rejected answers; use a preference dataset such as "
+                                "ultrafeedback, hh, shp or orca (or their _sample versions)")
             chosen = sample_rows(len(rows), sample, seed, name)
             available, rows = len(rows), [rows[i] for i in chosen] if len(chosen) < len(rows) else rows
             cached = _tokenise(rows, key, f"dataset '{name}' ({split})", tokenizer, eot_token, pairs, max_length,
