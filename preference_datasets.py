@@ -575,7 +575,7 @@ class TokenizedData:
     def __init__(self, table, pairs, parts, split, index=None):
         self.table, self.pairs, self.parts, self.split = table, pairs, parts, split
         self.index = np.arange(len(table), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
-        self._lengths = None
+        self._lengths = self._fingerprint = None
 
     def __len__(self):
         return len(self.index)
@@ -618,7 +618,9 @@ class TokenizedData:
     @property
     def fingerprint(self):
         """sha256 (32 hex digits) of the token ids, in order: changes with the files, the sample, the
-        tokenizer, the chat template or the truncation settings. Read in blocks, never all at once."""
+        tokenizer, the chat template or the truncation settings. Read in blocks, never all at once; computed once."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for name in IDS if self.pairs else IDS[:2]:
             h.update(self.column_lengths(name).tobytes())
@@ -626,7 +628,8 @@ class TokenizedData:
             for start in range(0, len(self), 8192):
                 block = self.table.data.table.column(name).take(self.index[start:start + 8192])
                 h.update(block.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
-        return h.hexdigest()[:32]
+        self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
 
 class _Origins:
@@ -675,9 +678,9 @@ def _cached(key):
     return _open(folder, info["files"]), info
 
 
-def _tokenise(rows, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length, min_answer_tokens,
+def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length, min_answer_tokens,
               num_proc, row_ids, available):
-    """Normalised rows -> a datasets.Dataset of token ids memory-mapped from the cache directory
+    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> a datasets.Dataset of token ids memory-mapped from the cache directory
     <HF_DATASETS_CACHE>/ift_tokenized/<key>/, which a manifest.json (written last) marks complete, with
     the truncation counts. Rows are tokenised in num_proc worker processes. row_ids: each row's index
     in its dataset (for messages); available: the rows the dataset has. Returns (dataset, manifest)."""
@@ -720,8 +723,6 @@ def _tokenise(rows, key, label, tokenizer, eot_token, pairs, max_length, max_pro
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    source = datasets.Dataset.from_list(rows)
-    del rows
     quiet = len(source) < 20_000
     if quiet:
         datasets.disable_progress_bars()
@@ -743,6 +744,12 @@ def _tokenise(rows, key, label, tokenizer, eot_token, pairs, max_length, max_pro
     tmp.write_text(json.dumps(info))
     tmp.replace(folder / "manifest.json")
     return ds, info
+
+
+def _arrow(rows):
+    """Normalised rows as an Arrow-backed datasets.Dataset."""
+    import datasets
+    return datasets.Dataset.from_list(rows)
 
 
 def _open(folder, files):
@@ -771,7 +778,7 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
                                    min_answer_tokens, pairs]).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True).encode())
-    table, info = _tokenise(rows, h.hexdigest()[:32], label, tokenizer, eot_token, pairs, max_length,
+    table, info = _tokenise(_arrow(rows), h.hexdigest()[:32], label, tokenizer, eot_token, pairs, max_length,
                             max_prompt_length, min_answer_tokens, num_proc, np.arange(len(rows)), len(rows))
     return TokenizedData(table, pairs, [{"name": label, "rows": len(table), "available": len(rows), **info["counts"]}],
                          None)
@@ -805,9 +812,11 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
                                 "ultrafeedback, hh, shp or orca (or their _sample versions)")
             chosen = sample_rows(len(rows), sample, seed, name)
             available, rows = len(rows), [rows[i] for i in chosen] if len(chosen) < len(rows) else rows
-            cached = _tokenise(rows, key, f"dataset '{name}' ({split})", tokenizer, eot_token, pairs, max_length,
+            source = _arrow(rows)
+            del rows  # the text now lives in Arrow only
+            cached = _tokenise(source, key, f"dataset '{name}' ({split})", tokenizer, eot_token, pairs, max_length,
                                max_prompt_length, min_answer_tokens, num_proc, chosen, available)
-            del rows
+            del source
         table, info = cached
         counts, available = info["counts"], info["available"]
         tables.append(table)

@@ -124,3 +124,18 @@ def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_
     assert len(train) == 4 and all(np.isfinite(r["loss"]) for r in train)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert len(read_rows(tmp_path / "run", "eval")) >= 2
+
+
+def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standins, monkeypatch, tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
+    kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
+    first = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
+    monkeypatch.setattr(pd, "load_normalised", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    again = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
+    assert again.fingerprint == first.fingerprint and len(again) == 100
+    assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory
+    rows = [again.origins[i] for i in (0, 99)]
+    assert rows[0].startswith("dataset 'ultrachat' (train) row ") and rows[1].startswith("dataset 'ultrafeedback'")
