@@ -1,25 +1,93 @@
 """Helpers shared by the test files: composing a config as the command line would, running the tiny
 model in this process (or in the processes FSDPTrainer starts), and a random float64 Mistral."""
 
+import contextlib
+import io
 import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import sys
 
+import pytest
 import torch
+import torch.multiprocessing
 import transformers
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import config_schema
 import train
+from utils import REPO_DIR
 
 # A few quick steps: 64 examples in batches of 16, evaluation on 32 rows every 2 steps.
 FAST = ["n_examples=64", "batch_size=16", "eval_batch_size=16", "n_eval_examples=32", "eval_every=32",
         "warmup_steps=0"]
 
 
+# What a rank needs at once; imported once by the fork server (a name that no longer exists is skipped).
+RANK_MODULES = ["train", "trainers", "lora", "checkpoints", "preference_datasets", "transformers",
+                "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
+                "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ranks_fork_from_a_warm_server():
+    """The ranks FSDPTrainer starts in the tests fork from one server process that has imported torch,
+    transformers and the repo once, instead of each starting Python and importing them anew (seconds of
+    CPU per rank, twice per 2-rank run). Like "spawn", the server is a fresh interpreter: a rank sees none
+    of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
+    of the moment the server started (the first multi-rank launch), not of the launch itself.
+    Runs of the CLI in a subprocess (test_resume's signals, test_numerics' divergence) still spawn."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
+    spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
+    spawn = spawn_module.start_processes
+
+    def start_processes(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
+        return spawn(fn, args, nprocs, join, daemon, "forkserver" if start_method == "spawn" else start_method)
+
+    for module in (torch.multiprocessing, spawn_module):
+        module.start_processes = start_processes
+    yield
+    for module in (torch.multiprocessing, spawn_module):
+        module.start_processes = spawn
+    stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
+    if stop is not None:  # and reap it, so that its CPU time counts as this process's children's
+        stop()
+
+
 def make_cfg(*overrides):
     """The composed config for these overrides (short loss keys allowed), as train.py composes it."""
     with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
         return compose("config", overrides=config_schema.expand_short_overrides(list(overrides)))
+
+
+def run_train_py(*args, cwd=REPO_DIR):
+    """`python REPO_DIR/train.py ARGS` run from cwd, in this process: train.py executed as __main__
+    with that sys.argv, which is what the interpreter does, less starting Python and importing torch
+    (seconds each). Returns (exit status, stdout, stderr); a SystemExit message goes to stderr with
+    status 1, as Python does it. For what only a real process shows (a signal, the interpreter's own
+    exit) and for ranks started by FSDPTrainer (they could not unpickle this __main__'s functions),
+    run train.py in a subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, before = sys.argv, os.getcwd()
+    sys.argv = [str(REPO_DIR / "train.py"), *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(REPO_DIR / "train.py"), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = argv
+        os.chdir(before)
+        HydraConfig.instance().cfg = None  # as a new process would find it (sweep_run_dir reads it)
+    return status, out.getvalue(), err.getvalue()
 
 
 def read_rows(run_dir, split=None):

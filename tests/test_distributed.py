@@ -50,9 +50,15 @@ def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss
     assert_same_run(one, two)
 
 
-def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp_path):
+@pytest.fixture(scope="module")
+def ift_one_process(tmp_path_factory):
+    """The IFT run of STEPS in one plain process (global batch 8, no accumulation): (train rows, weights)."""
+    return launch(tmp_path_factory.mktemp("ift") / "one", *LOSSES["ift"])
+
+
+def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp_path, ift_one_process):
     """The same command under torchrun joins its process group instead of starting processes."""
-    one = launch(tmp_path / "one", *LOSSES["ift"])
+    one = ift_one_process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_port", str(launcher.free_port()), "train.py", f"run_dir={tmp_path / 'two'}", *STEPS,
            *LOSSES["ift"], "trainer=FSDPTrainer", "device=cpu"]
@@ -94,10 +100,11 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
 
 
-def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_path):
+def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_path, ift_one_process):
     """policy_dtype=bfloat16 under FSDP2: compute in bf16, parameters and gradient reduction in float32,
-    final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute)."""
-    exact = launch(tmp_path / "fp32", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2")
+    final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute). The float32
+    run is the plain process's, which two float32 ranks equal (the tests above)."""
+    exact = ift_one_process
     mixed = launch(tmp_path / "bf16", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2", "model.policy_dtype=bfloat16")
     assert all(w.dtype == torch.bfloat16 for w in mixed[1].values())
     a, b = [r["loss"] for r in exact[0]], [r["loss"] for r in mixed[0]]

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 import report
 import train
 import utils
+from conftest import run_train_py
 from utils import REPO_DIR, ConfigError
 
 TINY_RUN = ["n_examples=32", "batch_size=16", "eval_batch_size=16", "n_eval_examples=16", "eval_every=32",
@@ -25,9 +26,8 @@ def env():
 
 
 def test_multirun_gives_each_job_its_own_run_dir_named_by_the_swept_values(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO_DIR / "train.py"), "-m", "loss=sft,ift", "seed=0,1", *TINY_RUN],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, _, stderr = run_train_py("-m", "loss=sft,ift", "seed=0,1", *TINY_RUN, cwd=tmp_path)
+    assert status == 0, stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no multirun/ or outputs/ litter
     (sweep,) = (tmp_path / "runs").iterdir()
     assert sweep.name.startswith("sweep_loss+seed_")

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import config_schema
 import train
-from conftest import FAST, make_cfg, read_rows, run_inprocess
+from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
 from utils import REPO_DIR, ConfigError, make_run_dir
 
 
@@ -88,30 +89,38 @@ def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, 
 
 
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
+    """Each bad command line ends train.py with its one-line message and writes nothing. The first runs
+    as a real process (its exit status and stderr as a shell sees them); the others run train.py in
+    this process, where the same message reaches the same exit."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    for args, message in ((["+lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
-                          (["loss=sft", "gamma=0.9"], "config error: loss=sft has no key 'gamma'; it belongs to "),
-                          (["lr=-1"], "config error: lr=-1"),
-                          ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with")):
-        proc = run_cli(f"run_dir={tmp_path / 'r'}", *args, timeout=120)
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+    cases = ((["+lrr=1"], "config error: unknown config key 'lrr' (did you mean 'lr'?)"),
+             (["loss=sft", "gamma=0.9"], "config error: loss=sft has no key 'gamma'; it belongs to "),
+             (["lr=-1"], "config error: lr=-1"),
+             ([f"datasets=[{bad}]"], f"data error: {bad}: line 1: field 'messages' must end with"))
+    for i, (args, message) in enumerate(cases):
+        if i == 0:
+            proc = run_cli(f"run_dir={tmp_path / 'r'}", *args, timeout=120)
+            status, stderr = proc.returncode, proc.stderr
+        else:
+            status, _, stderr = run_train_py(f"run_dir={tmp_path / 'r'}", *args)
+        assert status != 0 and message in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr
         assert not (tmp_path / "r").exists()  # nothing was written
 
 
 def test_hydra_flags_work_in_every_documented_form(tmp_path):
     """-cn/--config-name and -cd/--config-dir with `=` or as two words, --cfg, and a --multirun sweep
-    whose jobs each write their own run_dir."""
+    whose jobs each write their own run_dir (train.py run in this process: see conftest.run_train_py)."""
     for flags in (["-cn=config", f"--config-dir={REPO_DIR / 'config'}"], ["--config-name", "config", "-cd", "config"]):
-        proc = run_cli(*flags, "gamma=0.5", "hydra.verbose=false", "--cfg", "job", timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert OmegaConf.create(proc.stdout).loss.gamma == 0.5
+        status, stdout, stderr = run_train_py(*flags, "gamma=0.5", "hydra.verbose=false", "--cfg", "job")
+        assert status == 0, stderr[-2000:]
+        assert OmegaConf.create(stdout).loss.gamma == 0.5
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "loss=sft", "lr=1e-3,2e-3", f"run_dir={sweep}/lr_${{lr}}", f"hydra.sweep.dir={sweep}",
-                   "n_examples=16", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "do_first_eval=false",
-                   timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, _, stderr = run_train_py("-m", "loss=sft", "lr=1e-3,2e-3", f"run_dir={sweep}/lr_${{lr}}",
+                                     f"hydra.sweep.dir={sweep}", "n_examples=16", "batch_size=8", "eval_batch_size=8",
+                                     "n_eval_examples=8", "do_first_eval=false")
+    assert status == 0, stderr[-3000:]
     for lr in (1e-3, 2e-3):
         assert OmegaConf.load(sweep / f"lr_{lr}" / "config.yaml").lr == lr
         assert [r["step"] for r in read_rows(sweep / f"lr_{lr}", "train")] == [1, 2]
@@ -226,37 +235,42 @@ def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
-def test_every_recipe_in_commands_composes_and_passes_the_config_checks(tmp_path):
-    """Run each commands/*.sh with `python` replaced by a shim that composes and validates the config
-    (as for 8 ranks) instead of training, so a typo in a recipe fails here, not on a GPU node."""
+def test_every_recipe_in_commands_composes_and_passes_the_config_checks(tmp_path, monkeypatch):
+    """Run each commands/*.sh with `python` replaced by a shim that records its arguments instead of
+    training, then compose and validate each recorded command line here as train.py would (as for 8
+    ranks), so a typo in a recipe fails here, not on a GPU node."""
+    calls = tmp_path / "calls"
     shim = tmp_path / "python"
     shim.write_text(f"""#!/bin/sh
-shift  # train.py
-exec {sys.executable} -c '
-import sys, config_schema, train
-from hydra import compose, initialize_config_dir
-args = config_schema.rewrite_argv(sys.argv[1:])
-with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
-    cfg = compose("config", overrides=args)
-train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
-print("checked", cfg.loss.name, cfg.model.name, "dry_run" if cfg.dry_run else "run", cfg.model.name_or_path)
-' "$@"
+case $1 in *train.py) ;; *) echo "expected python train.py, got python $1" >&2; exit 3 ;; esac
+shift
+printf '%s\\037' "$@" >> {calls}
+echo >> {calls}
 """)
     shim.chmod(0o755)
     # run_frozen_lake.sh also builds data and plays games: tests/test_frozen_lake.py runs it end to end
     scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the recipes name hub models, which a GPU node downloads
+    checked = []
     dry = [(s, ["dry_run=true"]) for s in scripts]  # every recipe passes dry_run=true to each of its runs
     for script, extra in [(s, []) for s in scripts] + [requeue] + dry:
+        calls.write_text("")
         proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "0",
-                                   "PYTHONPATH": str(REPO_DIR)})
+                              env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
         assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
-        assert "checked" in proc.stdout, script.name
-        if extra == ["dry_run=true"]:  # no run of it may train, nor read a model an earlier run would write
-            runs = [line for line in proc.stdout.splitlines() if line.startswith("checked")]
-            assert runs and all(" dry_run " in line and "/final" not in line for line in runs), (script.name, runs)
+        lines = calls.read_text().splitlines()
+        assert lines, f"{script.name} never ran python train.py"
+        for line in lines:
+            args = config_schema.rewrite_argv(line.split("\037")[:-1])
+            with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
+                cfg = compose("config", overrides=args)
+            train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
+            checked.append((script.name, cfg.loss.name, cfg.model.name))
+            if extra == ["dry_run=true"]:  # no run may train, nor read a model that an earlier run would write
+                assert cfg.dry_run and "/final" not in cfg.model.name_or_path, (script.name, line)
+    assert {"ift", "sft", "dpo", "orpo"} <= {loss for _, loss, _ in checked}, checked
 
 
 def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_path, monkeypatch):
