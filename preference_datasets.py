@@ -219,6 +219,8 @@ def _read_local_rows(path):
     open, and 'FILE: row i' (0-based, as datasets counts) otherwise."""
     if path.suffix == ".parquet":
         return [(f"{path}: row {i}", row) for i, row in enumerate(_read_parquet(path))]
+    if _stem_suffix(path) not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)} (or .jsonl.gz, .json.gz)")
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if _stem_suffix(path) == ".json":
         text = _utf8(data, path)
@@ -728,7 +730,8 @@ def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_p
         datasets.disable_progress_bars()
     try:
         num_proc = _auto_num_proc(len(source), num_proc)
-        ds = source.map(encode, batched=True, with_indices=True, batch_size=64, remove_columns=source.column_names,
+        ds = source.map(encode, batched=True, with_indices=True, batch_size=64, writer_batch_size=64,
+                        remove_columns=source.column_names,
                         features=features, num_proc=num_proc if num_proc > 1 else None,
                         cache_file_name=str(folder / "tokens.arrow"), new_fingerprint=key, desc=f"tokenising {label}")
     finally:

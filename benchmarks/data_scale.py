@@ -57,8 +57,9 @@ print(json.dumps({{"rows": len(data), "tokens": tokens, "wall_s": wall, "cpu_s":
 """
 
 
-def run_child(cmd, env, cwd, poll=0.1):
-    """Run cmd; poll every process in its tree for peak VmHWM, RssAnon and RssFile. Returns (wall, cpu, rc,
+def run_child(cmd, env, cwd, poll=0.5):
+    """Run cmd; every `poll` seconds (None: never) read every process in its tree for peak VmHWM, RssAnon
+    and RssFile (the reading costs CPU on a loaded machine: keep it coarse). Returns (wall, cpu, rc,
     stdout, {pid: {'VmHWM': bytes, 'RssAnon': peak bytes, 'RssFile': peak bytes, 'cmd': str}})."""
     t0, c0 = time.perf_counter(), os.times()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -68,6 +69,9 @@ def run_child(cmd, env, cwd, poll=0.1):
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
     while proc.poll() is None:
+        if poll is None:
+            proc.wait()
+            break
         for pid in _tree(proc.pid):
             try:
                 status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
@@ -138,7 +142,7 @@ def main():
             code = TOKENISE.format(repo=str(args.repo), tokenizer=tokenizer, max_length=args.max_length,
                                    data=str(data), workers=workers,
                                    max_prompt_length=args.max_prompt_length or args.max_length)
-            wall, cpu, rc, out, _ = run_child([sys.executable, "-c", code], fresh_env(), args.repo)
+            wall, cpu, rc, out, _ = run_child([sys.executable, "-c", code], fresh_env(), args.repo, poll=None)
             line = out.strip().splitlines()[-1] if out.strip() else ""
             r = json.loads(line) if rc == 0 and line.startswith("{") else {"error": out[-2000:]}
             results[f"tokenise_{workers}"] = r
