@@ -49,13 +49,6 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is in
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
-# Keys of the resolved config that do not change what is computed: where the run writes and runs, how
-# often it evaluates, saves and logs, and how it resumes. Every other key (including keys added later)
-# is part of the fingerprint, so the check fails closed. Resharding (trainer, nproc) is allowed on purpose.
-NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing", "dataset_paths",
-            "n_eval_examples", "eval_batch_size", "eval_every", "do_first_eval", "save_every", "save_async",
-            "save_hf_checkpoints", "keep_last", "resume_from", "resume_force", "preempt_signals", "n_samples",
-            "max_new_tokens", "wandb", "hydra")
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
 warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
@@ -154,15 +147,18 @@ def validate(cfg):
 
 
 def config_fingerprint(cfg):
-    """{dotted key: value} of the resolved config, less the keys that do not change the math (NOT_MATH)."""
+    """{dotted key: value} of the resolved config, less the keys that do not change the math
+    (config_schema.NOT_MATH). Resharding (trainer, nproc) is among those on purpose."""
     from omegaconf import OmegaConf
+
+    from config_schema import changes_the_math
 
     flat = {}
 
     def walk(node, prefix):
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if name in NOT_MATH:
+            if not changes_the_math(name):
                 continue
             if isinstance(value, dict):
                 walk(value, name + ".")
@@ -477,11 +473,13 @@ class Checkpointer:
         flag = torch.tensor([float(_received is not None)], device=device)
         return all_reduce_sum(flag).item() > 0
 
-    def report_preempted(self, step):
-        """Print where the run stopped and how to continue it."""
+    def report_preempted(self, step, saved=True):
+        """Print where the run stopped and how to continue it (saved=False: stopped before training)."""
         if is_main():
             name = signal.Signals(_received).name if _received is not None else "a signal on another rank"
-            print(f"\nstopped by {name} after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}\n"
+            where = (f"after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}" if saved else
+                     f"before training (at step {step}), as the models loaded; nothing new to save")
+            print(f"\nstopped by {name} {where}\n"
                   f"to continue, run the same command with run_dir={self.run_dir} resume_from=latest "
                   f"(exit status {EXIT_PREEMPTED})", flush=True)
 

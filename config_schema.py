@@ -115,6 +115,12 @@ class Run:
     compile: bool = option(False, "torch.compile each decoder block (model.block_name)")
     compile_backend: str = option("inductor", "inductor | aot_eager | eager: the torch.compile backend (aot_eager: "
                                               "for debugging)", choices=("inductor", "aot_eager", "eager"))
+    reference_logps: str = option("live", "live | precompute: DPO/IPO/cDPO run the reference once over the train and "
+                                          "eval rows before\ntraining (cached beside the tokenised data), free it and "
+                                          "train with the policy alone; same losses", choices=("live", "precompute"))
+    peak_tflops: Optional[float] = option(None, "peak dense TFLOP/s of one device, the denominator of the logged "
+                                                "mfu; null = the card's bf16/fp16\nfigure from flops.PEAK_TFLOPS "
+                                                "(CUDA; no mfu on the CPU or an unlisted card)", low=0, low_open=True)
 
     datasets: list = option(["ultrachat_sample", "ultrafeedback_sample"],
                             "registry names (ultrachat, ultrafeedback, hh, shp, orca),\ntheir bundled samples "
@@ -194,6 +200,44 @@ class Run:
     wandb: Wandb = option(Wandb(), "Weights & Biases")
 
 
+# The keys that do not change what a run computes: where it writes and runs, how its work is split
+# over ranks, micro-batches and kernels (the trainer makes these give the same numbers), how often it
+# evaluates, saves and logs, and how it resumes. The one declaration both resume (checkpoints.py's
+# fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
+# read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
+NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
+            "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
+            "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
+            "do_first_eval", "save_every", "save_async", "save_hf_checkpoints", "keep_last", "resume_from",
+            "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra", "reference_logps",
+            "peak_tflops")
+
+
+def changes_the_math(key):
+    """Whether the dotted config key (e.g. `lr`, `wandb.name`) is one that changes what is computed."""
+    parts = key.split(".")
+    return not any(".".join(parts[:i]) in NOT_MATH for i in range(1, len(parts) + 1))
+
+
+def with_resolved_paths(cfg):
+    """A copy of the resolved config for the run's config.yaml, with every local path the run read
+    (datasets, dataset_paths, model and tokenizer) made absolute as train.py found it, so the file means
+    the same from any working directory (report.py reads the data and models back). Registry names and
+    hub ids are kept as written."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+    def absolute(value):
+        path = resolve_path(value) if isinstance(value, str) else None
+        return str(path) if path is not None else value
+
+    out.datasets = [absolute(name) for name in out.datasets]
+    for name, value in (out.dataset_paths or {}).items():
+        out.dataset_paths[name] = absolute(value)
+    for key in ("name_or_path", "tokenizer_name_or_path"):
+        out.model[key] = absolute(out.model[key])
+    return out
+
+
 DEFAULTS = {"loss": "ift", "model": "tiny"}  # the groups' default choices (config.yaml's defaults list)
 GROUPS = {"loss": None, "model": Model, "lora": Lora}  # loss sections are declared by the registered losses
 
@@ -250,13 +294,27 @@ def check_overrides(args):
     if any(a.lstrip("+").startswith("lora.") for a in args) and not any(a.startswith("lora=") for a in args):
         raise ConfigError("lora.* keys need lora=default on the command line too (LoRA is off by default)")
     for arg in args:
-        key, eq, _ = arg.lstrip("+").partition("=")
+        key, eq, value = arg.lstrip("+").partition("=")
         if not eq or key.startswith("~") or key.split(".")[0] == "hydra":
             continue
-        if key.startswith("loss."):
+        if key in GROUPS:
+            _check_group_choice(key, value)
+        elif key.startswith("loss."):
             _check_loss_key(key, key.removeprefix("loss."), chosen_losses(args))
         else:
             _check_declared(key)
+
+
+def _check_group_choice(group, value):
+    """loss=NAME, model=NAME, lora=NAME (or a sweep's NAME,NAME) against config/<group>/*.yaml: one line
+    naming the choices, before Hydra's longer error."""
+    names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    for choice in value.removeprefix("choice(").removesuffix(")").split(","):
+        choice = choice.strip()
+        if choice not in names and not (group == "lora" and choice == "null"):
+            extra = {"model": "; or add config/model/<name>.yaml (a copy of tiny.yaml), or set model.name_or_path",
+                     "lora": "; null = full fine-tuning"}.get(group, "")
+            raise ConfigError(f"{group}={choice} is not one of: {', '.join(names)} (config/{group}/*.yaml){extra}")
 
 
 def _check_declared(key):
@@ -369,7 +427,7 @@ hydra:
   run:
     dir: .             # hydra writes nothing of its own; the run dir is ours (run_dir)
   sweep:                # python train.py -m loss=sft,ift seed=0,1: one sweep folder, one run folder per job
-    dir: runs/sweep_${swept_keys:}_${now:%Y-%m-%d_%H-%M-%S}   # e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
+    dir: ${sweep_dir:}  # run_dir=... (one for all jobs), else e.g. runs/sweep_loss+seed_2026-01-01_12-00-00
     subdir: ${sweep_job_name:}                              # e.g. loss=sft,seed=0 (the swept values)
   output_subdir: null
   job:

@@ -149,10 +149,17 @@ def run_tasks(lm, specs, manager, limit=None, log_samples=False):
     for spec in specs:
         groups.setdefault((spec.num_fewshot, spec.chat_template), []).append(spec.name)
     for (shots, chat), names in groups.items():
-        res = simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                              apply_chat_template=chat, fewshot_as_multiturn=chat and bool(shots),
-                              # standard errors of means are closed-form; bootstrap serves other aggregates
-                              log_samples=log_samples, bootstrap_iters=1000)
+        try:
+            res = simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                  apply_chat_template=chat, fewshot_as_multiturn=chat and bool(shots),
+                                  # standard errors of means are closed-form; bootstrap serves other aggregates
+                                  log_samples=log_samples, bootstrap_iters=1000)
+        except ConnectionError as e:  # the benchmark's rows come from the hub, which is out of reach
+            offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+            fix = (f"unset {' and '.join(offline)} (set here) on a machine with network" if offline else
+                   "run where the Hugging Face hub is reachable")
+            raise EvalError(f"{', '.join(names)}: {str(e).splitlines()[0]}: its data downloads from the hub; {fix}, or "
+                            "fill HF_DATASETS_CACHE there first. Offline, --suite quick (bundled) runs") from None
         for name in names:
             out[name] = res
     return out

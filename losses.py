@@ -799,6 +799,11 @@ class Loss:
         """IFT's lambda for optimizer step `step`; None for losses without one."""
         return None
 
+    def no_grad_passes(self, lam):
+        """Forwards of the policy without gradient that `rows` makes per micro-batch besides the trained
+        one (the FLOPs count, flops.py); a reference model's forward is counted by the trainer."""
+        return 0
+
     def rows(self, policy, reference, batch, lam):
         """Per-row losses of one micro-batch. batch: dict of (B, T) tensors (chosen_/rejected_ ones when
         needs_pairs). Returns (row_losses (B,) with gradient; valid (B,) bool; metrics: dict of (B,)
@@ -898,6 +903,9 @@ class IFT(Loss):
                                self.lambda_schedule)
         return disturbed_lambda(lam, seed, step, self.lambda_disturb, self.disturb_std) if disturb else lam
 
+    def no_grad_passes(self, lam):
+        return 1 if float(lam) > 0 else 0  # the intuition pass; lambda = 0 skips it (ift_rows)
+
     def rows(self, policy, reference, batch, lam):
         return ift_rows(policy, *_unpack(batch), lam, self.gamma, self.propagation_type, self.propagation_side,
                         self.propagation_norm)
@@ -909,6 +917,8 @@ def _preference_rows(policy, reference, batch, loss_type, beta, label_smoothing,
     if reference_free:
         ref = {"chosen_logps": torch.zeros_like(pol["chosen_logps"]),
                "rejected_logps": torch.zeros_like(pol["rejected_logps"])}
+    elif "reference_chosen_logps" in batch:  # reference_logps=precompute: the reference's sums, computed before
+        ref = {k: batch[f"reference_{k}"].to(pol[k].dtype) for k in ("chosen_logps", "rejected_logps")}
     else:
         if reference is None:
             raise ValueError(f"loss={loss_type} with reference_free=false needs a reference model")

@@ -45,9 +45,31 @@ def _kind(annotation):
     return typing.get_origin(annotation) or annotation, False
 
 
+# Names users bring from other trainers (Hugging Face TrainingArguments, TRL, Axolotl) -> what to write
+# here, with what differs in meaning.
+ALIASES = {
+    "learning_rate": "lr", "lr_rate": "lr", "learningrate": "lr",
+    "num_train_epochs": "n_epochs", "num_epochs": "n_epochs", "epochs": "n_epochs",
+    "per_device_train_batch_size": "batch_size (the GLOBAL batch, over all ranks and accumulation steps)",
+    "train_batch_size": "batch_size", "micro_batch_size": "batch_size and gradient_accumulation_steps",
+    "per_device_eval_batch_size": "eval_batch_size (global)",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "max_steps": "n_examples (training examples: steps × batch_size)",
+    "lr_scheduler_type": "lr_schedule", "scheduler": "lr_schedule", "warmup": "warmup_steps",
+    "output_dir": "run_dir", "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
+    "dataset": "datasets", "dataset_name": "datasets", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "max_prompt_len": "max_prompt_length", "resume_from_checkpoint": "resume_from",
+    "save_steps": "save_every (training examples, not steps)", "eval_steps": "eval_every (training examples)",
+    "gradient_checkpointing": "activation_checkpointing", "bf16": "model.policy_dtype=bfloat16",
+    "fp16": "model.policy_dtype=float16", "optim": "optimizer", "clip_grad_norm": "max_grad_norm",
+}
+
+
 def unknown_key(key, allowed, where):
-    """A ConfigError naming `key`, the closest allowed key and all of them."""
-    close = difflib.get_close_matches(key.rpartition(".")[2], list(allowed), n=1)
+    """A ConfigError naming `key`, the closest allowed key (or the key other trainers' name stands
+    for, ALIASES) and all of them."""
+    name = key.rpartition(".")[2]
+    close = [ALIASES[name.lower()]] if name.lower() in ALIASES else difflib.get_close_matches(name, list(allowed), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; keys {where}: {', '.join(sorted(allowed)) or 'none'}")
 

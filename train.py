@@ -13,6 +13,7 @@ dataset row is checked before any model loads, so a typo never costs a 7B model 
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,24 +85,55 @@ def sweep_job_name():
     return ",".join(parts).replace("/", "_") or f"job{HydraConfig.get().job.num}"
 
 
+def sweep_dir(argv=None):
+    """hydra.sweep.dir: the command's run_dir when it sets one for all jobs (they run in its sub-folders),
+    else runs/sweep_<swept keys>_<date_time>. A run_dir that interpolates a swept key (run_dir=runs/lr_${lr})
+    names each job's own folder instead, and the sweep folder is left out (sweep_run_dir)."""
+    import datetime
+    for arg in (sys.argv[1:] if argv is None else argv):
+        key, eq, value = arg.lstrip("+").partition("=")
+        if key == "run_dir" and eq and "${" not in value and value != "null":
+            return value
+    return f"runs/sweep_{'+'.join(swept_keys(argv)) or 'none'}_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def sweep_size(argv=None):
+    """How many jobs a `-m` command line runs: the product of the swept keys' numbers of values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    n = 1
+    for o in OverridesParser.create().parse_overrides(args):
+        if o.is_sweep_override():
+            n *= len(list(o.sweep_string_iterator()))
+    return n
+
+
 # config.yaml names a sweep directory and its jobs' folders with these (hydra.sweep.dir / subdir)
-OmegaConf.register_new_resolver("swept_keys", lambda: "+".join(swept_keys()) or "none", replace=True)
+OmegaConf.register_new_resolver("sweep_dir", sweep_dir, replace=True, use_cache=True)  # one time stamp per sweep
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
 
 
 def sweep_run_dir(cfg):
-    """Under `python train.py -m`, a job without run_dir runs in its own folder of the sweep directory
-    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created)."""
+    """Under `python train.py -m`, each job runs in its own folder of the sweep directory
+    (hydra.sweep.dir / hydra.sweep.subdir, which Hydra has created; hydra.sweep.dir is run_dir when
+    the command sets it), and says which job of how many it is."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.run_dir is None:
+        hydra = HydraConfig.get()
+        job_dir, sweep = Path(hydra.runtime.output_dir), Path(hydra.sweep.dir)
+        if cfg.run_dir is None or Path(cfg.run_dir).resolve() == sweep.resolve():
             cfg.run_dir = str(job_dir)
-        elif job_dir.resolve() != Path(cfg.run_dir).resolve():
-            with contextlib.suppress(OSError):  # Hydra made it for the job, which writes elsewhere: leave no litter
+        else:  # each job names its own run_dir: Hydra's folders for it would be litter
+            with contextlib.suppress(OSError):
                 job_dir.rmdir()
+                outside = sweep.resolve() not in Path(cfg.run_dir).resolve().parents
+                if outside and {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+                    shutil.rmtree(sweep)
+                    sweep.parent.rmdir()  # runs/, when the sweep made it and nothing else is there
+        print(f"job {hydra.job.num + 1}/{sweep_size()}: {sweep_job_name()} -> {cfg.run_dir}", flush=True)
     return cfg
 
 
@@ -233,7 +265,7 @@ def build(cfg, device):
     run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=checkpoints.resumes_in_place(cfg))
     if is_main():
         checkpoints.prepare_run_dir(cfg, run_dir)  # in place: leftovers removed, metrics cut to the checkpoint
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(config_schema.with_resolved_paths(cfg), run_dir / "config.yaml")
         print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
     # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
     # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
@@ -260,8 +292,10 @@ def run(cfg, local_rank=0, world=1, port=None):
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
-        trainer = build(cfg, device)
+        # from before the run dir exists: a signal while the data or models load ends the run as one in
+        # training does (exit status 75, resume_from=latest continues), not with a run dir that refuses a rerun
         with checkpoints.preemption_signals(cfg.preempt_signals):
+            trainer = build(cfg, device)
             trainer.train()
         if trainer.preempted:
             return checkpoints.EXIT_PREEMPTED
@@ -273,9 +307,8 @@ def run(cfg, local_rank=0, world=1, port=None):
 
 def report(cfg, trainer, device):
     """Print the run's summary; with n_samples, answer held-out prompts greedily into samples.jsonl."""
-    first, last = trainer.eval_losses[0], trainer.eval_losses[-1]
-    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}\n"
-          f"eval loss: {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%} over the run)")
+    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
+    print(eval_summary(trainer.run_dir / "metrics.jsonl", cfg.loss.name))
     if cfg.n_samples == 0:
         return
     model = trainer.policy
@@ -292,14 +325,31 @@ def report(cfg, trainer, device):
     print(f"\nheld-out exact match: {hits / len(samples):.2f} ({hits}/{len(samples)} greedy answers)")
 
 
+def eval_summary(metrics_path, loss_name):
+    """One line: the held-out nll (computed alike for every method) from the run's first evaluation to
+    its last, and the method's own eval loss beside it. Read from metrics.jsonl, so a resumed run
+    counts the evaluations of the processes before it too."""
+    evals = [row for row in map(json.loads, open(metrics_path, encoding="utf-8")) if row.get("split") == "eval"]
+    first, last = evals[0], evals[-1]
+    span = f"step {first['step']} -> {last['step']}"
+    if "nll" not in first or "nll" not in last:
+        return f"eval loss ({loss_name}'s own): {first['loss']:.4f} -> {last['loss']:.4f} ({span})"
+    return (f"eval nll: {first['nll']:.4f} -> {last['nll']:.4f} ({(last['nll'] - first['nll']) / first['nll']:+.0%}, "
+            f"{span}); {loss_name}'s own eval loss (not comparable across methods): {first['loss']:.4f} -> "
+            f"{last['loss']:.4f}")
+
+
 @torch.no_grad()
 def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
     """Greedy answers to the first n held-out prompts, with exact match against the reference answer
     (both stripped); generation stops at model.generation_config's eos ids (stop_at_end_of_turn).
     Returns a list of dicts (prompt, reference, answer, exact)."""
+    from tqdm import tqdm
+
     model.eval()
     out = []
-    for prompt, ids, ref in zip(data.questions[:n], data.prompt_ids[:n], data.answers[:n]):
+    rows = list(zip(data.questions[:n], data.prompt_ids[:n], data.answers[:n]))
+    for prompt, ids, ref in tqdm(rows, desc="greedy answers", leave=False, disable=not is_main()):
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)

@@ -21,13 +21,16 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoints
+import flops
 import lora
 import losses
 import planning
+import reference_logps
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
@@ -45,11 +48,14 @@ class BasicTrainer:
         device: torch.device where this rank computes.
     """
 
+    recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
+
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device):
         self.cfg, self.tokenizer, self.run_dir, self.device = cfg, tokenizer, run_dir, device
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
         self.world, self.rank = world_size(), rank()
+        self.last_step_s = 0.0  # the previous optimizer step's time: a long one gets a micro-batch progress bar
         # policy_dtype is the compute dtype; parameters and optimizer state are always float32.
         self.compute_dtype = getattr(torch, cfg.model.policy_dtype)
         # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
@@ -62,6 +68,11 @@ class BasicTrainer:
         self.warmup_steps = plan["warmup_steps"]
 
         self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
+        self.shape = flops.shape_of(policy)
+        self.train_sizes = sequence_sizes(train_data)
+        self.peak_tflops = flops.device_peak_tflops(device, cfg.get("peak_tflops"))
+        self.head_chunk = cfg.loss_chunk_tokens if losses._chunkable(policy, policy.get_output_embeddings()) else None
         self.policy = self.wrap(policy, trainable=True)
         self.reference = None
         if reference is not None:
@@ -71,6 +82,10 @@ class BasicTrainer:
         elif lora.enabled(cfg) and losses.needs_reference(cfg.loss):
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
+        self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
+        if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
+            self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
+            self.reference = None  # freed (once train.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -80,7 +95,6 @@ class BasicTrainer:
         self.preempted = False  # set when train() stopped early after a preemption signal
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
-        self.eval_losses = []  # eval loss of each evaluation of this run, in order
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -141,6 +155,16 @@ class BasicTrainer:
             self._epoch_cache = {epoch: epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
         return self._epoch_cache[epoch][i]
 
+    def step_flops(self, micro, lam):
+        """Matrix-product FLOPs of one optimizer step over all ranks (flops.py). micro: the global
+        batch's micro-batches (arrays of row indices)."""
+        tokens, targets = self.train_sizes
+        passes = self.loss.no_grad_passes(lam) + (self.reference is not None)  # + a live reference's forward
+        return sum(flops.call_flops(self.shape, tokens[rows].ravel(), targets[rows].ravel(), passes,
+                                    lora=lora.enabled(self.cfg), head_chunk=self.head_chunk,
+                                    recompute_blocks=self.recomputes_blocks)
+                   for rows in micro if len(rows))
+
     def lam(self, step, disturb):
         """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1);
         None for a loss without one."""
@@ -157,12 +181,17 @@ class BasicTrainer:
         data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]
         sums, tokens, slots = {}, 0, 0
-        for j, rows in enumerate(mine):
+        # a step of more than a few seconds shows its micro-batches (this rank's), so a long step is seen to move
+        slow = train and self.last_step_s > SLOW_STEP_S and len(mine) > 1 and is_main()
+        for j, rows in enumerate(tqdm(mine, desc="micro-batches", leave=False, disable=not slow)):
             # A short last eval batch can leave a rank without rows; it still runs one (ignored) row,
             # because every rank of an FSDP model must take part in every forward.
             ignore = len(rows) == 0
             rows = micro[0][:1] if ignore else rows
             batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
+            if self.reference_logps is not None:  # the reference's precomputed sums instead of its forward
+                batch.update(reference_logps.batch_columns(self.reference_logps["train" if train else "eval"], rows,
+                                                           self.device))
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
             tokens += sum(int(m.sum()) for m in masks)
             slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
@@ -189,6 +218,11 @@ class BasicTrainer:
 
     def train(self):
         cfg = self.cfg
+        if self.checkpointer.stop_requested(self.device):  # signalled while the models loaded: nothing to save
+            self.checkpointer.report_preempted(self.start_step, saved=False)
+            self.preempted = True
+            self.finish_logging()
+            return
         self.start_logging()
         if cfg.do_first_eval and self.start_step == 0:
             self.evaluate(step=0)
@@ -199,26 +233,30 @@ class BasicTrainer:
             self.policy.train()
             batch = self.global_batch(step)
             lam = self.lam(step, disturb=True)
-            sums, tokens, slots = self.run_micro_batches(micro_batches(batch, self.train_lengths, self.n_micro),
-                                                         len(batch), lam, train=True)
+            micro = micro_batches(batch, self.train_lengths, self.n_micro)
+            sums, tokens, slots = self.run_micro_batches(micro, len(batch), lam, train=True)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip, check and log the true gradients
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
-            dt = time.perf_counter() - t0
+            dt = self.last_step_s = time.perf_counter() - t0
             self.tokens_seen += tokens
             self.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
                    **{k: v / len(batch) for k, v in sums.items()}}
             if lam is not None:
                 row["lambda"] = lam
+            tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
             row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
-                       tokens_per_s=tokens / dt)
+                       tokens_per_s=tokens / dt, tflops=tflops)
+            if self.peak_tflops is not None:
+                row["mfu"] = tflops / self.peak_tflops
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.get_scale()
             self.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}",
+                            **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             if error:  # after logging the step's row; nothing of this step reached the weights
                 raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
@@ -290,7 +328,8 @@ class BasicTrainer:
         self.policy.eval()
         lam = self.lam(min(step, self.total_steps - 1), disturb=False)
         totals, n = {}, 0
-        for batch in eval_batches(self.eval_lengths, self.cfg.eval_batch_size):
+        batches = eval_batches(self.eval_lengths, self.cfg.eval_batch_size)
+        for batch in tqdm(batches, desc=f"eval @ step {step}", leave=False, disable=not is_main()):
             sums, _, _ = self.run_micro_batches(micro_batches(batch, self.eval_lengths, self.world), len(batch),
                                                 lam, train=False)
             for k, v in sums.items():
@@ -308,7 +347,6 @@ class BasicTrainer:
                                      f"metrics.jsonl up to here are in {self.run_dir}")
             if is_main():
                 tqdm.write(f"{what}; training goes on (on_nonfinite=skip)")
-        self.eval_losses.append(row["loss"])
         if is_main():
             tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float)))
@@ -354,7 +392,7 @@ class BasicTrainer:
         state = self.full_state_dict()  # merged in float32 (or as trained), then cast
         if is_main():
             with atomic_directory(directory) as tmp:
-                lora.save_final(self.policy, self.tokenizer, state, tmp, dtype, self.cfg)
+                lora.save_final(self.policy, tokenizer_as_trained(self.tokenizer), state, tmp, dtype, self.cfg)
         barrier()
 
     def _save_model(self, directory, dtype):
@@ -362,7 +400,7 @@ class BasicTrainer:
         if is_main():
             with atomic_directory(directory) as tmp:
                 self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                tokenizer_as_trained(self.tokenizer).save_pretrained(tmp)
         barrier()
 
     def save_checkpoint(self, step):
@@ -378,6 +416,35 @@ class BasicTrainer:
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
+
+
+SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
+
+
+def tokenizer_as_trained(tokenizer):
+    """The tokenizer to save with the weights, so that tools rendering its chat template (lm-eval,
+    vLLM, generate) give the model the prompt it was trained on. Training prepends bos to every chat
+    when the tokenizer has one and neither the template nor encoding adds it
+    (preference_datasets.encode_chat); then the saved template starts with {{ bos_token }} itself (a copy;
+    the training tokenizer is unchanged). Otherwise the tokenizer as it is."""
+    import copy
+    if tokenizer.bos_token is None or not tokenizer.chat_template:
+        return tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    if tokenizer(text)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    saved = copy.deepcopy(tokenizer)
+    saved.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return saved
+
+
+def sequence_sizes(data):
+    """(tokens, targets), each (N, k) int64: the real tokens and target tokens of each of row i's k
+    sequences (k = 2 with rejected answers: chosen, rejected), what one forward of the row computes."""
+    answers = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
+    prompt = data.column_lengths("prompt_ids")  # read from the Arrow offsets, no row materialised
+    targets = np.stack([data.column_lengths(column) for column in answers], axis=1)
+    return prompt[:, None] + targets, targets
 
 
 class NonFiniteError(FloatingPointError):
@@ -438,6 +505,7 @@ class FSDPTrainer(BasicTrainer):
             raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
                              f"{type(model).__name__}; set it to its decoder layer class")
         if trainable and self.cfg.activation_checkpointing:
+            self.recomputes_blocks = True  # counted in the step's FLOPs
             # recompute each block's activations in backward instead of storing them
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:

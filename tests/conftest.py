@@ -27,6 +27,20 @@ FAST = ["n_examples=64", "batch_size=16", "eval_batch_size=16", "n_eval_examples
         "warmup_steps=0"]
 
 
+# torch's own thread count (one per core), read before any test module could change it
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def torch_uses_every_core():
+    """The tests in this process compute with torch's default thread count, even if a test module sets
+    one thread when it is imported (that would hold for the whole session). With OMP_WAIT_POLICY=PASSIVE
+    (the Makefile's) a second thread costs no extra CPU time on the tiny model and cuts the wall time of
+    its matrix products; FSDPTrainer's ranks still take cores // ranks each."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield
+
+
 # What a rank needs at once; imported once by the fork server (a name that no longer exists is skipped).
 RANK_MODULES = ["train", "trainers", "lora", "checkpoints", "preference_datasets", "transformers",
                 "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",

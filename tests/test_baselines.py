@@ -16,9 +16,6 @@ evaluate on the same pairs, where a correct loss lifts reward accuracy far above
 
 import inspect
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +24,7 @@ from omegaconf import OmegaConf
 import losses
 import train
 import trainers
-from conftest import make_cfg, read_rows, run_inprocess
+from conftest import make_cfg, read_rows, run_inprocess, run_train_py
 from preference_datasets import SOURCES, DataError, micro_batches
 from utils import REPO_DIR
 
@@ -39,16 +36,6 @@ FIT = ["optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "batch_size=16", "eval_ba
 # A couple of steps, just to show a run goes through end to end.
 TINY = ["optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "batch_size=8", "eval_batch_size=8", "n_examples=16",
         "n_eval_examples=8", "do_first_eval=false"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread per process: tests share the machine's cores, and threads that wait on each other
-    in OpenMP barriers only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def resolved(cfg):
@@ -67,7 +54,7 @@ def assert_finite_floats(row, keys):
 PREFERENCE_KEYS = ("loss", "rewards_accuracy", "rewards_margin", "rewards_chosen", "rewards_rejected",
                    "logps_chosen", "logps_rejected")
 ORPO_KEYS = ("loss", "nll", "log_odds_ratio", "logps_chosen", "logps_rejected")
-TRAIN_KEYS = ("lr", "grad_norm", "step_time_s", "tokens_per_s")
+TRAIN_KEYS = ("lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops")
 
 
 def metric_keys(loss_name):
@@ -347,14 +334,11 @@ def test_every_baseline_trains_on_the_bundled_preference_samples(tmp_path, datas
 
 
 def test_the_cli_trains_orpo_on_hh(tmp_path):
+    """train.py's command line, run in this process (conftest.run_train_py; test_train runs it as a process)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "loss=orpo", "datasets=[hh_sample]", "beta=0.2",
-                           f"run_dir={run_dir}", *TINY],
-                          cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                               "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"run dir: {run_dir}" in proc.stdout
+    status, stdout, stderr = run_train_py("loss=orpo", "datasets=[hh_sample]", "beta=0.2", f"run_dir={run_dir}", *TINY)
+    assert status == 0, stderr[-3000:]
+    assert f"run dir: {run_dir}" in stdout
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.name == "orpo" and saved.loss.beta == 0.2 and list(saved.datasets) == ["hh_sample"]
     rows = read_rows(run_dir)

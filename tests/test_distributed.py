@@ -24,6 +24,8 @@ LOSSES = {
     "sft": ["loss=sft"],
     "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3"],
     "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],
+    "dft": ["loss=dft"],
+    "simpo": ["loss=simpo", "datasets=[ultrafeedback_sample]"],
 }
 
 
@@ -36,7 +38,7 @@ def assert_same_run(a, b):
     assert len(rows_a) == len(rows_b) == 4
     for ra, rb in zip(rows_a, rows_b):
         for key in ra:
-            if key not in ("step_time_s", "tokens_per_s", "split"):
+            if key not in ("step_time_s", "tokens_per_s", "tflops", "mfu", "split"):  # timings
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
     assert weights_a.keys() == weights_b.keys()
     for k in weights_a:  # relative to the tensor's norm: a lone Adam-normalised element may differ by ~1e-6
@@ -105,8 +107,14 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
     final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute). The float32
     run is the plain process's, which two float32 ranks equal (the tests above)."""
     exact = ift_one_process
-    mixed = launch(tmp_path / "bf16", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2", "model.policy_dtype=bfloat16")
+    mixed = launch(tmp_path / "bf16", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2", "model.policy_dtype=bfloat16",
+                   "save_every=16")
     assert all(w.dtype == torch.bfloat16 for w in mixed[1].values())
+    import checkpoints  # the sharded state the optimizer updated (both ranks' shards): float32 master weights
+    state = checkpoints.read_checkpoint(tmp_path / "bf16" / "checkpoints" / "step-2")
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+    moments = [v for per_param in state["optimizer"]["state"].values() for k, v in per_param.items() if k != "step"]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
     a, b = [r["loss"] for r in exact[0]], [r["loss"] for r in mixed[0]]
     assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
 

@@ -19,7 +19,6 @@ import trainers
 from conftest import FAST, make_cfg, run_inprocess
 from utils import ConfigError
 
-torch.set_num_threads(1)
 
 CONFIGS = {
     "sft": {"name": "sft"},
@@ -28,6 +27,8 @@ CONFIGS = {
     "dpo": {"name": "dpo", "beta": 0.5, "label_smoothing": 0.1, "reference_free": False},
     "ipo": {"name": "ipo", "beta": 0.5, "reference_free": False},
     "orpo": {"name": "orpo", "beta": 0.5},
+    "dft": {"name": "dft"},
+    "simpo": {"name": "simpo", "beta": 2.0, "gamma_margin": 0.5},
 }
 LAM = 0.4
 
@@ -367,5 +368,5 @@ def test_a_run_with_packing_chunked_head_and_compile_equals_a_plain_run(tmp_path
     assert len(plain) == len(fast) > 2
     for ra, rb in zip(plain, fast):
         for key in ra:
-            if key not in ("step_time_s", "tokens_per_s", "split"):
+            if key not in ("step_time_s", "tokens_per_s", "tflops", "mfu", "split"):  # timings
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key

@@ -1,5 +1,6 @@
 """evaluate.py: lm-eval-harness on a run's final/. The bundled quick task end to end on a freshly
-trained tiny model (its answers checked against our own greedy generation), the task's scoring
+trained tiny model (its answers checked against the trainer's own greedy samples at lm-eval's batch
+size, on a model that answers some rows right), the task's scoring
 against a hand count, the paper suite's tasks and metrics in the installed harness, results that
 accumulate across calls, and one-line errors for bad input."""
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import evaluate
+import train
 from conftest import run_inprocess
 from utils import REPO_DIR
 
@@ -19,14 +21,22 @@ sys.path.insert(0, str(REPO_DIR / "eval_tasks"))
 import ift_quick  # noqa: E402
 
 
+QUICK_ROWS = 16  # the quick task's first rows: the fixture's model learns them, the test evaluates them
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A run directory with final/ from a short SFT run of the tiny model."""
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    run_inprocess(run_dir, "loss=sft", "datasets=[ultrachat_sample]", "n_examples=96", "batch_size=16", "lr=2e-3",
-                  "optimizer=AdamW", "warmup_steps=0", "n_eval_examples=16", "eval_batch_size=16", "eval_every=1000",
-                  "do_first_eval=false")
-    return run_dir
+    """A run directory with final/ from an SFT run of the tiny model on the quick task's first rows
+    (train and test split alike), long enough that it answers some of them exactly, not all."""
+    root = tmp_path_factory.mktemp("eval")
+    rows = "".join(json.dumps({"prompt": r["question"], "chosen": r["answer"]}) + "\n"
+                   for r in ift_quick.single_turn_rows()[:QUICK_ROWS])
+    (root / "rows").mkdir()
+    for split in ("train", "test"):
+        (root / "rows" / f"{split}.jsonl").write_text(rows)
+    run_inprocess(root / "run", "loss=sft", f"datasets=[{root / 'rows'}]", "n_epochs=30", "batch_size=8", "lr=3e-3",
+                  "optimizer=AdamW", "warmup_steps=0", "eval_batch_size=8", "eval_every=100000", "do_first_eval=false")
+    return root / "run"
 
 
 def our_greedy_answer(model, tokenizer, question, max_new_tokens):
@@ -49,10 +59,10 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
                "n_samples": 1172, "limit": None, "metrics": {"acc_norm,none": 0.5}}
     (trained_run / "eval" / "results.json").write_text(json.dumps({"tasks": {"arc_challenge": earlier}}))
 
-    n = 12
-    # batch size 1: no padding, so the harness's forward passes are exactly ours
+    n = QUICK_ROWS
+    # lm-eval's batch size (evaluate.py's default, 8): left-padded batches against our one-by-one answers
     proc = subprocess.run([sys.executable, "evaluate.py", str(trained_run), "--suite", "quick", "--limit", str(n),
-                           "--batch-size", "1", "--device", "cpu", "--log-samples"],
+                           "--device", "cpu", "--log-samples"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,14 +77,19 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
     rows = ift_quick.single_turn_rows()[:n]
     assert [s["doc"] for s in samples] == rows
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # the trainer's own greedy answers (train.greedy_samples, what n_samples reports) to the same rows
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+    cfg = OmegaConf.load(trained_run / "config.yaml")
+    tokenizer = train.load_tokenizer(cfg)
+    _, data = train.load_data(cfg, tokenizer, pairs=False)
     model = AutoModelForCausalLM.from_pretrained(trained_run / "final").eval()
-    tokenizer = AutoTokenizer.from_pretrained(trained_run / "final")
-    with torch.no_grad():
-        ours = [our_greedy_answer(model, tokenizer, r["question"], 24) for r in rows]
-    assert [s["response"].strip() for s in samples] == [a.strip() for a in ours]
-    exact = [float(a.strip() == r["answer"].strip()) for a, r in zip(ours, rows)]
+    ours = {s["prompt"]: s for s in train.greedy_samples(model, tokenizer, data, n, 24, torch.device("cpu"))}
+    assert sorted(ours) == sorted(r["question"] for r in rows)
+    assert [s["response"].strip() for s in samples] == [ours[r["question"]]["answer"] for r in rows]
+    exact = [float(ours[r["question"]]["exact"]) for r in rows]
     assert [s["exact_match"] for s in samples] == exact
+    assert 0 < sum(exact) < n  # some answers right, some wrong: the comparison can tell them apart
     assert quick["value"] == pytest.approx(sum(exact) / n, abs=1e-12)
 
     table = (trained_run / "eval" / "results.md").read_text()
@@ -168,3 +183,19 @@ def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypa
     assert str(e.value).startswith("evaluate.py: " + message.format(run=run))
     assert "\n" not in str(e.value)
     assert not (run / "eval").exists()
+
+
+def test_a_hub_benchmark_offline_stops_with_one_line_naming_the_setting(monkeypatch):
+    import lm_eval
+
+    def offline(**kwargs):  # what datasets raises for lm-eval's arc_challenge under HF_DATASETS_OFFLINE=1
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(evaluate.EvalError) as e:
+        evaluate.run_tasks(None, [evaluate.KNOWN["arc_challenge"]], None)
+    message = str(e.value)
+    assert message.startswith("arc_challenge: Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled): ")
+    assert "unset HF_DATASETS_OFFLINE (set here)" in message and "--suite quick" in message and "\n" not in message

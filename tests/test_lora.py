@@ -108,11 +108,11 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         assert ours != [our_greedy_answer(model, tokenizer, s["doc"]["question"], 24) for s in samples]
 
 
-@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo"])
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo", "dft", "simpo"])
 def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
     """(IFT: the test above.) DPO and IPO run against the adapter-disabled base, which the trainer
     fingerprints and checks unchanged at the end."""
-    data = ["datasets=[ultrachat_sample]"] if loss == "sft" else ["datasets=[ultrafeedback_sample]"]
+    data = ["datasets=[ultrachat_sample]"] if loss in ("sft", "dft") else ["datasets=[ultrafeedback_sample]"]
     _, final = launch_run(tmp_path / loss, *STEPS, "n_examples=16", f"loss={loss}", *data, *LORA)
     base = load_file(BASE / "model.safetensors")
     changed = {k for k in base if not torch.equal(final[k], base[k])}

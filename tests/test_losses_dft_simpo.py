@@ -11,7 +11,6 @@ import losses
 from conftest import tiny_model
 from test_losses_preference import log_sigmoid, pair_batch, sft_batch, summed_logps
 
-torch.set_num_threads(1)
 
 C = [-1.0, -0.25, -3.0, -2.0]   # per-token mean log-probs of the chosen answers
 R = [-1.5, -0.20, -1.0, -2.0]   # and of the rejected ones

@@ -15,7 +15,6 @@ import torch
 import losses
 from conftest import tiny_model
 
-torch.set_num_threads(1)
 
 GAMMAS = (0.0, 0.5, 0.95, 1.0)
 COMBOS = list(itertools.product(losses.PROPAGATION_SIDES, losses.PROPAGATION_NORMS, losses.PROPAGATION_TYPES, GAMMAS))

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 import losses
 from conftest import tiny_model
 
-torch.set_num_threads(1)
 
 PC = [-10.0, -3.5, -40.0, -7.25]  # policy chosen (summed log-probs)
 PR = [-12.0, -3.0, -20.0, -7.25]  # policy rejected

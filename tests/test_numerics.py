@@ -253,3 +253,24 @@ def test_float16_scaler_skips_an_overflow_and_halves_the_scale_without_stopping(
     assert [r["loss_scale"] for r in rows] == [65536.0, 32768.0, 32768.0, 32768.0]
     assert all(w.dtype == torch.float16 for w in load_file(tmp_path / "r" / "final" / "model.safetensors").values())
     assert_all_finite(tmp_path / "r")
+
+
+@pytest.mark.parametrize("lora", [[], ["lora=default", "lora.r=4"]])
+def test_a_reference_model_that_changes_during_training_stops_the_run_before_final(lora, tmp_path, monkeypatch):
+    """DPO's frozen reference (a loaded copy, or LoRA's adapter-disabled base) nudged by 1e-3 in one
+    weight during training: the run ends with the trainer's error and writes no final/."""
+    batch_loss = losses.batch_loss
+
+    def tampering(loss, policy, reference, batch, lam):
+        if reference is not None:
+            with torch.no_grad():
+                next(iter(reference.parameters())).view(-1)[0] += 1e-3
+        return batch_loss(loss, policy, reference, batch, lam)
+
+    monkeypatch.setattr(losses, "batch_loss", tampering)
+    cfg = make_cfg(f"run_dir={tmp_path}", *STEPS, "n_examples=16", "loss=dpo", "datasets=[ultrafeedback_sample]",
+                   *lora)
+    train.validate_config(cfg)
+    with pytest.raises(RuntimeError, match="^the frozen reference model changed during training$"):
+        train.launch(cfg)
+    assert not (tmp_path / "final").exists()

@@ -87,7 +87,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
 def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     status, out = signal_after_step(start_cli(run_dir), run_dir, 2)
-    assert status == checkpoints.EXIT_PREEMPTED, out[-3000:]
+    assert status == 75 == checkpoints.EXIT_PREEMPTED, out[-3000:]  # sysexits' EX_TEMPFAIL: schedulers requeue
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert 2 <= stopped < TOTAL and not (run_dir / "final").exists()
     assert f"run_dir={run_dir} resume_from=latest" in out
@@ -99,6 +99,36 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     assert_each_step_once(run_dir)
     resume_rows = [r for r in read_rows(run_dir) if r["split"] == "resume"]
     assert [(r["step"], r["forced"]) for r in resume_rows] == [(stopped, False)]
+
+
+def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_finishes(tmp_path):
+    """SIGTERM as the model loads (after the run dir exists): exit status 75 and the resume command,
+    not 143. The requeued command (resume_from=latest, no checkpoint yet) starts from the beginning
+    and finishes; requeued once more, it finds the finished run and ends with status 0."""
+    run_dir = tmp_path / "run"
+    # train.py as the command line runs it, with from_pretrained sending SIGTERM to its own process first
+    signalled = ("import os, runpy, signal, sys, transformers; auto = transformers.AutoModelForCausalLM; "
+                 "load = auto.from_pretrained; auto.from_pretrained = lambda *a, **k: "
+                 "(os.kill(os.getpid(), signal.SIGTERM), load(*a, **k))[1]; sys.argv[0] = 'train.py'; "
+                 "runpy.run_path('train.py', run_name='__main__')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, *args, f"run_dir={run_dir}", *STEPS], cwd=REPO_DIR, env=env,
+                              capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    status, out = cli("-c", signalled)
+    assert status == 75, out[-3000:]
+    assert f"run_dir={run_dir} resume_from=latest" in out and (run_dir / "config.yaml").is_file()
+    assert not checkpoints.complete_checkpoints(run_dir) and not (run_dir / "final").exists()
+    status, out = cli("train.py", "resume_from=latest")
+    assert status == 0 and "no complete checkpoint yet; starting the run from the beginning" in out, out[-3000:]
+    assert_each_step_once(run_dir)
+    rows = (run_dir / "metrics.jsonl").read_text()
+    status, out = cli("train.py", "resume_from=latest")
+    assert status == 0 and "holds a finished run (final/); nothing to resume" in out, out[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == rows
 
 
 def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_path):
@@ -114,6 +144,25 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
     resumed = launch(run_dir, "resume_from=latest")  # BasicTrainer: plain tensors from DTensor shards
     assert_continues(reference, resumed, ACROSS_RANKS)
     assert_each_step_once(run_dir)
+
+
+def test_the_trainer_applies_the_scheduled_lambda_disturbed_in_training_and_undisturbed_in_evaluation(reference):
+    """The reference run's λ, step by step, against spec §1 written out here: linear from min_lambda
+    0.1 at the first step to max_lambda 0.5 at the last (step s of 6 is 0-based s - 1), times
+    1 + 0.5·ε in training, ε ~ N(0, 1) from a generator seeded by seed·1000003 + step, clipped to
+    [0, 1]; evaluation (before step 1 and after step 6) takes the scheduled λ, undisturbed."""
+    rows, _, run_dir = reference
+
+    def scheduled(step):  # 0-based; past the last step it stays at max_lambda
+        return 0.1 + (0.5 - 0.1) * min(step, TOTAL - 1) / (TOTAL - 1)
+
+    for row in rows:
+        step = row["step"] - 1
+        eps = torch.randn((), generator=torch.Generator().manual_seed(0 * 1_000_003 + step), dtype=torch.float64)
+        assert row["lambda"] == pytest.approx(min(1.0, max(0.0, scheduled(step) * (1 + 0.5 * float(eps)))), rel=1e-6)
+        assert abs(row["lambda"] - scheduled(step)) > 1e-3, step  # the noise reached training
+    evals = [r for r in read_rows(run_dir) if r["split"] == "eval"]
+    assert [(r["step"], r["lambda"]) for r in evals] == [(0, pytest.approx(0.1)), (TOTAL, pytest.approx(0.5))]
 
 
 def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_path):
@@ -157,7 +206,8 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     import wandb
     monkeypatch.setattr(wandb, "init", init)
     asks = iter(range(1, 100))
-    monkeypatch.setattr(checkpoints.Checkpointer, "stop_requested", lambda self, device: next(asks) == 2)
+    # asked before step 1 (a signal while the models loaded), then after each step: yes after step 2
+    monkeypatch.setattr(checkpoints.Checkpointer, "stop_requested", lambda self, device: next(asks) == 3)
     cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                    "save_hf_checkpoints=true")
     train.validate_config(cfg)

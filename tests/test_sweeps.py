@@ -26,7 +26,7 @@ def env():
 
 
 def test_multirun_gives_each_job_its_own_run_dir_named_by_the_swept_values(tmp_path):
-    status, _, stderr = run_train_py("-m", "loss=sft,ift", "seed=0,1", *TINY_RUN, cwd=tmp_path)
+    status, stdout, stderr = run_train_py("-m", "loss=sft,ift", "seed=0,1", *TINY_RUN, cwd=tmp_path)
     assert status == 0, stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no multirun/ or outputs/ litter
     (sweep,) = (tmp_path / "runs").iterdir()
@@ -39,6 +39,21 @@ def test_multirun_gives_each_job_its_own_run_dir_named_by_the_swept_values(tmp_p
         assert (sweep / job / "final" / "model.safetensors").is_file()
     groups, _ = report.group_runs([report.load_run(p) for p in report.find_runs([sweep])])
     assert {k: len(v) for k, v in groups.items()} == {"ift": 2, "sft": 2}
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("job ")] == \
+        ["job 1/4", "job 2/4", "job 3/4", "job 4/4"]
+
+
+def test_a_sweep_with_run_dir_runs_its_jobs_in_it_or_in_their_own_and_leaves_no_empty_sweep_folder(tmp_path):
+    """run_dir=X: X is the sweep's folder (a job per sub-folder); run_dir=X_${seed}: each job's own,
+    and no runs/sweep_* folder holding only Hydra's multirun.yaml is left."""
+    base = ["-m", "seed=0,1", *TINY_RUN, "n_examples=16", "do_first_eval=false"]
+    status, _, stderr = run_train_py(*base, "run_dir=sweep", cwd=tmp_path)
+    assert status == 0, stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml", "seed=0", "seed=1"]
+    status, _, stderr = run_train_py(*base, "run_dir=own_${seed}", cwd=tmp_path)
+    assert status == 0, stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["own_0", "own_1", "sweep"]
+    assert (tmp_path / "own_1" / "final").is_dir()
 
 
 def test_the_swept_keys_come_from_the_command_line():

@@ -129,11 +129,13 @@ def test_hydra_flags_work_in_every_documented_form(tmp_path):
 
 def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", "n_samples=2", "max_new_tokens=8",
-                   timeout=600)
+    warmup = ["loss.lambda_schedule=warmup", "loss.min_lambda=0.0", "loss.max_lambda=0.4", "warmup_steps=4"]
+    proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", *warmup, "n_samples=2",
+                   "max_new_tokens=8", "peak_tflops=0.001", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
-    assert "held-out exact match" in proc.stdout and "eval loss: " in proc.stdout
+    assert "held-out exact match" in proc.stdout and "eval nll: " in proc.stdout
+    assert "eval @ step 0" in proc.stderr and "greedy answers" in proc.stderr  # progress bars of eval and sampling
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.gamma == 0.9 and saved.run_dir == str(run_dir)
@@ -145,7 +147,20 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
         for key in ("loss", "loss_sft", "loss_further", "lambda", "lr", "grad_norm", "step_time_s", "tokens_per_s",
                     "weight_max", "weight_first"):
             assert isinstance(r[key], float) and r[key] == r[key], key
-        assert r["lambda"] == 0.2 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)  # peak_tflops given: mfu on the CPU too
+        # FLOPs per real token of an IFT step (flops.py): 2·N per forward's worth, 4 of them with the intuition
+        # pass (lambda > 0), 3 without; N = 4 blocks x (q, o 128², k, v 128·64, MLP 3·128·344); at most as much
+        # again for the head (930·128) and attention (4 layers x 4·128·(n+1)/2, n <= 512) per forward's worth
+        per_token = r["tflops"] * 1e12 / r["tokens_per_s"]
+        body = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344)
+        passes = 4 if r["lambda"] > 0 else 3
+        assert 2 * passes * body <= per_token <= 2 * passes * (body + 930 * 128) + passes * 4 * 4 * 128 * 513 / 2
+    # spec §1's warmup schedule: min_lambda -> max_lambda over the lr's warm-up steps (0-based step s - 1),
+    # then max_lambda; evaluation takes the same scheduled value (no disturbance here)
+    warm = lambda step: 0.4 * min(1.0, step / 4)  # noqa: E731
+    assert [r["lambda"] for r in train_rows] == pytest.approx([warm(s) for s in range(10)], abs=1e-12)
+    assert [r["lambda"] for r in eval_rows] == pytest.approx([warm(min(s, 9)) for s in (0, 2, 4, 6, 8, 10)], abs=1e-12)
     assert [r["step"] for r in eval_rows] == [0, 2, 4, 6, 8, 10]
     assert eval_rows[-1]["loss"] < eval_rows[0]["loss"] * 0.9  # a short IFT run lowers the eval loss
 
@@ -190,6 +205,14 @@ def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     (["nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
     (["+nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level"),  # a + does not let a typo in
     (["++lrr=1"], r"unknown config key 'lrr' \(did you mean 'lr'\?\)"),
+    (["learning_rate=1e-4"], r"^unknown config key 'learning_rate' \(did you mean 'lr'\?\); keys at the top level"),
+    (["lr_rate=1e-4"], r"did you mean 'lr'\?"),
+    (["loss=foo"], r"^loss=foo is not one of: dft, dpo, ift, ipo, orpo, sft, simpo \(config/loss/\*.yaml\)$"),
+    (["-m", "loss=sft,foo"], r"^loss=foo is not one of: dft"),
+    (["model=foo"], r"^model=foo is not one of: .*tiny.*; or add config/model/<name>.yaml"),
+    (["num_train_epochs=3"], r"did you mean 'n_epochs'\?"),
+    (["per_device_train_batch_size=8"], r"did you mean 'batch_size \(the GLOBAL batch"),
+    (["max_steps=100"], r"did you mean 'n_examples \(training examples: steps × batch_size\)'\?"),
     (["loss.gamm=0.9"], r"unknown config key 'loss.gamm' \(did you mean 'gamma'\?\); keys of loss=ift: disturb_std"),
     (["+loss.gama=0.9"], r"did you mean 'gamma'"),
     (["model.dtype=bf16"], r"unknown config key 'model.dtype'; keys in model: attn_implementation, block_name"),
@@ -222,10 +245,13 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
-def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path):
-    sft = run_inprocess(tmp_path / "sft", *FAST, "loss=sft", "do_first_eval=false")
+def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path, monkeypatch, capfd):
+    import trainers
+    monkeypatch.setattr(trainers, "SLOW_STEP_S", 0.0)  # every step counts as long: it shows its micro-batches
+    sft = run_inprocess(tmp_path / "sft", *FAST, "loss=sft", "do_first_eval=false", "gradient_accumulation_steps=2")
+    assert "micro-batches: " in capfd.readouterr().err
     ift = run_inprocess(tmp_path / "ift", *FAST, "loss=ift", "gamma=0", "loss.min_lambda=0", "loss.max_lambda=0",
-                        "do_first_eval=false")
+                        "do_first_eval=false", "gradient_accumulation_steps=2")
     sft_losses = [r["loss"] for r in sft if r["split"] == "train"]
     ift_losses = [r["loss"] for r in ift if r["split"] == "train"]
     assert len(sft_losses) == 4
@@ -306,3 +332,18 @@ def test_from_scratch_initialises_from_config_json_seeded_by_seed():
     assert not torch.equal(a[name], other_seed[name]) and not torch.equal(a[name], pretrained[name])
     with pytest.raises(ConfigError, match="model.from_scratch='yes' is not allowed"):
         train.validate_config(make_cfg("model.from_scratch=yes"))
+
+
+def test_the_end_of_run_summary_reads_every_evaluation_of_a_resumed_run_and_compares_by_nll(tmp_path, capsys):
+    """After a resume, the evaluations of the process before it count too (metrics.jsonl), and the
+    change is measured in the shared nll: DFT's own loss may rise while the nll falls."""
+    import types
+    rows = [{"split": "eval", "step": 0, "loss": 2.0, "nll": 6.83}, {"split": "train", "step": 1, "loss": 3.0},
+            {"split": "resume", "step": 4}, {"split": "eval", "step": 4, "loss": 4.8114, "nll": 4.9},
+            {"split": "eval", "step": 6, "loss": 5.12, "nll": 4.13}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = types.SimpleNamespace(run_dir=tmp_path, padding_stats=lambda: 0.9, eval_losses=[4.8114, 5.12])
+    train.report(make_cfg("loss=dft"), trainer, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert f"eval nll: 6.8300 -> 4.1300 ({(4.13 - 6.83) / 6.83:+.0%}, step 0 -> 6)" in out and "-40%" in out
+    assert "dft's own eval loss (not comparable across methods): 2.0000 -> 5.1200" in out

@@ -49,21 +49,35 @@ def make_row(desc, rng):
             "rejected_outcome": outcome(desc, bad)}
 
 
-def build(out, n_train, n_test, seed=0):
-    """Write out/train.jsonl and out/test.jsonl; returns (train rows, test rows)."""
+def build(out, n_train, n_test, seed=0, n_val=0):
+    """Write out/train.jsonl and out/test.jsonl; returns (train rows, test rows). With n_val > 0 also
+    out/validation/, a data set of its own for tuning: the same train.jsonl, and n_val maps drawn apart
+    from both the test and the training maps as its test.jsonl (what train.py evaluates on)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     test_maps = random_maps(n_test, seed=2 * seed + 1)
-    train_maps = random_maps(n_train, seed=2 * seed, exclude=test_maps)
+    val_maps = random_maps(n_val, seed=VALIDATION_SEED + seed, exclude=test_maps) if n_val else []
+    train_maps = random_maps(n_train, seed=2 * seed, exclude=test_maps + val_maps)
     rng = np.random.default_rng(seed)
     splits = {"test": [make_row(m, rng) for m in test_maps], "train": [make_row(m, rng) for m in train_maps]}
     for name, rows in splits.items():
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(out / f"{name}.jsonl")  # a crash never leaves half a file under the real name
+        write_rows(out / f"{name}.jsonl", rows)
+    if n_val:
+        (out / "validation").mkdir(exist_ok=True)
+        write_rows(out / "validation" / "test.jsonl", [make_row(m, rng) for m in val_maps])
+        write_rows(out / "validation" / "train.jsonl", splits["train"])
     return splits["train"], splits["test"]
+
+
+VALIDATION_SEED = 10_000  # validation maps are drawn from their own seeds (then kept apart from the test maps)
+
+
+def write_rows(path, rows):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)  # a crash never leaves half a file under the real name
 
 
 def main():
@@ -72,8 +86,9 @@ def main():
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-val", type=int, default=0, help="also write OUT/validation/ with this many tuning maps")
     a = p.parse_args()
-    train, test = build(a.out, a.n_train, a.n_test, a.seed)
+    train, test = build(a.out, a.n_train, a.n_test, a.seed, a.n_val)
     lengths = [r["optimal_length"] for r in train]
     print(f"frozen lake data: {len(train)} train / {len(test)} test maps in {a.out}; "
           f"optimal path length {min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.1f})")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.frozen_lake.game import ACTIONS, MOVES, find, parse_answer, play
+from experiments.frozen_lake.game import ACTIONS, MOVES, cell_prefixes, detour_prefix, find, parse_answer, play
 
 
 @torch.no_grad()
@@ -88,8 +88,9 @@ def write_json(path, obj):
     tmp.replace(path)
 
 
-def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
-    """Play every map of `rows` with the run's final/ model; write the run's task files; return its metrics."""
+def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None, measures=False):
+    """Play every map of `rows` with the run's final/ model; write the run's task files; return its metrics.
+    measures: also the next-move quality at every cell (move_quality) and the recovery test (recovery)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preference_datasets import encode_chat, end_of_turn_token, ensure_chat_template
@@ -104,23 +105,12 @@ def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
     action_ids = [tokenizer.convert_tokens_to_ids(a) for a in ACTIONS]
     new_ids, probs = greedy_decode(model, prompts, max_new_tokens, tokenizer.convert_tokens_to_ids(eot),
                                    tokenizer.pad_token_id, track_ids=action_ids)
-    answers, solved, unparseable = [], [], 0
+    answers, metrics = score_answers(rows, [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids])
+    if measures:
+        metrics.update(move_quality(model, tokenizer, rows, eot))
+        metrics.update(recovery(model, tokenizer, rows, eot, max_new_tokens))
     with open(run_dir / "frozen_lake_answers.jsonl", "w", encoding="utf-8") as f:
-        for row, ids in zip(rows, new_ids):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            actions = parse_answer(text)
-            reward, moves = play(row["map"], actions) if actions else (0.0, 0)
-            unparseable += actions is None
-            if reward == 1.0:
-                solved.append((moves, row["optimal_length"]))
-            record = {"map": row["map"], "answer": text, "reward": reward, "moves": moves,
-                      "optimal_length": row["optimal_length"]}
-            answers.append(record)
-            f.write(json.dumps(record) + "\n")
-    metrics = {"task": "frozen_lake", "n_maps": len(rows), "success_rate": len(solved) / len(rows),
-               "unparseable_rate": unparseable / len(rows),
-               "mean_length": float(np.mean([m for m, _ in solved])) if solved else None,
-               "mean_optimal": float(np.mean([o for _, o in solved])) if solved else None}
+        f.writelines(json.dumps(record) + "\n" for record in answers)
     write_json(run_dir / "task_metrics.json", metrics)
     if picture_map is None:
         picture_map = next((i for i, r in enumerate(rows) if len(r["map"]) == 6), 0)
@@ -129,6 +119,79 @@ def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None):
               title=f"{run_dir.name}, held-out map {picture_map}: "
                     f"{'solved' if shown['reward'] == 1.0 else 'not solved'} (shortest path: {shown['optimal_length']} moves)")
     return metrics
+
+
+def score_answers(rows, texts):
+    """Score one answer text per map. An answer is parseable when, stripped, it is a non-empty string of
+    L D R U (game.parse_answer); its moves are played in gymnasium's FrozenLake-v1 until the episode
+    ends (a hole or the goal) or the moves run out, and the map is solved when the environment returns
+    reward 1. Unparseable text, a path into a hole and a path that stops short of G all score 0.
+    Returns (one record per map: map, answer, reward, moves (played), optimal_length, parseable;
+    the metrics: success_rate, unparseable_rate, mean_length / mean_optimal over solved maps, n_maps)."""
+    records = []
+    for row, text in zip(rows, texts, strict=True):
+        actions = parse_answer(text)
+        reward, moves = play(row["map"], actions) if actions else (0.0, 0)
+        records.append({"map": row["map"], "answer": text, "reward": reward, "moves": moves,
+                        "optimal_length": row["optimal_length"], "parseable": actions is not None})
+    solved = [r for r in records if r["reward"] == 1.0]
+    metrics = {"task": "frozen_lake", "n_maps": len(rows), "success_rate": len(solved) / len(rows),
+               "unparseable_rate": sum(not r["parseable"] for r in records) / len(rows),
+               "mean_length": float(np.mean([r["moves"] for r in solved])) if solved else None,
+               "mean_optimal": float(np.mean([r["optimal_length"] for r in solved])) if solved else None}
+    return records, metrics
+
+
+def prefix_prompts(tokenizer, row, prefixes, eot):
+    """Token ids of the map's prompt followed by each prefix of moves, as training tokenised a chat whose
+    answer starts with those moves (each move one token)."""
+    from preference_datasets import encode_chat
+
+    messages = row["chosen"][:-1]
+    prompt = encode_chat(tokenizer, messages, row["chosen"][-1]["content"], eot)[0]
+    out = []
+    for p in prefixes:
+        out.append(list(prompt) + (list(encode_chat(tokenizer, messages, p, eot)[1][:-1]) if p else []))
+    return out
+
+
+def move_quality(model, tokenizer, rows, eot, batch_size=64):
+    """The paper's quantity for a sequence model: on every held-out map, for every safe cell the agent
+    can reach and leave towards G (game.cell_prefixes), the model's next-move distribution after the
+    shortest safe prefix that reaches the cell (its probabilities of L D R U, renormalised over the
+    four) against the optimal policy there (equal mass on the moves that get closer to G).
+    Returns {'move_mse': mean over cells of the mean over the 4 moves of the squared difference,
+    'move_greedy_optimal': fraction of cells whose most probable move is optimal, 'n_cells'}."""
+    action_ids = [tokenizer.convert_tokens_to_ids(a) for a in ACTIONS]
+    prompts, optimal = [], []
+    for row in rows:
+        cells = cell_prefixes(row["map"])
+        prompts += prefix_prompts(tokenizer, row, [p for _, p, _ in cells], eot)
+        optimal += [m for _, _, m in cells]
+    _, probs = greedy_decode(model, prompts, 1, tokenizer.convert_tokens_to_ids(eot), tokenizer.pad_token_id,
+                             track_ids=action_ids, batch_size=batch_size)
+    sq, hits = [], []
+    for p, best in zip(probs, optimal):
+        q = p[0] / p[0].sum()
+        target = np.array([1.0 / len(best) if a in best else 0.0 for a in ACTIONS])
+        sq.append(float(((q - target) ** 2).mean()))
+        hits.append(ACTIONS[int(q.argmax())] in best)
+    return {"move_mse": float(np.mean(sq)), "move_greedy_optimal": float(np.mean(hits)), "n_cells": len(sq)}
+
+
+def recovery(model, tokenizer, rows, eot, max_new_tokens=40, batch_size=64):
+    """The recovery test: the answer is forced to start with one safe but non-optimal move
+    (game.detour_prefix), the model continues greedily, and the whole answer is played in gymnasium.
+    Returns {'recovery_rate': fraction of the maps with such a prefix where the goal is reached,
+    'n_recovery_maps'}."""
+    chosen = [(r, detour_prefix(r["map"])) for r in rows]
+    chosen = [(r, p) for r, p in chosen if p is not None]
+    prompts = [prefix_prompts(tokenizer, r, [p], eot)[0] for r, p in chosen]
+    new_ids, _ = greedy_decode(model, prompts, max_new_tokens, tokenizer.convert_tokens_to_ids(eot),
+                               tokenizer.pad_token_id, batch_size=batch_size)
+    texts = [p + tokenizer.decode(ids, skip_special_tokens=True).strip() for (_, p), ids in zip(chosen, new_ids)]
+    _, metrics = score_answers([r for r, _ in chosen], texts)
+    return {"recovery_rate": metrics["success_rate"], "n_recovery_maps": len(chosen)}
 
 
 CELL_COLOURS = {"S": "#9ecae1", "F": "#f0f8ff", "H": "#08306b", "G": "#74c476"}
@@ -209,6 +272,8 @@ def main():
     p.add_argument("--picture-map", type=int, default=None, help="index of the test map to draw")
     p.add_argument("--results", help="also write this results.json over all the runs")
     p.add_argument("--skip-played", action="store_true", help="reuse the task_metrics.json of runs that have one")
+    p.add_argument("--measures", action="store_true",
+                   help="also the next-move quality at every cell and the recovery test (move_quality, recovery)")
     a = p.parse_args()
     rows = load_rows(a.data)
     all_metrics = {}
@@ -219,7 +284,7 @@ def main():
         if a.skip_played and played.is_file():
             all_metrics[run] = json.loads(played.read_text())
             continue
-        m = all_metrics[run] = evaluate_run(run, rows, a.max_new_tokens, a.picture_map)
+        m = all_metrics[run] = evaluate_run(run, rows, a.max_new_tokens, a.picture_map, a.measures)
         print(f"{run}: solved {m['success_rate']:.1%} of {m['n_maps']} held-out maps, "
               f"unparseable {m['unparseable_rate']:.1%}")
     if a.results:

@@ -132,3 +132,44 @@ def play(desc, actions):
         return float(reward), taken
     finally:
         env.close()
+
+
+def optimal_moves(desc, pos, dist=None):
+    """The moves from `pos` that get one step closer to G over safe cells (empty when G is unreachable)."""
+    dist = distances_to_goal(desc) if dist is None else dist
+    if dist[pos] <= 0:
+        return ""
+    return "".join(a for a in ACTIONS if step(desc, pos, a) != pos and dist[step(desc, pos, a)] == dist[pos] - 1)
+
+
+def cell_prefixes(desc):
+    """For every safe cell from which G can be reached, the shortest safe prefix that gets there from S
+    (breadth-first over S/F cells, never through G or a hole; moves tried in TIE_ORDER) and the optimal
+    moves there: [(pos, prefix, optimal_moves)], S first (with the empty prefix). Cells the agent cannot
+    reach from S, or from which G cannot be reached, are left out."""
+    dist = distances_to_goal(desc)
+    start = find(desc, "S")
+    prefix, queue = {start: ""}, deque([start])
+    while queue:
+        pos = queue.popleft()
+        for a in TIE_ORDER:
+            nxt = step(desc, pos, a)
+            if nxt not in prefix and desc[nxt[0]][nxt[1]] in "SF":
+                prefix[nxt] = prefix[pos] + a
+                queue.append(nxt)
+    return [(pos, p, optimal_moves(desc, pos, dist)) for pos, p in prefix.items() if dist[pos] > 0]
+
+
+def detour_prefix(desc):
+    """The recovery test's prefix: the shortest path's first k moves, then one safe move that is not
+    optimal (it stays on the lake, enters no hole, does not reach G and leaves G reachable), at the
+    first k where such a move exists; None when the path offers none."""
+    dist = distances_to_goal(desc)
+    best, pos = shortest_path(desc), find(desc, "S")
+    for k in range(len(best)):
+        for a in ACTIONS:
+            nxt = step(desc, pos, a)
+            if nxt != pos and a not in optimal_moves(desc, pos, dist) and dist[nxt] > 0:
+                return best[:k] + a
+        pos = step(desc, pos, best[k])
+    return None

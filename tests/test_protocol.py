@@ -1,0 +1,126 @@
+"""experiments/protocol.py: the t quantiles against a numerical integral of Student's t density, the
+interval and the paired difference against hand computations, and the protocol's rules: equal
+budgets, the setting chosen on validation only, test runs only for the chosen setting."""
+
+import math
+import statistics
+
+import pytest
+
+from experiments import protocol
+
+
+def t_cdf(x, df, steps=20000):
+    """P(T <= x) for x > 0 by Simpson's rule on the density from 0 to x (the density is symmetric)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = x / steps
+    s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, steps))
+    return 0.5 + s * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 19, 30])
+def test_t_quantiles_are_the_975th_percentiles(df):
+    assert t_cdf(protocol.t975(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_interval_and_paired_difference_by_hand():
+    a, b = [0.2, 0.4, 0.3, 0.5, 0.1], [0.1, 0.1, 0.3, 0.2, 0.0]
+    s = math.sqrt(sum((x - 0.3) ** 2 for x in a) / 4)
+    got = protocol.mean_ci95(a)
+    assert got["mean"] == pytest.approx(0.3) and got["per_seed"] == a
+    assert got["ci95"] == pytest.approx([0.3 - 2.776 * s / math.sqrt(5), 0.3 + 2.776 * s / math.sqrt(5)])
+    d = [x - y for x, y in zip(a, b)]
+    sd = statistics.stdev(d)
+    assert protocol.paired(a, b)["ci95"] == pytest.approx([statistics.fmean(d) - 2.776 * sd / math.sqrt(5),
+                                                          statistics.fmean(d) + 2.776 * sd / math.sqrt(5)])
+    with pytest.raises(ValueError):
+        protocol.paired(a, b[:4])
+
+
+def test_the_protocol_tunes_on_validation_and_tests_only_the_chosen_setting(tmp_path):
+    # validation loss is lowest at lr=2 for "sft" and at lr=1 for "ift"; the test split would prefer others
+    calls = []
+
+    def evaluate_many(jobs):
+        calls.append(jobs)
+        out = []
+        for method, setting, split, seed in jobs:
+            best = 2 if method == "sft" else 1
+            loss = abs(setting["lr"] - best) if split == "validation" else -setting["lr"] + 0.01 * seed
+            out.append({"loss": loss, "acc": 1 - loss, "_cpu_s": 1.5})
+        return out
+
+    budget = protocol.Budget({"sft": [{"lr": 1}, {"lr": 2}, {"lr": 3}], "ift": [{"lr": 1}, {"lr": 2}, {"lr": 3}]},
+                             val_seeds=(0, 1), test_seeds=tuple(range(5)), select="loss")
+    results = protocol.run_protocol(budget, evaluate_many, log=lambda *_: None)
+    assert [s for _, _, s, _ in calls[0]] == ["validation"] * 12  # every setting, only validation, first
+    assert {(m, st["lr"], sp) for m, st, sp, _ in calls[1]} == {("sft", 2, "test"), ("ift", 1, "test")}
+    assert results["sft"]["chosen"] == {"lr": 2} and results["ift"]["chosen"] == {"lr": 1}
+    assert results["sft"]["test"]["loss"]["per_seed"] == pytest.approx([-2 + 0.01 * s for s in range(5)])
+    assert results["ift"]["paired_vs_sft"]["loss"]["mean"] == pytest.approx(1.0)
+    assert results["sft"]["budget"] == {"settings": 3, "validation_runs": 6, "test_runs": 5,
+                                        "tuning_cpu_s": 9.0, "cpu_s": 16.5}
+    assert "_cpu_s" not in results["sft"]["test"]
+    report = protocol.write_report(results, tmp_path, "toy").read_text()
+    assert "| sft | **lr=2** |" in report and "| ift − sft |" in report and "**lr=1: 0**" in report
+    assert (tmp_path / "protocol.png").stat().st_size > 5000
+
+
+def test_unequal_budgets_and_too_few_seeds_are_refused():
+    with pytest.raises(ValueError, match="unequal tuning budgets"):
+        protocol.Budget({"sft": [{"lr": 1}], "ift": [{"lr": 1}, {"lr": 2}]}).check()
+    with pytest.raises(ValueError, match="at least 5"):
+        protocol.Budget({"sft": [{"lr": 1}]}, test_seeds=(0, 1, 2)).check()
+
+
+def test_report_runs_a_named_protocol_and_refuses_an_unknown_one(monkeypatch):
+    import report
+    from experiments.frozen_lake_paper import run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append(argv) or 0)
+    assert report.main(["--protocol", "frozen_lake_paper", "--out", "x", "--quick"]) == 0
+    assert seen == [["--out", "x", "--quick"]]
+    with pytest.raises(SystemExit, match="one of frozen_lake_paper, frozen_lake"):
+        report.main(["--protocol", "lake"])
+
+
+def test_the_llm_lake_stops_each_setting_where_validation_nll_was_lowest_and_tests_it_there(tmp_path, monkeypatch):
+    """experiments/frozen_lake/tune.py with train.py and the evaluation replaced by stand-ins that write
+    what they would (the real ones are tested elsewhere): the protocol's bookkeeping alone."""
+    import json
+
+    from experiments.frozen_lake import tune
+
+    curves = {2e-3: [0.9, 0.5, 0.4, 0.45], 4e-3: [0.8, 0.3, 0.35, 0.5]}  # nll at 16, 32, 48, 64 examples
+    launched = []
+
+    def fake_child(cmd, log):
+        from pathlib import Path
+        if "experiments.frozen_lake.evaluate_env" in cmd:  # the play of the test maps: its task metrics
+            (Path(cmd[-1]) / "task_metrics.json").write_text(json.dumps(
+                {"success_rate": 0.5, "move_mse": 0.1, "move_greedy_optimal": 0.7, "recovery_rate": 0.2}))
+            return 2.0
+        args = dict(a.split("=", 1) for a in cmd if "=" in a)  # train.py: its eval rows
+        launched.append(args)
+        run = Path(args["run_dir"])
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "metrics.jsonl", "w") as f:
+            for i, nll in enumerate(curves[float(args["lr"])][:int(args["n_examples"]) // 16]):
+                f.write(json.dumps({"split": "eval", "examples": 16 * (i + 1), "nll": nll}) + "\n")
+        return 2.0
+
+    monkeypatch.setattr(tune, "run_child", fake_child)
+    monkeypatch.setattr(tune, "QUICK", dict(n_train=20, n_val=4, n_test=4, max_examples=64, eval_every=16,
+                                           batch=16, test_seeds=5))
+    exp = tune.Experiment(tmp_path / "out", quick=True, jobs=1)
+    budget = protocol.Budget({"sft": [{"lr": 2e-3}, {"lr": 4e-3}]}, val_seeds=(0,), test_seeds=tuple(range(5)),
+                             select="nll")
+    results = protocol.run_protocol(budget, exp.evaluate_many, log=lambda *_: None)
+    assert results["sft"]["chosen"] == {"lr": 4e-3}  # lowest validation nll: 0.3
+    tests = [a for a in launched if "validation" not in a["datasets"]]
+    assert len(tests) == 5 and {a["n_examples"] for a in tests} == {"32"}  # stopped where nll was lowest
+    assert {a["seed"] for a in tests} == {"0", "1", "2", "3", "4"}
+    assert results["sft"]["test"]["nll"]["per_seed"] == [0.3] * 5
+    assert results["sft"]["budget"]["cpu_s"] == pytest.approx(2.0 * 2 + 5 * 4.0)
