@@ -116,6 +116,12 @@ class Run:
     compile: bool = option(False, "torch.compile each decoder block (model.block_name)")
     compile_backend: str = option("inductor", "inductor | aot_eager | eager: the torch.compile backend (aot_eager: "
                                               "for debugging)", choices=("inductor", "aot_eager", "eager"))
+    reference_logps: str = option("live", "live | precompute: DPO/IPO/cDPO run the reference once over the train and "
+                                          "eval rows before\ntraining (cached beside the tokenised data), free it and "
+                                          "train with the policy alone; same losses", choices=("live", "precompute"))
+    peak_tflops: Optional[float] = option(None, "peak dense TFLOP/s of one device, the denominator of the logged "
+                                                "mfu; null = the card's bf16/fp16\nfigure from flops.PEAK_TFLOPS "
+                                                "(CUDA; no mfu on the CPU or an unlisted card)", low=0, low_open=True)
 
     datasets: list = option(["ultrachat_sample", "ultrafeedback_sample"],
                             "registry names (ultrachat, ultrafeedback, hh, shp, orca),\ntheir bundled samples "
@@ -125,8 +131,19 @@ class Run:
                                                          "download (offline use); null = the hub")
     max_length: int = option(512, "longest prompt + answer in tokens", low=2)
     max_prompt_length: int = option(256, "when prompt + answer exceed max_length, a longer prompt is cut to this "
-                                         "(keeping its end),\nthen the answer to what is left; a row left with no "
-                                         "answer token is dropped (and counted)", low=1, high="max_length")
+                                         "(keeping its end),\nthen the answer to what is left (keeping its "
+                                         "end-of-turn token); counted per dataset", low=1, high="max_length")
+    min_answer_tokens: int = option(128, "a prompt is cut further than max_prompt_length when needed so that every "
+                                         "answer keeps at least\nmin(its length, this, max_length // 2) tokens: no "
+                                         "row is ever dropped (README \"Truncation\")", low=1)
+    rows_per_dataset: Optional[int] = option(None, "training rows each dataset contributes: a random sample drawn "
+                                                   "from (seed, dataset name)\nbefore tokenisation, the same on every "
+                                                   "rank and resume; null = all rows", low=1)
+    num_proc: Optional[int] = option(None, "worker processes that tokenise (rank 0 only; the other ranks map its "
+                                           "result);\nnull = one per CPU, at most 8 (1 under 2,000 rows)", low=1)
+    dry_run: bool = option(False, "compose, check, load the tokenizer and every dataset, tokenise, print the data "
+                                  "and the\nplan (steps, tokens, FLOPs; last line JSON), exit: no model, no run "
+                                  "directory, no wandb")
     n_eval_examples: Optional[int] = option(256, "eval rows used (null = the whole test split)", low=1)
 
     batch_size: int = option(32, "GLOBAL examples per optimizer step, over all ranks and accumulation steps", low=1,
@@ -195,7 +212,8 @@ NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_che
             "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
             "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
             "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
-            "resume_from", "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra")
+            "resume_from", "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra",
+            "reference_logps", "peak_tflops")
 
 
 def changes_the_math(key):

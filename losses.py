@@ -2,9 +2,7 @@
 
 Read top-down: the registry (what the trainer calls), then each loss, its math beside its class. The
 IFT math follows docs/ift_spec.md section by section ("spec §N" in the comments is its section N).
-Every loss gets its log-probs from a `forward.ModelCall`, passed in as `call`: how the model is called
-(chunked output head, packing, the hooks) lives in forward.py, not here.
-
+Every loss gets its log-probs from a `forward.ModelCall`, passed in as `call` (forward.py: the hooks).
 Conventions
 - B rows, T tokens. `labels` is `input_ids` with -100 wherever there is no loss (prompt, padding).
 - Position t predicts token t+1, so every per-token tensor here is (B, T-1):
@@ -34,10 +32,8 @@ PROPAGATION_NORMS = ("L1", "L2", "softmax", "log")
 
 # ---------------------------------------------------------------- The registry: what the trainer calls
 
-# Each loss is a dataclass registered under its name: its fields are its config keys (default, allowed
-# values, the comment config/loss/<name>.yaml shows: that file is written from them), and `rows`
-# computes it. The trainer builds one from the run's `loss` section and asks it; nothing else knows
-# which losses exist.
+# Each loss is a dataclass registered under its name: its fields are its config keys (config/loss/<name>.yaml
+# is written from them) and `rows` computes it. Nothing but the registry knows which losses exist.
 
 LOSSES = {}
 
@@ -63,6 +59,11 @@ class Loss:
     def lam(self, step, total_steps, warmup_steps, seed, disturb):
         """IFT's lambda for optimizer step `step`; None for losses without one."""
         return None
+
+    def no_grad_passes(self, lam):
+        """Forwards of the policy without gradient that `rows` makes per micro-batch besides the trained
+        one (the FLOPs count, flops.py); a reference model's forward is counted by the trainer."""
+        return 0
 
     def rows(self, call, policy, reference, batch, lam):
         """Per-row losses of one micro-batch. call: the forward.ModelCall that scores the models.
@@ -195,6 +196,9 @@ class IFT(Loss):
         lam = scheduled_lambda(step, total_steps, warmup_steps, self.min_lambda, self.max_lambda,
                                self.lambda_schedule)
         return disturbed_lambda(lam, seed, step, self.lambda_disturb, self.disturb_std) if disturb else lam
+
+    def no_grad_passes(self, lam):
+        return 1 if float(lam) > 0 else 0  # the intuition pass; lambda = 0 skips it (ift_rows)
 
     def rows(self, call, policy, reference, batch, lam):
         return ift_rows(call, policy, *_unpack(batch), lam, self.gamma, self.propagation_type, self.propagation_side,
@@ -407,6 +411,8 @@ def _preference_rows(call, policy, reference, batch, loss_type, beta, label_smoo
     pol = call.pair_logps(policy, batch)
     if reference_free:
         ref_chosen, ref_rejected = torch.zeros_like(pol.chosen), torch.zeros_like(pol.rejected)
+    elif "reference_chosen_logps" in batch:  # reference_logps=precompute: the reference's sums, computed before
+        ref_chosen, ref_rejected = (batch[f"reference_{k}_logps"].to(pol.chosen.dtype) for k in ("chosen", "rejected"))
     else:
         if reference is None:
             raise ValueError(f"loss={loss_type} with reference_free=false needs a reference model")

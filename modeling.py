@@ -107,13 +107,13 @@ def greedy_samples(model, tokenizer, data, n, max_new_tokens, device):
 
     model.eval()
     out = []
-    rows = list(zip(data.prompts, data.prompt_ids, data.answers))[:n]
+    rows = list(zip(data.questions[:n], data.prompt_ids[:n], data.answers[:n]))
     bar = is_main() and sys.stderr.isatty()  # a log file (not a terminal) gets no carriage-return stream
     for prompt, ids, ref in tqdm(rows, desc="greedy answers", leave=False, disable=not bar):
         gen = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
-        out.append({"prompt": prompt[-1]["content"], "reference": ref, "answer": answer,
+        out.append({"prompt": prompt, "reference": ref, "answer": answer,
                     "exact": answer == ref.strip()})
     return out

@@ -4,7 +4,7 @@ rows for one batch) before any model loads or any run directory exists."""
 from omegaconf import OmegaConf
 
 from preference_datasets import DataError, load_split, mask_audit
-from utils import main_process_first
+from utils import is_main, main_process_first
 
 
 def load_data(cfg, tokenizer, pairs, eot_token=None):
@@ -12,9 +12,10 @@ def load_data(cfg, tokenizer, pairs, eot_token=None):
     other ranks find the datasets cache warm. pairs: keep the rejected answers (the loss needs them)."""
     kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
               dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
-              eot_token=eot_token)
-    with main_process_first():
-        train = load_split(cfg.datasets, "train", **kw)
+              eot_token=eot_token, min_answer_tokens=cfg.min_answer_tokens, num_proc=cfg.num_proc,
+              log=print if is_main() else None)
+    with main_process_first():  # rank 0 reads and tokenises into the cache; the others then map its files
+        train = load_split(cfg.datasets, "train", **kw, rows_per_dataset=cfg.rows_per_dataset, seed=cfg.seed)
         evals = load_eval_split(cfg.datasets, kw)
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = evals.first(cfg.n_eval_examples)

@@ -25,6 +25,7 @@ import launch as launcher
 import lora
 import losses
 import modeling
+import planning
 import run_data
 from sweeps import sweep_run_dir
 from utils import ConfigError, NonFiniteError, barrier, broadcast_object, is_main, make_run_dir, released_on_failure, \
@@ -47,6 +48,8 @@ def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     try:
         plan = validate_config(sweep_run_dir(cfg))
+        if cfg.dry_run:  # the data and the plan, without a model, a run directory or wandb
+            return planning.dry_run(cfg, modeling.load_tokenizer, run_data.load_data)
         if plan.finished:  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return

@@ -22,13 +22,18 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoints
+import flops
+import forward
 import lora
 import losses
 import modeling
+import planning
+import reference_logps
 from forward import ModelCall
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, \
@@ -49,6 +54,8 @@ class BasicTrainer:
         plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
     """
 
+    recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
+
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
                  plan=checkpoints.ResumePlan()):
         self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
@@ -62,21 +69,18 @@ class BasicTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
         self.skipped_steps = self.consecutive_skips = 0  # updates not applied: non-finite loss or gradient
         self.n_micro = cfg.gradient_accumulation_steps * self.world
-        self.steps_per_epoch = len(train_data) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training rows")
-        # as in the reference code, training stops at n_epochs or n_examples, whichever comes first
-        self.total_steps = cfg.n_epochs * self.steps_per_epoch
-        if cfg.n_examples is not None:
-            self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
-        if self.total_steps == 0:
-            raise ValueError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: no step to take")
-        self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None
-                             else min(cfg.warmup_steps, self.total_steps))
+        schedule = planning.schedule(len(train_data), cfg)  # what dry_run=true prints
+        self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
+        self.warmup_steps = schedule["warmup_steps"]
 
         self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
         # how the losses call the models (chunked output head, packing), handed to every loss call
         self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
+        # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
+        self.shape = flops.shape_of(policy)
+        self.train_sizes = sequence_sizes(train_data)
+        self.peak_tflops = flops.device_peak_tflops(device, cfg.get("peak_tflops"))
+        self.head_chunk = cfg.loss_chunk_tokens if forward._chunkable(policy, policy.get_output_embeddings()) else None
         self.policy = self.wrap(policy, trainable=True)
         self.reference = None
         if reference is not None:
@@ -86,6 +90,10 @@ class BasicTrainer:
         elif lora.enabled(cfg) and self.loss.needs_reference:
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
+        self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
+        if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
+            self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
+            self.reference = None  # freed (once train.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -159,6 +167,17 @@ class BasicTrainer:
 
     # ------------------------------------------------------------ the loop
 
+    def step_flops(self, micro, lam):
+        """Matrix-product FLOPs of one optimizer step over all ranks (flops.py). micro: the global
+        batch's micro-batches (arrays of row indices)."""
+        tokens, targets = self.train_sizes
+        passes = self.loss.no_grad_passes(lam) + (self.reference is not None)  # + a live reference's forward
+        return sum(flops.call_flops(self.shape, tokens[rows].ravel(), targets[rows].ravel(), passes,
+                                    lora=lora.enabled(self.cfg), head_chunk=self.head_chunk,
+                                    recompute_blocks=self.recomputes_blocks)
+                   for rows in micro if len(rows))
+
+
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.
         micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
@@ -176,6 +195,9 @@ class BasicTrainer:
             ignore = len(rows) == 0
             rows = micro[0][:1] if ignore else rows
             batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
+            if self.reference_logps is not None:  # the reference's precomputed sums instead of its forward
+                batch.update(reference_logps.batch_columns(self.reference_logps["train" if train else "eval"], rows,
+                                                           self.device))
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
             tokens += sum(int(m.sum()) for m in masks)
             slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
@@ -217,14 +239,15 @@ class BasicTrainer:
             self.policy.train()
             batch = self.global_batch(step)
             lam = self.lam(step, disturb=True)
-            sums, tokens, slots = self.run_micro_batches(micro_batches(batch, self.train_lengths, self.n_micro),
-                                                         len(batch), lam, train=True)
+            micro = micro_batches(batch, self.train_lengths, self.n_micro)
+            sums, tokens, slots = self.run_micro_batches(micro, len(batch), lam, train=True)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip, check and log the true gradients
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
             dt = self.last_step_s = time.perf_counter() - t0
+            tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
             self.tokens_seen += tokens
             self.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
@@ -232,11 +255,14 @@ class BasicTrainer:
             if lam is not None:
                 row["lambda"] = lam
             row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
-                       tokens_per_s=tokens / dt)
+                       tokens_per_s=tokens / dt, tflops=tflops)
+            if self.peak_tflops is not None:
+                row["mfu"] = tflops / self.peak_tflops
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.get_scale()
             self.log(row)
-            progress.step(step + 1, loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}")
+            progress.step(step + 1, loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}",
+                          **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             if error:  # after logging the step's row; nothing of this step reached the weights
                 raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
@@ -372,7 +398,7 @@ class BasicTrainer:
         state = self.full_state_dict()  # merged in float32 (or as trained), then cast
         if is_main():
             with atomic_directory(directory) as tmp:
-                lora.save_final(self.policy, self.tokenizer, state, tmp, dtype, self.cfg)
+                lora.save_final(self.policy, tokenizer_as_trained(self.tokenizer), state, tmp, dtype, self.cfg)
         barrier()
 
     def _save_model(self, directory, dtype):
@@ -380,7 +406,7 @@ class BasicTrainer:
         if is_main():
             with atomic_directory(directory) as tmp:
                 self.policy.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                tokenizer_as_trained(self.tokenizer).save_pretrained(tmp)
         barrier()
 
     def save_checkpoint(self, step):
@@ -417,6 +443,32 @@ class BasicTrainer:
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
+
+
+def tokenizer_as_trained(tokenizer):
+    """The tokenizer to save with the weights, so that tools rendering its chat template (lm-eval,
+    vLLM, generate) give the model the prompt it was trained on. Training prepends bos to every chat
+    when the tokenizer has one and neither the template nor encoding adds it
+    (preference_datasets.encode_chat); then the saved template starts with {{ bos_token }} itself (a copy;
+    the training tokenizer is unchanged). Otherwise the tokenizer as it is."""
+    import copy
+    if tokenizer.bos_token is None or not tokenizer.chat_template:
+        return tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    if tokenizer(text)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    saved = copy.deepcopy(tokenizer)
+    saved.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return saved
+
+
+def sequence_sizes(data):
+    """(tokens, targets), each (N, k) int64: the real tokens and target tokens of each of row i's k
+    sequences (k = 2 with rejected answers: chosen, rejected), what one forward of the row computes."""
+    answers = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
+    prompt = data.column_lengths("prompt_ids")  # read from the Arrow offsets, no row materialised
+    targets = np.stack([data.column_lengths(column) for column in answers], axis=1)
+    return prompt[:, None] + targets, targets
 
 
 SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
@@ -508,6 +560,7 @@ class FSDPTrainer(BasicTrainer):
             raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
                              f"{type(model).__name__}; set it to its decoder layer class")
         if trainable and self.cfg.activation_checkpointing:
+            self.recomputes_blocks = True  # counted in the step's FLOPs
             # recompute each block's activations in backward instead of storing them
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:

@@ -101,6 +101,7 @@ import transformers  # noqa: E402
 import forward  # noqa: E402
 import losses  # noqa: E402
 import scan  # noqa: E402
+from forward import ModelCall  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -109,6 +110,8 @@ LOSS_CONFIGS = {
     "ift": {"name": "ift", "gamma": 0.95, "propagation_type": "loss", "propagation_side": "left",
             "propagation_norm": "L1"},
     "dpo": {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0, "reference_free": False},
+    # DPO with reference_logps=precompute: the reference's sums ride in the batch, no reference model is held
+    "dpo_pre": {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0, "reference_free": False},
     "orpo": {"name": "orpo", "beta": 0.1},
 }
 
@@ -139,7 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed rounds first (on the CPU at least 2: the last one measures memory, after the "
                         "first has created the optimizer state)")
-    p.add_argument("--losses", default="sft,ift,dpo,orpo", help="comma-separated subset of sft,ift,dpo,orpo")
+    p.add_argument("--losses", default="sft,ift,dpo,orpo", help="comma-separated subset of sft,ift,dpo,dpo_pre,orpo (dpo_pre: DPO with "
+                        "reference_logps=precompute; not in the default set)")
     p.add_argument("--lam", type=float, default=0.2, help="IFT's lambda")
     p.add_argument("--optimizer", default="AdamW", choices=("AdamW", "RMSprop"))
     p.add_argument("--lr", type=float, default=1e-5)
@@ -389,7 +393,8 @@ class Runner:
         """One training step with loss `name`. Returns marks (start, after forward, after backward, end)."""
         clock = self.clock
         t0 = clock.mark()
-        row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], self.policy, self.reference, batch, lam)
+        reference = None if name == "dpo_pre" else self.reference  # dpo_pre reads the sums from its batch
+        row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], self.policy, reference, batch, lam)
         loss = losses.reduce_rows(row_losses, valid, {})[0] / row_losses.shape[0]  # the trainer's reduction
         t1 = clock.mark()
         loss.backward()
@@ -398,6 +403,14 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         t3 = clock.mark()
         return t0, t1, t2, t3
+
+
+@torch.no_grad()
+def with_reference_sums(batch, reference):
+    """The preference batch plus the reference's summed log-probs, as reference_logps=precompute gives them
+    (computed once, before the timed steps)."""
+    pair = ModelCall().pair_logps(reference, batch)
+    return {**batch, "reference_chosen_logps": pair.chosen.double(), "reference_rejected_logps": pair.rejected.double()}
 
 
 def summarize_step(clock, marks, spans):
@@ -414,6 +427,8 @@ def run_main(args, policy, reference, optimizer, clock):
     """Warm-up and timed rounds. Returns {loss: {"times": [per-round dicts], "growth": [bytes], ...}}."""
     sft_batch, pref_batch = make_batches(args.batch, args.seq, args.vocab, args.seed + 1, args.device)
     batches = {"sft": sft_batch, "ift": sft_batch, "dpo": pref_batch, "orpo": pref_batch}
+    if "dpo_pre" in args.losses:
+        batches["dpo_pre"] = with_reference_sums(pref_batch, reference)
     lams = {name: (args.lam if name == "ift" else 0.0) for name in args.losses}
     runner = Runner(args, policy, reference, optimizer, clock)
     results = {name: {"times": [], "growth": []} for name in args.losses}
@@ -572,13 +587,13 @@ def report(args, results, resident, long):
     print(f"memory: growth = {mem_how}; total = growth + resident (params + buffers + optimizer state + "
           f"batch, + reference for DPO)")
     print()
-    hdr = (f"{'loss':<5} {'wall s':>7} {'min':>6} {'max':>6} {'fwd':>6} {'bwd':>6} {'opt':>5} {'xSFT':>5} "
+    hdr = (f"{'loss':<7} {'wall s':>7} {'min':>6} {'max':>6} {'fwd':>6} {'bwd':>6} {'opt':>5} {'xSFT':>5} "
            f"{'cpu s':>7} {'xSFT':>5} {'growth MiB':>10} {'total MiB':>9} {'xSFT':>5}")
     print(hdr)
     print("-" * len(hdr))
     for n in names:
         ts = results[n]["times"]
-        print(f"{n:<5} {med_time[n]:>7.2f} {min(t['step'] for t in ts):>6.2f} {max(t['step'] for t in ts):>6.2f} "
+        print(f"{n:<7} {med_time[n]:>7.2f} {min(t['step'] for t in ts):>6.2f} {max(t['step'] for t in ts):>6.2f} "
               f"{med([t['forward'] for t in ts]):>6.2f} {med([t['backward'] for t in ts]):>6.2f} "
               f"{med([t['optimizer'] for t in ts]):>5.2f} "
               f"{fmt(ratio(med_time[n], med_time.get('sft'))):>5} "
@@ -608,7 +623,7 @@ def report(args, results, resident, long):
 
     print("\nRatios (this run; 'of medians' = ratio of the two medians, 'per round' = median over rounds of the")
     print("ratio within a round; memory: total and growth)")
-    print(f"  {'':<24} {'wall: of medians':>16} {'per round':>10}" + (f" {'cpu: of medians':>16} {'per round':>10}"
+    print(f"  {'':<34} {'wall: of medians':>16} {'per round':>10}" + (f" {'cpu: of medians':>16} {'per round':>10}"
                                                                         if on_cpu else "") + "   target")
     lines = []
 
@@ -630,7 +645,7 @@ def report(args, results, resident, long):
                      f" {'growth ' + fmt(ratio(growth[a], growth[b]), '.3f'):>16}" + (f" {'':>10}" if on_cpu else ""))
             if target:
                 note = f"<= {target:.2f}: {verdict(ratio(total[a], total[b]), target)} (total)"
-        lines.append(f"  {label:<24} {cells}   {note}")
+        lines.append(f"  {label:<34} {cells}   {note}")
 
     add("IFT / SFT  step time", "ift", "sft", "time", TARGETS["ift/sft time"])
     add("IFT / SFT  peak memory", "ift", "sft", "mem", TARGETS["ift/sft memory"])
@@ -642,6 +657,8 @@ def report(args, results, resident, long):
     add("ORPO / SFT peak memory", "orpo", "sft", "mem")
     add("DPO / SFT  step time", "dpo", "sft", "time")
     add("DPO / SFT  peak memory", "dpo", "sft", "mem")
+    add("DPO precomputed / live step time", "dpo_pre", "dpo", "time")
+    add("DPO precomputed / live peak memory", "dpo_pre", "dpo", "mem")
     print("\n".join(lines) if lines else "  (needs at least two losses)")
 
     if long is not None and long["steps"]:
@@ -687,7 +704,7 @@ def main(argv=None):
     print("=" * 100, flush=True)
 
     reference = None
-    if "dpo" in args.losses:
+    if "dpo" in args.losses or "dpo_pre" in args.losses:
         reference = copy.deepcopy(policy).eval()
         reference.requires_grad_(False)
     if args.optimizer == "RMSprop":
@@ -703,8 +720,9 @@ def main(argv=None):
     base = model_bytes(policy) + optimizer_bytes(optimizer)
     resident = {}
     for n in args.losses:
-        b = tensor_bytes((pref_batch if n in ("dpo", "orpo") else sft_batch).values())
-        resident[n] = base + b + (model_bytes(reference) if n == "dpo" else 0)
+        b = tensor_bytes((pref_batch if n in ("dpo", "dpo_pre", "orpo") else sft_batch).values())
+        # dpo_pre holds no reference model, only its two float64 sums per row
+        resident[n] = base + b + (model_bytes(reference) if n == "dpo" else 2 * 8 * args.batch if n == "dpo_pre" else 0)
 
     long = None
     if not args.skip_long:

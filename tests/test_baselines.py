@@ -56,7 +56,7 @@ def assert_finite_floats(row, keys):
 PREFERENCE_KEYS = ("loss", "rewards_accuracy", "rewards_margin", "rewards_chosen", "rewards_rejected",
                    "logps_chosen", "logps_rejected")
 ORPO_KEYS = ("loss", "nll", "log_odds_ratio", "logps_chosen", "logps_rejected")
-TRAIN_KEYS = ("lr", "grad_norm", "step_time_s", "tokens_per_s")
+TRAIN_KEYS = ("lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops")
 
 
 def metric_keys(loss_name):

@@ -373,5 +373,5 @@ def test_a_run_with_packing_chunked_head_and_compile_equals_a_plain_run(tmp_path
     assert len(plain) == len(fast) > 2
     for ra, rb in zip(plain, fast):
         for key in ra:
-            if key not in ("step_time_s", "tokens_per_s", "split"):
+            if key not in ("step_time_s", "tokens_per_s", "tflops", "mfu", "split"):  # timings
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key

@@ -251,8 +251,9 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
 def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     cfg = make_cfg(f"run_dir={reference[2]}", *STEPS, "resume_from=latest")
-    other = TokenizedData(prompt_ids=[[1, 2]], chosen_ids=[[3]], rejected_ids=None, prompts=[""], answers=[""],
-                          origins=[""])
+    import datasets
+    table = datasets.Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[]], "row": [0]})
+    other = TokenizedData(table, False, [{"name": "other", "rows": 1, "available": 1}], "train")
     with pytest.raises(ConfigError, match=r"tokenised training data \(sha256\): '[0-9a-f]{32}' in the checkpoint"):
         checkpoints.check_fingerprint(cfg, checkpoint, other)
 

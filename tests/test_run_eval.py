@@ -1,5 +1,6 @@
 """run_eval.py: lm-eval-harness on a run's final/. The bundled quick task end to end on a freshly
-trained tiny model (its answers checked against our own greedy generation), the task's scoring
+trained tiny model (its answers checked against the trainer's own greedy samples at lm-eval's batch
+size, on a model that answers some rows right), the task's scoring
 against a hand count, the paper suite's tasks and metrics in the installed harness, results that
 accumulate across calls, and one-line errors for bad input."""
 
@@ -11,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import modeling
+import run_data
 import run_eval
 from conftest import run_inprocess
 from utils import REPO_DIR
@@ -19,14 +22,22 @@ sys.path.insert(0, str(REPO_DIR / "eval_tasks"))
 import ift_quick  # noqa: E402
 
 
+QUICK_ROWS = 16  # the quick task's first rows: the fixture's model learns them, the test evaluates them
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A run directory with final/ from a short SFT run of the tiny model."""
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    run_inprocess(run_dir, "loss=sft", "datasets=[ultrachat_sample]", "n_examples=96", "batch_size=16", "lr=2e-3",
-                  "optimizer=AdamW", "warmup_steps=0", "n_eval_examples=16", "eval_batch_size=16", "eval_every=1000",
-                  "do_first_eval=false")
-    return run_dir
+    """A run directory with final/ from an SFT run of the tiny model on the quick task's first rows
+    (train and test split alike), long enough that it answers some of them exactly, not all."""
+    root = tmp_path_factory.mktemp("eval")
+    rows = "".join(json.dumps({"prompt": r["question"], "chosen": r["answer"]}) + "\n"
+                   for r in ift_quick.single_turn_rows()[:QUICK_ROWS])
+    (root / "rows").mkdir()
+    for split in ("train", "test"):
+        (root / "rows" / f"{split}.jsonl").write_text(rows)
+    run_inprocess(root / "run", "loss=sft", f"datasets=[{root / 'rows'}]", "n_epochs=30", "batch_size=8", "lr=3e-3",
+                  "optimizer=AdamW", "warmup_steps=0", "eval_batch_size=8", "eval_every=100000", "do_first_eval=false")
+    return root / "run"
 
 
 def our_greedy_answer(model, tokenizer, question, max_new_tokens):
@@ -49,10 +60,10 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
                "n_samples": 1172, "limit": None, "metrics": {"acc_norm,none": 0.5}}
     (trained_run / "eval" / "results.json").write_text(json.dumps({"tasks": {"arc_challenge": earlier}}))
 
-    n = 12
-    # batch size 1: no padding, so the harness's forward passes are exactly ours
+    n = QUICK_ROWS
+    # lm-eval's batch size (run_eval.py's default, 8): left-padded batches against our one-by-one answers
     proc = subprocess.run([sys.executable, "run_eval.py", str(trained_run), "--suite", "quick", "--limit", str(n),
-                           "--batch-size", "1", "--device", "cpu", "--log-samples"],
+                           "--device", "cpu", "--log-samples"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,14 +78,19 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
     rows = ift_quick.single_turn_rows()[:n]
     assert [s["doc"] for s in samples] == rows
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # the trainer's own greedy answers (modeling.greedy_samples, what n_samples reports) to the same rows
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+    cfg = OmegaConf.load(trained_run / "config.yaml")
+    tokenizer = modeling.load_tokenizer(cfg)
+    _, data = run_data.load_data(cfg, tokenizer, pairs=False)
     model = AutoModelForCausalLM.from_pretrained(trained_run / "final").eval()
-    tokenizer = AutoTokenizer.from_pretrained(trained_run / "final")
-    with torch.no_grad():
-        ours = [our_greedy_answer(model, tokenizer, r["question"], 24) for r in rows]
-    assert [s["response"].strip() for s in samples] == [a.strip() for a in ours]
-    exact = [float(a.strip() == r["answer"].strip()) for a, r in zip(ours, rows)]
+    ours = {s["prompt"]: s for s in modeling.greedy_samples(model, tokenizer, data, n, 24, torch.device("cpu"))}
+    assert sorted(ours) == sorted(r["question"] for r in rows)
+    assert [s["response"].strip() for s in samples] == [ours[r["question"]]["answer"] for r in rows]
+    exact = [float(ours[r["question"]]["exact"]) for r in rows]
     assert [s["exact_match"] for s in samples] == exact
+    assert 0 < sum(exact) < n  # some answers right, some wrong: the comparison can tell them apart
     assert quick["value"] == pytest.approx(sum(exact) / n, abs=1e-12)
 
     table = (trained_run / "eval" / "results.md").read_text()

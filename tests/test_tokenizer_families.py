@@ -80,7 +80,7 @@ def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_di
     for name in DATASETS:
         pairs = name != "ultrachat"
         full = pd.load_split([name + "_sample"], "test", tok, 4096, 4096, pairs)
-        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs)  # sample answers: <= 8 tokens
+        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs, min_answer_tokens=2)  # answers: <= 8 tokens
         assert len(cut) == len(full)
         sides = [("chosen_ids", full.chosen_ids)] + ([("rejected_ids", full.rejected_ids)] if pairs else [])
         for i in range(len(full)):

@@ -132,7 +132,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     warmup = ["loss.lambda_schedule=warmup", "loss.min_lambda=0.0", "loss.max_lambda=0.4", "warmup_steps=4"]
     proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", *warmup, "n_samples=2",
-                   "max_new_tokens=8", "progress_every=4", timeout=600)
+                   "max_new_tokens=8", "progress_every=4", "peak_tflops=0.001", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stderr is a pipe here, as in a Slurm log: progress lines every 4 steps and at the end, no progress bar
     progress = [line.split(",")[0] for line in proc.stderr.splitlines() if line.startswith("train step ")]
@@ -153,6 +153,14 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
                     "weight_max", "weight_first"):
             assert isinstance(r[key], float) and r[key] == r[key], key
         assert r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)  # peak_tflops given: mfu on the CPU too
+        # FLOPs per real token of an IFT step (flops.py): 2·N per forward's worth, 4 of them with the intuition
+        # pass (lambda > 0), 3 without; N = 4 blocks x (q, o 128², k, v 128·64, MLP 3·128·344); at most as much
+        # again for the head (930·128) and attention (4 layers x 4·128·(n+1)/2, n <= 512) per forward's worth
+        per_token = r["tflops"] * 1e12 / r["tokens_per_s"]
+        body = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344)
+        passes = 4 if r["lambda"] > 0 else 3
+        assert 2 * passes * body <= per_token <= 2 * passes * (body + 930 * 128) + passes * 4 * 4 * 128 * 513 / 2
     # spec §1's warmup schedule: min_lambda -> max_lambda over the lr's warm-up steps (0-based step s - 1),
     # then max_lambda; evaluation takes the same scheduled value (no disturbance here)
     warm = lambda step: 0.4 * min(1.0, step / 4)  # noqa: E731
@@ -302,14 +310,16 @@ printf '%s\\037' "$@" >> {calls}
 echo >> {calls}
 """)
     shim.chmod(0o755)
-    # run_frozen_lake*.sh build data and play games, or start an experiment's own runner (python -m ...), not
-    # train.py: tests/test_frozen_lake.py and tests/test_frozen_lake_paper.py run the first two end to end
-    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if not s.name.startswith("run_frozen_lake"))
+    # The Frozen Lake pipelines run experiments/ modules (data, games, tuning) that call train.py themselves:
+    # tests/test_frozen_lake.py and tests/test_frozen_lake_paper.py run the first two end to end.
+    pipelines = {"run_frozen_lake.sh", "run_frozen_lake_paper.sh", "run_frozen_lake_protocol.sh"}
+    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name not in pipelines)
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the recipes name hub models, which a GPU node downloads
     checked = []
-    for script, extra in [(s, []) for s in scripts] + [requeue]:
+    dry = [(s, ["dry_run=true"]) for s in scripts]  # every recipe passes dry_run=true to each of its runs
+    for script, extra in [(s, []) for s in scripts] + [requeue] + dry:
         calls.write_text("")
         proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
@@ -322,6 +332,8 @@ echo >> {calls}
                 cfg = compose("config", overrides=args)
             train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
             checked.append((script.name, cfg.loss.name, cfg.model.name))
+            if extra == ["dry_run=true"]:  # no run may train, nor read a model that an earlier run would write
+                assert cfg.dry_run and "/final" not in cfg.model.name_or_path, (script.name, line)
     assert {"ift", "sft", "dpo", "orpo"} <= {loss for _, loss, _ in checked}, checked
 
 
