@@ -827,7 +827,7 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
         if log is not None:
             sampled = (f"a random sample of {len(table):,} of its {available:,} rows (rows_per_dataset={sample}, "
                        f"seed={seed})" if len(table) < available else f"all {len(table):,} rows"
-                       + (f" (rows_per_dataset={sample} is more than it has)" if sample else ""))
+                       + (f" (it has no more than rows_per_dataset={sample})" if sample else ""))
             log(f"data: '{name}' ({split}): {sampled}; truncated to max_length={max_length}: "
                 f"{counts['prompts_truncated']:,} prompts cut, {counts['answers_truncated']:,} answers cut, "
                 f"{counts['rows_dropped']} rows dropped")
