@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 import checkpoints
-import losses
 from preference_datasets import collate, eval_batches, micro_batches
 from utils import all_reduce_sum, broadcast_object, is_main
 
