@@ -31,13 +31,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed $(VENV)/.installed-eval
 	$(PY) -m pytest -q tests
 
-# lm-eval-harness on RUN's final/: `make eval RUN=runs/NAME [EVAL_ARGS="--suite quick"]` (see evaluate.py).
+# lm-eval-harness on RUN's final/: `make eval RUN=runs/NAME [EVAL_ARGS="--suite quick"]` (see run_eval.py).
 # The paper suite downloads its benchmarks, so this target is online unless EVAL_OFFLINE=1.
 EVAL_OFFLINE ?= 0
 eval: $(VENV)/.installed-eval
 	@test -n "$(RUN)" || { echo 'usage: make eval RUN=runs/NAME [EVAL_ARGS="--suite quick --limit 20"]'; exit 2; }
 	HF_HUB_OFFLINE=$(EVAL_OFFLINE) HF_DATASETS_OFFLINE=$(EVAL_OFFLINE) TRANSFORMERS_OFFLINE=$(EVAL_OFFLINE) \
-		$(PY) evaluate.py $(RUN) $(EVAL_ARGS)
+		$(PY) run_eval.py $(RUN) $(EVAL_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/ift_cost.py

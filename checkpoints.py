@@ -21,12 +21,11 @@ Resume is exact because a run is a function of its config: data order comes from
 noise from (seed, step), and everything else that carries over lives in the checkpoint. So a resume
 with a config that changes the math (lr, seed, loss, data, ...) is refused unless resume_force=true.
 
-Preemption: run() installs handlers for `preempt_signals`; the trainer asks `stop_requested()` after
-every optimizer step (an all-reduced flag, so all ranks stop after the same step), writes a
-checkpoint and exits with EXIT_PREEMPTED.
+Preemption: run() installs handlers for `preempt_signals` (launch.preemption_signals); the trainer
+asks `stop_requested()` after every optimizer step (an all-reduced flag, so all ranks stop after the
+same step), writes a checkpoint and exits with EXIT_PREEMPTED.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,22 +33,22 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, is_main, rank, resolve_path, \
-    world_size
+from launch import EXIT_PREEMPTED, SIGNALS, stop_signal
+from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, holds_run, is_main, rank, \
+    resolve_path, world_size
 
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry"
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
-SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
 warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
 # Test-only: "POINT@STEP" makes the save of step STEP SIGKILL its own process at POINT (see _crash_point).
@@ -89,7 +88,7 @@ def resume_checkpoint(cfg):
     return path
 
 
-def resumes_in_place(cfg):
+def _resumes_in_place(cfg):
     """Whether this run continues in its own run_dir (resume_from=latest, or a checkpoint of run_dir)."""
     if cfg.resume_from is None or cfg.run_dir is None:
         return False
@@ -97,18 +96,6 @@ def resumes_in_place(cfg):
         return True
     path = resolve_path(cfg.resume_from)
     return path is not None and path.parent.parent == Path(cfg.run_dir).resolve()
-
-
-def builds_without_weights(cfg):
-    """Whether the policy is built without reading its weights, because a checkpoint fills them: a
-    resume, except with LoRA, whose frozen base loads as usual (possibly quantized)."""
-    return resume_checkpoint(cfg) is not None and cfg.get("lora") is None
-
-
-def finished_in_place(cfg):
-    """Whether a resume in place finds its run finished (final/ written): then there is nothing to do,
-    and a requeued `resume_from=latest` command simply ends."""
-    return resumes_in_place(cfg) and (Path(cfg.run_dir) / "final").exists()
 
 
 def read_checkpoint(directory):
@@ -124,26 +111,61 @@ def read_trainer_state(directory):
     return torch.load(Path(directory) / TRAINER_STATE, weights_only=True, map_location="cpu")
 
 
-# ---------------------------------------------------------------- config checks
+# ---------------------------------------------------------------- the resume plan
 
-def validate(cfg):
-    """What config_schema's declarations cannot check of the checkpoint keys (signal names, the
-    checkpoint to resume), and that checkpoint's fingerprint, before anything loads. Raises ConfigError."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a run starts, decided once from the config and the disk (plan_resume), before anything loads;
+    train.build, the trainer and the Checkpointer read it, and every rank gets rank 0's.
+
+    checkpoint: Path of the checkpoint folder to continue, or None (the run starts at step 0).
+    in_place: the run continues in its own run_dir (resume_from=latest, or a checkpoint of run_dir):
+        leftovers are removed there and metrics.jsonl is cut back to the checkpoint's step.
+    finished: in place, and run_dir already holds final/: there is nothing to do.
+    step: the checkpoint's optimizer step (0 without a checkpoint).
+    reads_weights: whether the policy's weights are read from model.name_or_path; False when the
+        checkpoint fills them (a resume without LoRA; LoRA's frozen base is read as at the start).
+    fingerprint: the checkpoint's fingerprint (config and tokenised data), or None.
+    differences: {key: (value in the checkpoint, value now)} that resume_force=true let through.
+    """
+    checkpoint: Optional[Path] = None
+    in_place: bool = False
+    finished: bool = False
+    step: int = 0
+    reads_weights: bool = True
+    fingerprint: Optional[dict] = None
+    differences: dict = field(default_factory=dict)
+
+
+def plan_resume(cfg):
+    """The run's ResumePlan, after checking what config_schema's declarations cannot (signal names, the
+    run_dir, the checkpoint to resume and its config fingerprint). Raises ConfigError."""
     for name in cfg.preempt_signals or ():
         if name not in SIGNALS:
             raise ConfigError(f"preempt_signals has '{name}'; allowed: {', '.join(SIGNALS)}")
     if cfg.resume_from == "latest" and cfg.run_dir is None:
         raise ConfigError("resume_from=latest continues the run in run_dir: set run_dir to that run's directory")
-    if finished_in_place(cfg) and cfg.resume_from != "latest":
-        raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run (final/ exists): nothing to resume")
+    in_place = _resumes_in_place(cfg)
+    if in_place and (Path(cfg.run_dir) / "final").exists():
+        if cfg.resume_from != "latest":
+            raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run (final/ exists): nothing to resume")
+        return ResumePlan(in_place=True, finished=True)  # e.g. a job requeued after its run completed
+    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not in_place:
+        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
+                          "with resume_from=latest")
     checkpoint = resume_checkpoint(cfg)
-    if checkpoint is not None and resumes_in_place(cfg):
-        newer = [s for s in complete_checkpoints(cfg.run_dir) if s > read_trainer_state(checkpoint)["step"]]
+    if checkpoint is None:
+        return ResumePlan(in_place=in_place)
+    saved = read_trainer_state(checkpoint)
+    if in_place:
+        newer = [s for s in complete_checkpoints(cfg.run_dir) if s > saved["step"]]
         if newer:
             raise ConfigError(f"resume_from={cfg.resume_from} is older than this run's checkpoint step-{max(newer)}; "
                               "resume from latest, or into a new run_dir")
-    if checkpoint is not None:
-        check_fingerprint(cfg, checkpoint)
+    differences = check_fingerprint(cfg, checkpoint, saved=saved["fingerprint"])  # the config's part
+    return ResumePlan(checkpoint=checkpoint, in_place=in_place, step=saved["step"],
+                      reads_weights=cfg.get("lora") is not None, fingerprint=saved["fingerprint"],
+                      differences=differences)
 
 
 def config_fingerprint(cfg):
@@ -172,13 +194,8 @@ def config_fingerprint(cfg):
 
 def data_fingerprint(data):
     """sha256 (32 hex digits) of the tokenised training rows, in order: changes with the files, the
-    tokenizer, the chat template or the truncation settings."""
-    h = hashlib.sha256()
-    for column in (data.prompt_ids, data.chosen_ids, data.rejected_ids or []):
-        h.update(np.asarray([len(x) for x in column], dtype=np.int64).tobytes())
-        if column:
-            h.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in column]).tobytes())
-    return h.hexdigest()[:32]
+    tokenizer, the chat template or the truncation settings (TokenizedData.fingerprint)."""
+    return data.fingerprint
 
 
 def fingerprint_differences(saved, current):
@@ -187,16 +204,17 @@ def fingerprint_differences(saved, current):
             for k in sorted(set(saved) | set(current)) if saved.get(k, "<absent>") != current.get(k, "<absent>")}
 
 
-def check_fingerprint(cfg, checkpoint, data=None):
-    """Refuse (ConfigError) a resume whose config, or tokenised data when given, differs from the
-    checkpoint's, naming every differing key with both values; with resume_force=true, return them."""
-    saved = read_trainer_state(checkpoint)["fingerprint"]
-    current = {"config": config_fingerprint(cfg)}
-    if data is not None:
-        current["data"] = data_fingerprint(data)
-    differences = fingerprint_differences(saved["config"], current["config"])
-    if data is not None and saved["data"] != current["data"]:
-        differences["tokenised training data (sha256)"] = (saved["data"], current["data"])
+def check_fingerprint(cfg, checkpoint, data=None, saved=None):
+    """Refuse (ConfigError) a resume whose config (data None) or tokenised training data (data given)
+    differs from what wrote the checkpoint, naming every differing key with both values; with
+    resume_force=true, return the differences ({key: (in the checkpoint, now)}). saved: the
+    checkpoint's fingerprint when already read (ResumePlan.fingerprint)."""
+    saved = saved if saved is not None else read_trainer_state(checkpoint)["fingerprint"]
+    if data is None:
+        differences = fingerprint_differences(saved["config"], config_fingerprint(cfg))
+    else:
+        current = data_fingerprint(data)
+        differences = {} if saved["data"] == current else {"tokenised training data (sha256)": (saved["data"], current)}
     if differences and not cfg.resume_force:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in
                            ((k, *v) for k, v in differences.items()))
@@ -252,48 +270,16 @@ def truncate_metrics(path, step):
     fsync_dir(path.parent)
 
 
-def prepare_run_dir(cfg, run_dir):
+def prepare_run_dir(plan, run_dir, keep_last):
     """Rank 0, when resuming in place: remove leftovers and cut metrics.jsonl back to the checkpoint's
     step (to nothing when there is no checkpoint yet: the run starts again)."""
-    if not resumes_in_place(cfg):
+    if not plan.in_place:
         return
     remove_leftovers(run_dir)
-    prune(run_dir, cfg.keep_last)  # a crash may have come between a save and its clean-up
-    checkpoint = resume_checkpoint(cfg)
-    step = read_trainer_state(checkpoint)["step"] if checkpoint is not None else -1
-    truncate_metrics(run_dir / "metrics.jsonl", step)
-    if checkpoint is None:
+    prune(run_dir, keep_last)  # a crash may have come between a save and its clean-up
+    truncate_metrics(run_dir / "metrics.jsonl", plan.step if plan.checkpoint is not None else -1)
+    if plan.checkpoint is None:
         print(f"resume_from=latest: {run_dir} has no complete checkpoint yet; starting the run from the beginning")
-
-
-# ---------------------------------------------------------------- a model without weights
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation) and
-    real buffers: buffers such as rotary frequencies are computed in __init__ and are in no checkpoint."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:  # an already-meta parameter is a tied one: keep it shared
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def materialize(model, device):
-    """Uninitialised storage on `device` for a model built by parameters_on_meta (sharded or not),
-    keeping its buffers' values. Its parameters must then be loaded from a checkpoint."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
 
 
 # ---------------------------------------------------------------- RNG states
@@ -328,13 +314,28 @@ def _numpy_state(state):
 
 # ---------------------------------------------------------------- saving and loading
 
+@dataclass
+class TrainerState:
+    """What a checkpoint's trainer_state.pt gives back to the trainer (Checkpointer.load): the step it
+    stopped after, the scheduler's and float16 loss scaler's state dicts, the token and skipped-update
+    counters, the wandb run id, and how many ranks wrote it."""
+    step: int
+    scheduler: dict
+    scaler: Optional[dict]
+    tokens_seen: int
+    slots_seen: int
+    skipped_steps: int
+    consecutive_skips: int
+    wandb_run_id: Optional[str]
+    world_size: int
+
+
 class Checkpointer:
     """Writes and reads the checkpoints of one trainer. Collective: every rank calls save() and load()."""
 
     def __init__(self, cfg, run_dir):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.pending = None  # an asynchronous save still being written: (future, tmp, folder, trainer state)
-        self.wandb_run_id = None  # set by load() when the run continues in place
         self.group = None
         if cfg.save_async and torch.distributed.is_initialized():
             # the background writer runs collectives; they must not share a group with training's
@@ -406,7 +407,7 @@ class Checkpointer:
                 "slots_seen": trainer.slots_seen, "world_size": world_size(),
                 "skipped_steps": trainer.skipped_steps, "consecutive_skips": trainer.consecutive_skips,
                 "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                "wandb_run_id": wandb.id if wandb is not None else self.wandb_run_id,
+                "wandb_run_id": wandb.id if wandb is not None else trainer.wandb_run_id,
                 "fingerprint": {"config": config_fingerprint(self.cfg), "data": data_fingerprint(trainer.train_data)}}
 
     def _publish(self, tmp, folder, meta, start):
@@ -425,49 +426,29 @@ class Checkpointer:
         _crash_point("retention", step)
         prune(self.run_dir, self.cfg.keep_last)
 
-    def load(self, trainer, directory):
-        """Continue exactly where checkpoint `directory` stopped: weights, optimizer, scheduler, step,
-        token counters and this rank's RNG states. The hyperparameters are the config's (equal to the
-        checkpoint's unless resume_force=true)."""
+    def load(self, policy, optimizer, plan):
+        """Read plan.checkpoint into `policy` and `optimizer` (each rank its own shards; the optimizer
+        keeps the config's hyperparameters, equal to the checkpoint's unless resume_force=true) and
+        restore this rank's RNG states. Returns the checkpoint's TrainerState, for the trainer to apply."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        directory = Path(directory)
+        directory = Path(plan.checkpoint)
         start = time.perf_counter()
-        differences = check_fingerprint(self.cfg, directory, trainer.train_data)
-        meta = read_trainer_state(directory)
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer, options=self.options())
+        saved = read_trainer_state(directory)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        model_state, optimizer_state = get_state_dict(policy, optimizer, options=self.options())
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())  # each rank reads what its shards hold
-        set_state_dict(trainer.policy, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=self.options())
-        for group, hyper in zip(trainer.optimizer.param_groups, fresh):
+        set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=self.options())
+        for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
-        base_lrs = list(trainer.scheduler.base_lrs)
-        trainer.scheduler.load_state_dict(meta["scheduler"])
-        trainer.scheduler.base_lrs = base_lrs
-        for group, base, factor in zip(trainer.optimizer.param_groups, base_lrs, trainer.scheduler.lr_lambdas):
-            group["lr"] = base * factor(trainer.scheduler.last_epoch)
-        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
-        trainer.start_step = meta["step"]
-        trainer.tokens_seen, trainer.slots_seen = meta["tokens_seen"], meta["slots_seen"]
-        trainer.skipped_steps, trainer.consecutive_skips = meta["skipped_steps"], meta["consecutive_skips"]
-        if trainer.scaler is not None and meta["scaler"] is not None:  # float16's loss scale goes on from where it was
-            trainer.scaler.load_state_dict(meta["scaler"])
-        if resumes_in_place(self.cfg):
-            self.wandb_run_id = meta["wandb_run_id"]
         # with a different number of ranks, rank r continues the random streams of saved rank r mod R
-        set_rng_state(torch.load(directory / f"rng-rank{rank() % meta['world_size']}.pt", weights_only=True))
-        if is_main():
-            _report(f"resumed from {directory} (step {meta['step']}, written by {meta['world_size']} rank(s), read by "
-                    f"{world_size()}) in {time.perf_counter() - start:.2f} s")
-            row = {"split": "resume", "step": meta["step"], "checkpoint": str(directory),
-                   "ranks": [meta["world_size"], world_size()], "forced": bool(differences),
-                   "differences": {k: [a, b] for k, (a, b) in differences.items()}}
-            trainer.metrics_file.write(row)
-            if differences:
-                print(f"resume_force=true: continuing despite differences in {', '.join(differences)}")
+        set_rng_state(torch.load(directory / f"rng-rank{rank() % saved['world_size']}.pt", weights_only=True))
+        _report(f"resumed from {directory} (step {saved['step']}, written by {saved['world_size']} rank(s), read by "
+                f"{world_size()}) in {time.perf_counter() - start:.2f} s")
+        return TrainerState(**{f.name: saved[f.name] for f in fields(TrainerState)})
 
     # ------------------------------------------------------------ preemption
 
@@ -475,13 +456,13 @@ class Checkpointer:
         """Whether any rank received a preemption signal (all ranks get the same answer, so they stop
         after the same step). One all-reduce of one number per optimizer step."""
         self.poll()
-        flag = torch.tensor([float(_received is not None)], device=device)
+        flag = torch.tensor([float(stop_signal() is not None)], device=device)
         return all_reduce_sum(flag).item() > 0
 
     def report_preempted(self, step, saved=True):
         """Print where the run stopped and how to continue it (saved=False: stopped before training)."""
         if is_main():
-            name = signal.Signals(_received).name if _received is not None else "a signal on another rank"
+            name = signal.Signals(stop_signal()).name if stop_signal() is not None else "a signal on another rank"
             where = (f"after step {step}: checkpoint {self.run_dir / 'checkpoints' / f'step-{step}'}" if saved else
                      f"before training (at step {step}), as the models loaded; nothing new to save")
             print(f"\nstopped by {name} {where}\n"
@@ -505,61 +486,3 @@ def _crash_point(point, step):
     (state: before trainer_state.pt; rename: before the rename; retention: before old ones are deleted)."""
     if os.environ.get(CRASH_ENV) == f"{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------- signals
-
-_received = None  # the first preemption signal this process received, or None
-
-
-@contextlib.contextmanager
-def preemption_signals(names):
-    """While inside, the named signals ask the trainer to stop after the current optimizer step; a
-    repeated signal (for instance during the save that follows) is ignored. Main thread only."""
-    global _received
-    _received = None
-
-    def handler(signum, frame):
-        global _received
-        if _received is None:
-            _received = signum
-            print(f"\n[rank {rank()}] {signal.Signals(signum).name}: finishing this optimizer step, then saving a "
-                  "checkpoint", file=sys.stderr, flush=True)
-        else:
-            print(f"[rank {rank()}] {signal.Signals(signum).name} ignored: already stopping (kill -9 to abort "
-                  "now; the previous checkpoints stay intact)", file=sys.stderr, flush=True)
-
-    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names or ()}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        _received = None
-
-
-def spawn(fn, args, nprocs, signal_names):
-    """torch.multiprocessing.spawn that forwards the preemption signals this process receives to its
-    children (a scheduler signals the process it started). Returns EXIT_PREEMPTED when the ranks stopped
-    after a signal, else 0."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-
-    def forward(signum, frame):
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in signal_names}
-    try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as e:
-        if e.exit_code == EXIT_PREEMPTED:
-            return EXIT_PREEMPTED
-        raise
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-    return 0

@@ -17,11 +17,12 @@ from typing import Optional
 from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
+import forward
 import lora
 import losses
 from launch import use_cuda
 from options import check, default_of, option, unknown_key
-from utils import REPO_DIR, ConfigError, holds_run, resolve_path
+from utils import REPO_DIR, ConfigError, resolve_path
 
 CONFIG_DIR = REPO_DIR / "config"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -106,7 +107,7 @@ class Run:
     activation_checkpointing: bool = option(False, "FSDPTrainer: recompute each decoder block in backward (less "
                                                    "memory, more compute)")
     loss_chunk_tokens: Optional[int] = option(
-        losses.DEFAULT_LOSS_CHUNK_TOKENS, "the output head runs on this many answer tokens at a time, forward and "
+        forward.DEFAULT_LOSS_CHUNK_TOKENS, "the output head runs on this many answer tokens at a time, forward and "
         "backward, so only\none chunk's logits are in memory (null = all at once); values and gradients are "
         "unchanged", low=1)
     packing: bool = option(False, "concatenate each micro-batch's rows into one sequence without padding (position "
@@ -130,8 +131,19 @@ class Run:
                                                          "download (offline use); null = the hub")
     max_length: int = option(512, "longest prompt + answer in tokens", low=2)
     max_prompt_length: int = option(256, "when prompt + answer exceed max_length, a longer prompt is cut to this "
-                                         "(keeping its end),\nthen the answer to what is left; a row left with no "
-                                         "answer token is dropped (and counted)", low=1, high="max_length")
+                                         "(keeping its end),\nthen the answer to what is left (keeping its "
+                                         "end-of-turn token); counted per dataset", low=1, high="max_length")
+    min_answer_tokens: int = option(128, "a prompt is cut further than max_prompt_length when needed so that every "
+                                         "answer keeps at least\nmin(its length, this, max_length // 2) tokens: no "
+                                         "row is ever dropped (README \"Truncation\")", low=1)
+    rows_per_dataset: Optional[int] = option(None, "training rows each dataset contributes: a random sample drawn "
+                                                   "from (seed, dataset name)\nbefore tokenisation, the same on every "
+                                                   "rank and resume; null = all rows", low=1)
+    num_proc: Optional[int] = option(None, "worker processes that tokenise (rank 0 only; the other ranks map its "
+                                           "result);\nnull = one per CPU, at most 8 (1 under 2,000 rows)", low=1)
+    dry_run: bool = option(False, "compose, check, load the tokenizer and every dataset, tokenise, print the data "
+                                  "and the\nplan (steps, tokens, FLOPs; last line JSON), exit: no model, no run "
+                                  "directory, no wandb")
     n_eval_examples: Optional[int] = option(256, "eval rows used (null = the whole test split)", low=1)
 
     batch_size: int = option(32, "GLOBAL examples per optimizer step, over all ranks and accumulation steps", low=1,
@@ -165,6 +177,8 @@ class Run:
     eval_every: int = option(640, "evaluate every this many training examples (and always at the end)", low=1,
                              before="\n---- evaluation and logging")
     do_first_eval: bool = option(True, "evaluate before the first step too")
+    progress_every: int = option(10, "when stderr is not a terminal (a Slurm log): a progress line every this many "
+                                     "steps,\ninstead of a progress bar", low=1)
     save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
                                              "null = only final/\n(and a checkpoint when a preemption signal "
                                              "arrives)", low=1,
@@ -197,9 +211,9 @@ class Run:
 NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
             "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
             "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
-            "do_first_eval", "save_every", "save_async", "save_hf_checkpoints", "keep_last", "resume_from",
-            "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra", "reference_logps",
-            "peak_tflops")
+            "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
+            "resume_from", "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra",
+            "reference_logps", "peak_tflops")
 
 
 def changes_the_math(key):
@@ -348,15 +362,10 @@ def check_keys(cfg):
 
 def check_run(cfg, world):
     """What no single key's declaration can say: combinations, the file system, the devices.
-    world: the number of ranks the run will have."""
+    world: the number of ranks the run will have. (What concerns resuming: checkpoints.plan_resume.)"""
     import torch
     from preference_datasets import DataError, check_dataset_name
 
-    import checkpoints
-
-    if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not checkpoints.resumes_in_place(cfg):
-        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
-                          "with resume_from=latest")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
@@ -381,7 +390,6 @@ def check_run(cfg, world):
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
     lora.check_run(cfg, cuda=use_cuda(cfg))
-    checkpoints.validate(cfg)  # resume_from and preempt_signals, and the fingerprint of the checkpoint to resume
     for d in cfg.datasets:
         try:
             check_dataset_name(str(d), cfg.dataset_paths)

@@ -8,13 +8,17 @@ because OpenMP threads that spin while waiting stall every step on a CPU shared 
 
 import contextlib
 import os
+import signal
 import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
-from utils import launched_by_torchrun
+from utils import ConfigError, NonFiniteError, launched_by_torchrun, rank
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry"
+SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # allowed in preempt_signals
 
 
 def use_cuda(cfg):
@@ -32,23 +36,22 @@ def planned_world_size(cfg):
     return torch.cuda.device_count() if use_cuda(cfg) else 2
 
 
-def launch(run, cfg, signals=()):
-    """Call run(cfg, local_rank, world, port) in this process, or in each process FSDPTrainer needs,
-    and return its exit status. cfg: a plain (resolved) dict, so that it pickles. signals: names of
-    the signals this process forwards to the processes it starts (preempt_signals)."""
+def launch(run, cfg, plan=None, signals=()):
+    """Call run(cfg, local_rank, world, port, plan) in this process, or in each process FSDPTrainer
+    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. plan: the
+    run's checkpoints.ResumePlan (None: rank 0 makes it). signals: names of the signals this process
+    forwards to the processes it starts (preempt_signals)."""
     from omegaconf import OmegaConf
-
-    import checkpoints
 
     conf = OmegaConf.create(cfg)
     world = planned_world_size(conf)
     if conf.trainer != "FSDPTrainer" or launched_by_torchrun():
-        return run(cfg)
+        return run(cfg, plan=plan)
     if world == 1:  # FSDP2 needs a process group even for one rank
-        return run(cfg, 0, 1, free_port())
+        return run(cfg, 0, 1, free_port(), plan)
     import torch.multiprocessing as mp
     try:
-        return checkpoints.spawn(_spawned, (run, cfg, world, free_port()), world, signals or ())
+        return spawn(_spawned, (run, cfg, world, free_port(), plan), world, signals or ())
     except mp.ProcessRaisedException as e:
         _reraise_one_line_error(e)
         raise
@@ -56,17 +59,18 @@ def launch(run, cfg, signals=()):
 
 def _reraise_one_line_error(e):
     """A spawned rank's error arrives as its traceback text; raise the errors whose message says it all
-    (a non-finite step: every rank stops at the same step) as themselves, for main's one-line exit."""
-    from trainers import NonFiniteError
+    (bad data or config: the message names the file, row or key; a non-finite step: every rank stops at
+    the same step) as themselves, for main's one-line exit."""
+    from preference_datasets import DataError
     last = str(e).strip().splitlines()[-1]
-    for cls in (NonFiniteError,):
+    for cls in (DataError, ConfigError, NonFiniteError):
         prefix = f"{cls.__module__}.{cls.__qualname__}: "
         if last.startswith(prefix):
             raise cls(last[len(prefix):]) from None
 
 
-def _spawned(local_rank, run, cfg, world, port):
-    status = run(cfg, local_rank, world, port)
+def _spawned(local_rank, run, cfg, world, port, plan):
+    status = run(cfg, local_rank, world, port, plan)
     if status:
         sys.exit(status)
 
@@ -100,3 +104,66 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- preemption signals
+
+_received = None  # the first preemption signal this process received, or None
+
+
+def stop_signal():
+    """The preemption signal this process received inside preemption_signals(), or None."""
+    return _received
+
+
+@contextlib.contextmanager
+def preemption_signals(names):
+    """While inside, the named signals ask the trainer to stop after the current optimizer step; a
+    repeated signal (for instance during the save that follows) is ignored. Main thread only."""
+    global _received
+    _received = None
+
+    def handler(signum, frame):
+        global _received
+        if _received is None:
+            _received = signum
+            print(f"\n[rank {rank()}] {signal.Signals(signum).name}: finishing this optimizer step, then saving a "
+                  "checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"[rank {rank()}] {signal.Signals(signum).name} ignored: already stopping (kill -9 to abort "
+                  "now; the previous checkpoints stay intact)", file=sys.stderr, flush=True)
+
+    previous = {getattr(signal, n): signal.signal(getattr(signal, n), handler) for n in names or ()}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        _received = None
+
+
+def spawn(fn, args, nprocs, signal_names):
+    """torch.multiprocessing.spawn that forwards the preemption signals this process receives to its
+    children (a scheduler signals the process it started). Returns EXIT_PREEMPTED when the ranks stopped
+    after a signal, else 0."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in signal_names}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code == EXIT_PREEMPTED:
+            return EXIT_PREEMPTED
+        raise
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    return 0

@@ -195,7 +195,7 @@ def save_final(policy, tokenizer, state, tmp, dtype, cfg):
         policy.get_base_model().save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()},
                                                 safe_serialization=True)
     else:  # QLoRA: merge into the unquantised base weights, read again on the CPU
-        from train import load_model
+        from modeling import load_model
         base = load_model(cfg, cfg.model.policy_dtype)
         merged = merged_state_dict(state, c.alpha / c.r, base=base.state_dict())
         base.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()}, safe_serialization=True)

@@ -10,8 +10,10 @@ Bad input (a missing file, invalid JSON, a row missing a field or with the wrong
 assistant turn) raises DataError naming the file, row and field, before any model is loaded.
 """
 
+import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -211,24 +213,50 @@ def check_dataset_name(name, dataset_paths):
 
 
 def _read_local_rows(path):
-    """[(where, row)] of a .jsonl/.json/.parquet file, invalid JSON naming the file and line. where is 'FILE: line N' (1-based) for .jsonl, so an error
-    points at the line to open, and 'FILE: row i' (0-based, as datasets counts) otherwise."""
-    if path.suffix != ".jsonl":
-        return [(f"{path}: row {i}", row) for i, row in enumerate(_read_whole_file(path))]
+    """[(where, row)] of a .jsonl/.json file (optionally gzipped, as hh-rlhf's .jsonl.gz), invalid JSON
+    naming the file and line. A .json file holds a list of rows, {'data': [...]}, or one row per line
+    (SHP's files). where is 'FILE: line N' (1-based) for JSON lines, so an error points at the line to
+    open, and 'FILE: row i' (0-based, as datasets counts) otherwise."""
+    if path.suffix == ".parquet":
+        return [(f"{path}: row {i}", row) for i, row in enumerate(_read_parquet(path))]
+    if _stem_suffix(path) not in (".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)} (or .jsonl.gz, .json.gz)")
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if _stem_suffix(path) == ".json":
+        text = _utf8(data, path)
+        if not text.strip():  # an empty file (a domain of SHP without rows in a split, say)
+            return []
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # not a JSON document; maybe one per line
+                raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+            rows = None
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if isinstance(rows, list):
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"{path}: a .json file must hold a list of row objects (or one object per line)")
+            return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
+        # one row object per line (a file of one line is one object)
     rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = _utf8(raw, path, line_no)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}: line {line_no}", row))
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        line = _utf8(raw, path, line_no)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {line_no}: a row must be a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}: line {line_no}", row))
     return rows
+
+
+def _stem_suffix(path):
+    """'.jsonl' for x.jsonl and x.jsonl.gz."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
 def _utf8(data, path, first_line=1):
@@ -242,32 +270,23 @@ def _utf8(data, path, first_line=1):
                         "re-encode the file as UTF-8") from None
 
 
-def _read_whole_file(path):
-    """Rows of a .json or .parquet file."""
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(_utf8(path.read_bytes(), path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
-            rows = rows["data"]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: a .json file must hold a list of row objects")
-        return rows
-    if path.suffix == ".parquet":
-        import pyarrow
-        import pyarrow.parquet
-        try:
-            return pyarrow.parquet.read_table(path).to_pylist()
-        except (pyarrow.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)}")
+def _read_parquet(path):
+    import pyarrow
+    import pyarrow.parquet
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def _split_files(directory, split):
-    """Files holding `split` in a local copy: '<split>.jsonl' etc., or the hub layout 'data/<split>-*.parquet'."""
-    found = [directory / f"{split}{s}" for s in LOCAL_SUFFIXES if (directory / f"{split}{s}").is_file()]
-    return found or sorted(directory.glob(f"{split}-*.parquet")) or sorted(directory.glob(f"data/{split}-*.parquet"))
+    """Files holding `split` in a local copy, in the layouts of the hub repositories: '<split>.jsonl'
+    (.json, .parquet, .jsonl.gz), 'data/<split>-*.parquet' (ultrachat_200k, ultrafeedback_binarized,
+    orca_dpo_pairs), '<subset>/<split>.jsonl.gz' (hh-rlhf) or '<domain>/<split>.json' (SHP)."""
+    names = [f"{split}{s}" for s in LOCAL_SUFFIXES + (".jsonl.gz", ".json.gz")]
+    found = [directory / n for n in names if (directory / n).is_file()]
+    return (found or sorted(directory.glob(f"{split}-*.parquet")) or sorted(directory.glob(f"data/{split}-*.parquet"))
+            or sorted(f for n in names for f in directory.glob(f"*/{n}") if f.is_file()))
 
 
 def _normalise_rows(located_rows, normalise, label):
@@ -332,24 +351,41 @@ def _split_names(source):
     return source.splits["train"], source.splits["test"] or "test"
 
 
-def load_normalised(name, split, dataset_paths=None):
-    """Normalised rows of one dataset (a registry name, '<name>_sample', or a local path) for
-    split 'train' or 'test'."""
+def _locate(name, dataset_paths):
+    """(local path or None for the hub, registered Source or None) of a dataset name."""
     dataset_paths = dataset_paths or {}
     if name in SOURCES:
-        source = SOURCES[name]
-        if dataset_paths.get(name) is not None:
-            return _load_local(resolve_path(dataset_paths[name]) or Path(dataset_paths[name]), split,
-                               source.normalise, _split_names(source))
-        return _load_hub(source, name, split)
+        override = dataset_paths.get(name)
+        return (resolve_path(override) or Path(override)) if override is not None else None, SOURCES[name]
     if name.endswith(SAMPLE_SUFFIX) and name[: -len(SAMPLE_SUFFIX)] in SOURCES:
         source = SOURCES[name[: -len(SAMPLE_SUFFIX)]]
-        return _load_local(resolve_path(source.sample_dir), split, source.normalise, _split_names(source))
+        return resolve_path(source.sample_dir), source
     path = resolve_path(name)
     if path is None:
         raise DataError(f"unknown dataset '{name}': not a file or directory, and not one of "
                         f"{', '.join(known_dataset_names())}")
-    return _load_local(path, split, None)
+    return path, None
+
+
+def load_normalised(name, split, dataset_paths=None):
+    """Normalised rows of one dataset (a registry name, '<name>_sample', or a local path) for
+    split 'train' or 'test'."""
+    path, source = _locate(name, dataset_paths)
+    if path is None:
+        return _load_hub(source, name, split)
+    if source is None:
+        return _load_local(path, split, None)
+    return _load_local(path, split, source.normalise, _split_names(source))
+
+
+def source_identity(name, dataset_paths=None):
+    """What a dataset's rows are read from, for the tokenised cache's key: every file of a local copy
+    with its size and modification time (a file changed in place gets a new key), or the hub id."""
+    path, source = _locate(name, dataset_paths)
+    if path is None:
+        return f"hub:{source.hub_id}"
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -407,29 +443,45 @@ def encode_chat(tokenizer, prompt_messages, answer, eot_token=None):
       after it (a newline, say) is cut off.
     Raises DataError for a slow tokenizer (no offsets), when the template does not render the prompt
     as a prefix of the chat, or when it emits no end-of-turn token after the answer."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: the split of prompt and answer needs "
-                        "its offset mapping; load the tokenizer with use_fast=True (a tokenizer.json)")
-    eot_token = eot_token or end_of_turn_token(tokenizer)
+    prompt, (answer_ids,) = encode_row(tokenizer, prompt_messages, [answer], eot_token or end_of_turn_token(tokenizer))
+    return prompt, answer_ids
+
+
+def _render(tokenizer, prompt_messages, answers, eot_token):
+    """[(chat text, first answer character, end of the end-of-turn token)] per answer; the prompt is
+    rendered once, with the generation prompt, and must be a prefix of every chat."""
     prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    chat_text = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": answer}],
-                                              tokenize=False)
-    if not chat_text.startswith(prompt_text):
-        raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the chat; "
-                        "set a compatible template")
-    start = len(prompt_text)
-    eot_at = chat_text.find(eot_token, start + len(answer.strip()))  # templates may strip the content
-    if eot_at < 0:
-        raise DataError(f"the chat template emits no end-of-turn token {eot_token!r} after an assistant answer; "
-                        "set model.eot_token to the token that ends an assistant turn")
-    end = eot_at + len(eot_token)
-    enc = tokenizer(chat_text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    n_prompt = next(i for i, (_, e) in enumerate(offsets) if e > start)      # tokens wholly before the answer
-    n_chat = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(ids))  # ... up to the end of turn
-    if offsets[n_chat - 1][1] != end or ids[n_chat - 1] != tokenizer.convert_tokens_to_ids(eot_token):
-        raise DataError(f"the end-of-turn token {eot_token!r} is not tokenised as one token after the answer")
-    bos = tokenizer.bos_token_id
+    out = []
+    for answer in answers:
+        chat_text = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": answer}],
+                                                  tokenize=False)
+        if not chat_text.startswith(prompt_text):
+            raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the chat; "
+                            "set a compatible template")
+        start = len(prompt_text)
+        eot_at = chat_text.find(eot_token, start + len(answer.strip()))  # templates may strip the content
+        if eot_at < 0:
+            raise DataError(f"the chat template emits no end-of-turn token {eot_token!r} after an assistant answer; "
+                            "set model.eot_token to the token that ends an assistant turn")
+        out.append((chat_text, start, eot_at + len(eot_token)))
+    return out
+
+
+def _split_encoding(encoding, start, end, eot_id, bos):
+    """(prompt_ids, answer_ids) of one tokenised chat (a tokenizers.Encoding): the tokens wholly
+    before character `start`, then those up to the end-of-turn token ending at character `end`
+    (encode_chat's rules). Positions come from the encoding's own char -> token map, so no list of
+    offsets is built in Python."""
+    ids = encoding.ids
+    n_prompt = None
+    for char in range(start, end):  # the first answer character a token holds (trimmed offsets may skip spaces)
+        n_prompt = encoding.char_to_token(char)
+        if n_prompt is not None:
+            break
+    last = encoding.char_to_token(end - 1)
+    if last is None or ids[last] != eot_id or encoding.token_to_chars(last)[1] != end:
+        raise DataError(f"the end-of-turn token (id {eot_id}) is not tokenised as one token after the answer")
+    n_chat = last + 1
     if bos is not None and ids[0] != bos:
         ids, n_prompt, n_chat = [bos] + ids, n_prompt + 1, n_chat + 1
     return ids[:n_prompt], ids[n_prompt:n_chat]
@@ -440,7 +492,15 @@ def encode_row(tokenizer, prompt_messages, answers, eot_token):
     from its own whole-chat tokenisation (encode_chat). The prompt is their longest common prefix:
     only a boundary-straddling token can make them differ, and the rest of a side's prompt then
     becomes the first targets of that side, so prompt + answer stays that side's chat prefix."""
-    encoded = [encode_chat(tokenizer, prompt_messages, a, eot_token) for a in answers]
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: the split of prompt and answer needs "
+                        "its offset mapping; load the tokenizer with use_fast=True (a tokenizer.json)")
+    chats = _render(tokenizer, prompt_messages, answers, eot_token)
+    # the Rust tokenizer itself, in one call: what tokenizer(text, add_special_tokens=False) runs, without
+    # the Python wrapper's per-call conversions
+    encodings = tokenizer.backend_tokenizer.encode_batch([c for c, _, _ in chats], add_special_tokens=False)
+    eot_id, bos = tokenizer.convert_tokens_to_ids(eot_token), tokenizer.bos_token_id
+    encoded = [_split_encoding(e, start, end, eot_id, bos) for e, (_, start, end) in zip(encodings, chats)]
     prompt = encoded[0][0]
     for p, _ in encoded[1:]:
         n = next((i for i, (x, y) in enumerate(zip(prompt, p)) if x != y), min(len(prompt), len(p)))
@@ -448,134 +508,333 @@ def encode_row(tokenizer, prompt_messages, answers, eot_token):
     return prompt, [p[len(prompt):] + a for p, a in encoded]
 
 
-def truncate(prompt_ids, answers, max_length, max_prompt_length):
-    """Fit prompt + the longest answer into max_length, as the reference code does: first cut the
-    prompt to max_prompt_length keeping its END (the question is usually last) and its bos, then, if
-    still too long, cut every answer to what is left, keeping its last token (the end-of-turn token,
-    which stays the last target). At least max_length - max_prompt_length tokens are left for the
-    answers, so a row loses all its targets only when max_prompt_length == max_length."""
+PROMPT_CUT, ANSWER_CUT = 1, 2  # what truncate did to a row (bit flags)
+
+
+def truncate(prompt_ids, answers, max_length, max_prompt_length, min_answer_tokens):
+    """Fit prompt + the longest answer into max_length; returns (prompt_ids, answers, flags).
+
+    The policy (README "Truncation"): a row that fits is unchanged. Otherwise
+    1. the prompt is cut from its START (the question is usually last; its bos stays) to
+       max_prompt_length tokens, or further, to max_length - reserve, where
+       reserve = min(longest answer, min_answer_tokens, max_length // 2): so every answer keeps at
+       least `reserve` tokens even when max_prompt_length == max_length (the paper's 1024 / 1024);
+    2. then every answer longer than the room left is cut to it, keeping its last token (the
+       end-of-turn token, which stays the last target).
+    reserve >= 1, so no row ever loses all its targets and none is dropped. flags: PROMPT_CUT |
+    ANSWER_CUT for what was cut. An untouched row's prompt + answer is a prefix of its chat's
+    tokenisation (encode_chat); a cut one is bos + the end of the prompt + the start of the answer +
+    the end-of-turn token."""
     longest = max(len(a) for a in answers)
-    if len(prompt_ids) + longest > max_length and len(prompt_ids) > max_prompt_length:
-        keep = max_prompt_length - 1
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep:] if keep > 0 else prompt_ids[-max_prompt_length:]
+    flags = 0
+    if len(prompt_ids) + longest > max_length:
+        limit = min(max_prompt_length, max_length - min(longest, min_answer_tokens, max_length // 2))
+        if len(prompt_ids) > limit:
+            keep = limit - 1
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep:] if keep > 0 else prompt_ids[-limit:]
+            flags |= PROMPT_CUT
     room = max_length - len(prompt_ids)
-    return prompt_ids, [a if len(a) <= room else a[:room - 1] + a[-1:] if room > 0 else [] for a in answers]
+    if longest > room:
+        flags |= ANSWER_CUT
+    return prompt_ids, [a if len(a) <= room else a[:room - 1] + a[-1:] for a in answers], flags
 
 
-@dataclass
-class TokenizedData:
-    """Tokenised rows, kept as plain lists for fast collation.
-    prompt_ids[i]: the prompt (bos + chat template), chosen_ids[i] / rejected_ids[i]: the answers,
-    each ending with the end-of-turn token (encode_chat); every answer has at least one token.
-    prompts[i] / answers[i]: the normalised text, kept for greedy sampling and exact match.
-    origins[i]: where the row came from ("dataset 'hh_sample' (train) row 3"), for error messages."""
-    prompt_ids: list
-    chosen_ids: list
-    rejected_ids: Optional[list]
-    prompts: list = field(repr=False)
-    answers: list = field(repr=False)
-    origins: list = field(repr=False)
+IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class Column:
+    """One token-id column of TokenizedData, read from the Arrow table: column[i] is row i's ids (a
+    list of ints), len(column) the rows; iterating reads the rows in blocks."""
+
+    def __init__(self, data, name):
+        self.data, self.name = data, name
 
     def __len__(self):
-        return len(self.prompt_ids)
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.data.table[int(self.data.index[i])][self.name]
+
+    def __iter__(self):
+        for start in range(0, len(self), 4096):
+            yield from self.data.rows(range(start, min(start + 4096, len(self))), (self.name,))[self.name]
+
+
+class TokenizedData:
+    """Tokenised rows of one split: token ids in a datasets Arrow table, memory-mapped from the
+    datasets cache (the ranks of a node share one copy in the page cache), read batch by batch.
+
+    table: a datasets.Dataset with int32 list columns prompt_ids (bos + chat template), chosen_ids and
+        rejected_ids (each answer ends with the end-of-turn token and has at least one token;
+        rejected_ids empty unless pairs), and the text of each row's last prompt message ('question')
+        and chosen answer ('answer'), for greedy samples.
+    index: (N,) int64 rows of `table` in this split, in order.
+    parts: one dict per dataset in order: name, rows (in this split), and the counts of load_split.
+    split: 'train' or 'test' (None: rows given to tokenize_rows)."""
+
+    def __init__(self, table, pairs, parts, split, index=None):
+        self.table, self.pairs, self.parts, self.split = table, pairs, parts, split
+        self.index = np.arange(len(table), dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+        self._lengths = self._fingerprint = None
+
+    def __len__(self):
+        return len(self.index)
+
+    prompt_ids = property(lambda self: Column(self, "prompt_ids"))
+    chosen_ids = property(lambda self: Column(self, "chosen_ids"))
+    rejected_ids = property(lambda self: Column(self, "rejected_ids") if self.pairs else None)
+    questions = property(lambda self: Column(self, "question"))
+    answers = property(lambda self: Column(self, "answer"))
 
     @property
-    def pairs(self):
-        return self.rejected_ids is not None
+    def origins(self):
+        """origins[i]: where row i came from, e.g. "dataset 'hh_sample' (test) row 3" (for messages)."""
+        return _Origins(self)
+
+    def rows(self, indices, columns=IDS):
+        """{column: [value of each row]} for rows `indices` of this split."""
+        rows = self.index[np.asarray(indices, dtype=np.int64)]
+        return self.table.select_columns(list(columns))[rows.tolist()] if len(rows) else {c: [] for c in columns}
+
+    def column_lengths(self, name):
+        """(N,) int64 tokens of each row in id column `name`."""
+        import pyarrow.compute as pc
+        lengths = pc.list_value_length(self.table.data.table.column(name)).to_numpy(zero_copy_only=False)
+        return lengths.astype(np.int64)[self.index]
 
     def lengths(self):
         """(N,) tokens in each row's longest sequence: what it costs in a padded batch."""
-        answer = [len(c) if not self.pairs else max(len(c), len(r))
-                  for c, r in zip(self.chosen_ids, self.rejected_ids or self.chosen_ids)]
-        return np.array([len(p) + a for p, a in zip(self.prompt_ids, answer)], dtype=np.int64)
+        if self._lengths is None:
+            answer = self.column_lengths("chosen_ids")
+            if self.pairs:
+                answer = np.maximum(answer, self.column_lengths("rejected_ids"))
+            self._lengths = self.column_lengths("prompt_ids") + answer
+        return self._lengths
 
     def first(self, n):
         """The first n rows."""
-        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:n]
-                                for f in fields(self)})
+        return TokenizedData(self.table, self.pairs, self.parts, self.split, self.index[:n])
+
+    @property
+    def fingerprint(self):
+        """sha256 (32 hex digits) of the token ids, in order: changes with the files, the sample, the
+        tokenizer, the chat template or the truncation settings. Read in blocks, never all at once; computed once."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        h = hashlib.sha256()
+        for name in IDS if self.pairs else IDS[:2]:
+            h.update(self.column_lengths(name).tobytes())
+        for name in IDS if self.pairs else IDS[:2]:
+            for start in range(0, len(self), 8192):
+                block = self.table.data.table.column(name).take(self.index[start:start + 8192])
+                h.update(block.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
 
-TOKENIZE_VERSION = 2  # bump when encode_chat / encode_row / truncate change what they produce
+class _Origins:
+    def __init__(self, data):
+        self.data = data
+        self.ends = np.cumsum([p["rows"] for p in data.parts])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.ends, self.data.index[i], side="right"))
+        row = int(self.data.table[int(self.data.index[i])]["row"])
+        if self.data.split is None:  # tokenize_rows: rows given directly
+            return f"row {row}"
+        return f"dataset '{self.data.parts[k]['name']}' ({self.data.split}) row {row}"
 
 
-def _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token):
-    """sha256 of the rows, the tokenizer (vocabulary, merges, special tokens, chat template) and the settings."""
-    h = hashlib.sha256()
+TOKENIZE_VERSION = 3  # bump when encode_chat / encode_row / truncate change what they produce
+COUNTS = ("prompts_truncated", "answers_truncated", "rows_dropped")
+
+
+def _tokenizer_key(tokenizer, eot_token):
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    h.update(json.dumps([TOKENIZE_VERSION, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
-                         max_length, max_prompt_length, pairs, type(tokenizer).__name__, eot_token]).encode())
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True).encode())
-    return h.hexdigest()[:32]
+    return hashlib.sha256((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode()
+                          + json.dumps([TOKENIZE_VERSION, tokenizer.chat_template, tokenizer.bos_token,
+                                        tokenizer.eos_token, type(tokenizer).__name__, eot_token]).encode()).hexdigest()
 
 
-def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token=None, origins=None):
-    """Tokenise normalised rows once (encode_row, then truncate); `pairs` keeps the rejected answers.
-    eot_token: the end-of-turn token (None = detected from the chat template, end_of_turn_token).
-    origins: a name per row for error messages (default 'row i'). A row left with no target token
-    (its prompt fills max_length, possible only when max_prompt_length == max_length) raises DataError."""
+def _auto_num_proc(n_rows, num_proc):
+    """num_proc null: one worker per CPU (at most 8), one for fewer than 2,000 rows (starting workers costs more)."""
+    if num_proc is not None:
+        return num_proc
+    return 1 if n_rows < 2000 else max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                 else os.cpu_count() or 1))
+
+
+def _cache_folder(key):
+    import datasets
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ift_tokenized" / key
+
+
+def _cached(key):
+    """(dataset, manifest) of tokenised rows already in the cache under `key`, or None."""
+    folder = _cache_folder(key)
+    if not (folder / "manifest.json").is_file():
+        return None
+    info = json.loads((folder / "manifest.json").read_text())
+    return _open(folder, info["files"]), info
+
+
+def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length, min_answer_tokens,
+              num_proc, row_ids, available):
+    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> a datasets.Dataset of token ids memory-mapped from the cache directory
+    <HF_DATASETS_CACHE>/ift_tokenized/<key>/, which a manifest.json (written last) marks complete, with
+    the truncation counts. Rows are tokenised in num_proc worker processes. row_ids: each row's index
+    in its dataset (for messages); available: the rows the dataset has. Returns (dataset, manifest)."""
     import datasets
 
-    eot_token = end_of_turn_token(tokenizer, eot_token)
-    origins = origins or [f"row {i}" for i in range(len(rows))]
+    if _cached(key) is not None:
+        return _cached(key)
+    folder = _cache_folder(key)
+    eot_id = tokenizer.convert_tokens_to_ids(eot_token)
 
     def encode(batch, indices):
-        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "flags": [], "row": [], "question": [],
+               "answer": []}
         for i, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
+            where = f"{label} row {row_ids[i]}"
+            if pairs and rejected is None:
+                raise DataError(f"{where} has no rejected answer, but the loss compares chosen with rejected answers; "
+                                "use a preference dataset such as ultrafeedback, hh, shp or orca (or their _sample "
+                                "versions)")
             try:
                 p, answers = encode_row(tokenizer, prompt, [chosen, rejected] if pairs else [chosen], eot_token)
             except DataError as e:
-                raise DataError(f"{origins[i]}: {e}") from None
-            p, answers = truncate(p, answers, max_length, max_prompt_length)
+                raise DataError(f"{where}: {e}") from None
+            p, answers, flags = truncate(p, answers, max_length, max_prompt_length, min_answer_tokens)
+            assert all(a and a[-1] == eot_id for a in answers)  # truncate's contract: the end of turn stays
             out["prompt_ids"].append(p)
             out["chosen_ids"].append(answers[0])
             out["rejected_ids"].append(answers[1] if pairs else [])
+            out["flags"].append(flags)
+            out["row"].append(int(row_ids[i]))
+            out["question"].append(prompt[-1]["content"])
+            out["answer"].append(chosen)
         return out
 
-    # Cached on disk under a key of everything the result depends on, so a second run (or the other
-    # ranks, which wait for rank 0) reads the token ids instead of re-rendering every chat.
-    key = _cache_key(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token)
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "ift_tokenized" / f"{key}.arrow"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    quiet = len(rows) < 20_000
+    ids = datasets.Sequence(datasets.Value("int32"))
+    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                                  "flags": datasets.Value("int8"), "row": datasets.Value("int64"),
+                                  "question": datasets.Value("string"), "answer": datasets.Value("string")})
+    if folder.exists():  # an earlier attempt that did not finish
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    quiet = len(source) < 20_000
     if quiet:
         datasets.disable_progress_bars()
     try:
-        ds = datasets.Dataset.from_list(rows).map(encode, batched=True, with_indices=True, batch_size=256,
-                                                  desc="tokenising", cache_file_name=str(cache), new_fingerprint=key)
+        num_proc = _auto_num_proc(len(source), num_proc)
+        ds = source.map(encode, batched=True, with_indices=True, batch_size=64, writer_batch_size=64,
+                        remove_columns=source.column_names,
+                        features=features, num_proc=num_proc if num_proc > 1 else None,
+                        cache_file_name=str(folder / "tokens.arrow"), new_fingerprint=key, desc=f"tokenising {label}")
     finally:
         if quiet:
             datasets.enable_progress_bars()
-    cols = ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()  # plain lists, read once
-    empty = next((i for i, (c, r) in enumerate(zip(cols["chosen_ids"], cols["rejected_ids"]))
-                  if not c or (pairs and not r)), None)
-    if empty is not None:
-        raise DataError(f"{origins[empty]}: no answer token is left after truncation (its prompt fills "
-                        f"max_length={max_length}); set max_prompt_length below max_length")
-    return TokenizedData(
-        prompt_ids=cols["prompt_ids"], chosen_ids=cols["chosen_ids"],
-        rejected_ids=cols["rejected_ids"] if pairs else None,
-        prompts=[r["prompt"] for r in rows], answers=[r["chosen"] for r in rows], origins=origins)
+    import pyarrow.compute as pc
+    flags = ds.data.table.column("flags")
+    counts = {"prompts_truncated": int(pc.sum(pc.not_equal(pc.bit_wise_and(flags, PROMPT_CUT), 0)).as_py() or 0),
+              "answers_truncated": int(pc.sum(pc.not_equal(pc.bit_wise_and(flags, ANSWER_CUT), 0)).as_py() or 0),
+              "rows_dropped": 0}  # truncate never drops a row (it always keeps the end-of-turn target)
+    info = {"files": [Path(f["filename"]).name for f in ds.cache_files], "counts": counts, "available": available}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(folder / "manifest.json")
+    return ds, info
 
 
-def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None, eot_token=None):
-    """Normalise, check and tokenise the rows of `split` from every dataset in `names`
-    (eot_token: the end-of-turn token, None = detected from the chat template)."""
-    rows, origins = [], []
+def _arrow(rows):
+    """Normalised rows as an Arrow-backed datasets.Dataset."""
+    import datasets
+    return datasets.Dataset.from_list(rows)
+
+
+def _open(folder, files):
+    import datasets
+    parts = [datasets.Dataset.from_file(str(folder / f)) for f in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def sample_rows(n_rows, rows_per_dataset, seed, name):
+    """Indices (sorted) of the training rows a dataset contributes: all of them (rows_per_dataset
+    null, or not fewer rows than it), else a random sample of rows_per_dataset drawn from (seed, name):
+    the same on every rank, on every resume and whatever the other datasets are."""
+    if rows_per_dataset is None or n_rows <= rows_per_dataset:
+        return np.arange(n_rows)
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")])
+    return np.sort(rng.choice(n_rows, rows_per_dataset, replace=False))
+
+
+def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token=None, origins=None,
+                  min_answer_tokens=128, num_proc=None, label="rows"):
+    """Tokenise normalised rows (encode_row, then truncate) into TokenizedData; `pairs` keeps the
+    rejected answers. eot_token: the end-of-turn token (None = detected from the chat template).
+    Cached under a key of the rows' content and every setting."""
+    eot_token = end_of_turn_token(tokenizer, eot_token)
+    h = hashlib.sha256(json.dumps([_tokenizer_key(tokenizer, eot_token), max_length, max_prompt_length,
+                                   min_answer_tokens, pairs]).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+    table, info = _tokenise(_arrow(rows), h.hexdigest()[:32], label, tokenizer, eot_token, pairs, max_length,
+                            max_prompt_length, min_answer_tokens, num_proc, np.arange(len(rows)), len(rows))
+    return TokenizedData(table, pairs, [{"name": label, "rows": len(table), "available": len(rows), **info["counts"]}],
+                         None)
+
+
+def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None, eot_token=None,
+               rows_per_dataset=None, seed=0, min_answer_tokens=128, num_proc=None, log=None):
+    """Rows of `split` from every dataset in `names`, tokenised (cached: see _tokenise) into one
+    TokenizedData. Training rows are first sampled (sample_rows: rows_per_dataset, seed) before any
+    is tokenised. A dataset whose tokenised rows are already in the cache is not read again.
+    log: called with one line per dataset (rows, sample, truncation counts). eot_token: the
+    end-of-turn token (None = detected from the chat template)."""
+    import datasets
+
+    eot_token = end_of_turn_token(tokenizer, eot_token)
+    tables, parts = [], []
     for name in names:
-        part = load_normalised(name, split, dataset_paths)
-        if pairs:
-            missing = next((i for i, r in enumerate(part) if r["rejected"] is None), None)
-            if missing is not None:
+        sample = rows_per_dataset if split == "train" else None
+        key = hashlib.sha256(json.dumps([_tokenizer_key(tokenizer, eot_token), source_identity(name, dataset_paths),
+                                         name, split, sample, seed if sample else None, max_length, max_prompt_length,
+                                         min_answer_tokens, pairs]).encode()).hexdigest()[:32]
+        cached = _cached(key)
+        if cached is None:
+            rows = load_normalised(name, split, dataset_paths)
+            if not rows:
+                raise DataError(f"dataset '{name}' has no '{split}' rows")
+            missing = next((i for i, r in enumerate(rows) if r["rejected"] is None), None) if pairs else None
+            if missing is not None:  # refused before anything is written to the cache
                 raise DataError(f"dataset '{name}' ({split}) row {missing} has no rejected answer, but the loss "
                                 "compares chosen with rejected answers; use a preference dataset such as "
                                 "ultrafeedback, hh, shp or orca (or their _sample versions)")
-        rows += part
-        origins += [f"dataset '{name}' ({split}) row {i}" for i in range(len(part))]
-    if not rows:
+            chosen = sample_rows(len(rows), sample, seed, name)
+            available, rows = len(rows), [rows[i] for i in chosen] if len(chosen) < len(rows) else rows
+            source = _arrow(rows)
+            del rows  # the text now lives in Arrow only
+            cached = _tokenise(source, key, f"dataset '{name}' ({split})", tokenizer, eot_token, pairs, max_length,
+                               max_prompt_length, min_answer_tokens, num_proc, chosen, available)
+            del source
+        table, info = cached
+        counts, available = info["counts"], info["available"]
+        tables.append(table)
+        parts.append({"name": name, "rows": len(table), "available": available, **counts})
+        if log is not None:
+            sampled = (f"a random sample of {len(table):,} of its {available:,} rows (rows_per_dataset={sample}, "
+                       f"seed={seed})" if len(table) < available else f"all {len(table):,} rows"
+                       + (f" (it has no more than rows_per_dataset={sample})" if sample else ""))
+            log(f"data: '{name}' ({split}): {sampled}; truncated to max_length={max_length}: "
+                f"{counts['prompts_truncated']:,} prompts cut, {counts['answers_truncated']:,} answers cut, "
+                f"{counts['rows_dropped']} rows dropped")
+    table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+    if len(table) == 0:
         raise DataError(f"datasets {list(names)} have no '{split}' rows")
-    return tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_token, origins)
+    return TokenizedData(table, pairs, parts, split)
 
 
 def mask_audit(data, tokenizer, eot_token, row=0, head=40, tail=8):
@@ -583,15 +842,28 @@ def mask_audit(data, tokenizer, eot_token, row=0, head=40, tail=8):
     marked (the prompt as text, then each target token in [brackets], so token boundaries show; an
     answer longer than head + tail tokens shows its first `head` and last `tail`), and the target
     counts. Raises DataError naming the dataset and row when a row has no target token, or when
-    the end-of-turn token is a target nowhere (every answer should end with it)."""
+    the end-of-turn token is a target nowhere (every answer should end with it). Reads the token ids
+    column by column in Arrow, never as Python lists."""
     eot_id = tokenizer.convert_tokens_to_ids(eot_token)
-    sides = [data.chosen_ids] + ([data.rejected_ids] if data.pairs else [])
-    for answers in sides:
-        empty = next((i for i, a in enumerate(answers) if not a), None)
-        if empty is not None:
-            raise DataError(f"{data.origins[empty]}: the row has no target token")
-    ending = sum(a[-1] == eot_id for answers in sides for a in answers)
-    if not any(eot_id in a for answers in sides for a in answers):
+    sides = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
+    n_targets = ending = 0
+    anywhere = False
+    for side in sides:
+        lengths = data.column_lengths(side)
+        if (lengths == 0).any():
+            raise DataError(f"{data.origins[int(np.argmax(lengths == 0))]}: the row has no target token")
+        n_targets += int(lengths.sum())
+        if len(data) < len(data.table):  # a subset (first(n), a few eval rows): row by row
+            answers = list(getattr(data, side))
+            ending += sum(a[-1] == eot_id for a in answers)
+            anywhere |= any(eot_id in a for a in answers)
+            continue
+        for chunk in data.table.data.table.column(side).chunks:
+            # offsets index the chunk's values buffer: row r is values[offsets[r]:offsets[r + 1]]
+            offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=False)
+            ending += int((values[offsets[1:] - 1] == eot_id).sum()) if len(offsets) > 1 else 0
+            anywhere |= bool((values[offsets[0]:offsets[-1]] == eot_id).any())
+    if not anywhere:
         raise DataError(f"{data.origins[0]} (and every other row): the end-of-turn token {eot_token!r} is never a "
                         "target; set model.eot_token to the token that ends an assistant turn")
     prompt, answer = data.prompt_ids[row], data.chosen_ids[row]
@@ -602,11 +874,10 @@ def mask_audit(data, tokenizer, eot_token, row=0, head=40, tail=8):
     pieces = ["…" if k is None else "[" + text(prompt + answer[:k + 1])[len(text(prompt + answer[:k])):] + "]"
               for k in shown]
     escape = lambda s: s.replace("\n", "\\n")  # noqa: E731
-    n_targets = sum(len(a) for answers in sides for a in answers)
     prompt_text = text(prompt)
     return (f"mask audit, {data.origins[row]}: {len(prompt)} prompt tokens (not trained), {len(answer)} target "
             f"tokens in [brackets]; all {len(data)} rows: {n_targets} target tokens, {ending} of "
-            f"{sum(map(len, sides))} answers end with the end-of-turn token {eot_token!r}\n"
+            f"{len(data) * len(sides)} answers end with the end-of-turn token {eot_token!r}\n"
             f"  prompt: {'…' if len(prompt_text) > 300 else ''}{escape(prompt_text[-300:])}\n"
             f"  target: {escape(''.join(pieces))}")
 
@@ -667,13 +938,13 @@ def collate(data, indices, pad_id):
     """A batch of tensors for rows `indices`, right-padded to the longest row (never to max_length).
     SFT/IFT: input_ids, attention_mask, labels (B, T). Pairs: chosen_* and rejected_* (B, T), with
     one T for both so a loss can run them through the model in one concatenated forward."""
-    prompts = [data.prompt_ids[i] for i in indices]
-    chosen = [data.chosen_ids[i] for i in indices]
+    rows = data.rows(indices, IDS if data.pairs else IDS[:2])  # one read of the Arrow table
+    prompts, chosen = rows["prompt_ids"], rows["chosen_ids"]
     if not data.pairs:
         width = max(len(p) + len(a) for p, a in zip(prompts, chosen))
         input_ids, attention_mask, labels = _sequences(prompts, chosen, pad_id, width)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    rejected = [data.rejected_ids[i] for i in indices]
+    rejected = rows["rejected_ids"]
     width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
     batch = {}
     for side, answers in (("chosen", chosen), ("rejected", rejected)):

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 import checkpoints
-import losses
 from preference_datasets import collate, eval_batches, micro_batches
 from utils import all_reduce_sum, broadcast_object, is_main
 
@@ -70,12 +69,11 @@ def compute(trainer, data):
             ignore = len(rows) == 0
             rows = micro[0][:1] if ignore else rows
             tensors = {k: v.to(trainer.device) for k, v in collate(data, rows, trainer.tokenizer.pad_token_id).items()}
-            with trainer.forward_settings():
-                sums = losses.concatenated_logps(trainer.reference, tensors)
+            pair = trainer.call.pair_logps(trainer.reference, tensors)
             if not ignore:
                 index = torch.as_tensor(rows, device=trainer.device)
-                out[index, 0] = sums["chosen_logps"].double()
-                out[index, 1] = sums["rejected_logps"].double()
+                out[index, 0] = pair.chosen.double()
+                out[index, 1] = pair.rejected.double()
     return all_reduce_sum(out)
 
 

@@ -331,8 +331,9 @@ def relation_propagation_example(run, row_index=0):
     from omegaconf import OmegaConf
 
     import losses
+    from forward import ModelCall
     from preference_datasets import collate, load_split
-    from train import load_tokenizer
+    from modeling import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     cfg = OmegaConf.load(run["path"] / "config.yaml")
@@ -346,8 +347,9 @@ def relation_propagation_example(run, row_index=0):
     lam = lam[-1] if lam else cfg.loss.max_lambda
     with torch.no_grad():
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-        intuitive = losses.intuition_pass(model, *args)[0] if lam > 0 else None
-        logps, mask = losses.policy_logps(model, *args, intuitive_ids=intuitive, lam=lam)
+        call = ModelCall()
+        intuitive = call.intuition(model, *args)[0] if lam > 0 else None
+        logps, mask = call.logps(model, *args, intuitive_ids=intuitive, lam=lam)
         w = losses.relation_propagation_weights(logps, mask, cfg.loss.gamma, cfg.loss.propagation_type,
                                                 cfg.loss.propagation_side, cfg.loss.propagation_norm)
     targets = batch["labels"][0, 1:][mask[0]]

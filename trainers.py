@@ -19,6 +19,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -27,11 +28,16 @@ from tqdm import tqdm
 
 import checkpoints
 import flops
+import forward
 import lora
 import losses
+import modeling
+import planning
 import reference_logps
+from forward import ModelCall
 from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
-from utils import JsonlWriter, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
+from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, \
+    world_size
 
 
 class BasicTrainer:
@@ -45,12 +51,14 @@ class BasicTrainer:
         train_data, eval_data: preference_datasets.TokenizedData.
         run_dir: pathlib.Path, created by the caller.
         device: torch.device where this rank computes.
+        plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
     """
 
     recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
 
-    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device):
-        self.cfg, self.tokenizer, self.run_dir, self.device = cfg, tokenizer, run_dir, device
+    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
+                 plan=checkpoints.ResumePlan()):
+        self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
         self.world, self.rank = world_size(), rank()
@@ -61,31 +69,25 @@ class BasicTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
         self.skipped_steps = self.consecutive_skips = 0  # updates not applied: non-finite loss or gradient
         self.n_micro = cfg.gradient_accumulation_steps * self.world
-        self.steps_per_epoch = len(train_data) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training rows")
-        # as in the reference code, training stops at n_epochs or n_examples, whichever comes first
-        self.total_steps = cfg.n_epochs * self.steps_per_epoch
-        if cfg.n_examples is not None:
-            self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
-        if self.total_steps == 0:
-            raise ValueError(f"n_examples={cfg.n_examples} is smaller than batch_size={cfg.batch_size}: no step to take")
-        self.warmup_steps = (round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio is not None
-                             else min(cfg.warmup_steps, self.total_steps))
+        schedule = planning.schedule(len(train_data), cfg)  # what dry_run=true prints
+        self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
+        self.warmup_steps = schedule["warmup_steps"]
 
         self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        # how the losses call the models (chunked output head, packing), handed to every loss call
+        self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
         # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
         self.shape = flops.shape_of(policy)
         self.train_sizes = sequence_sizes(train_data)
         self.peak_tflops = flops.device_peak_tflops(device, cfg.get("peak_tflops"))
-        self.head_chunk = cfg.loss_chunk_tokens if losses._chunkable(policy, policy.get_output_embeddings()) else None
+        self.head_chunk = cfg.loss_chunk_tokens if forward._chunkable(policy, policy.get_output_embeddings()) else None
         self.policy = self.wrap(policy, trainable=True)
         self.reference = None
         if reference is not None:
             reference.requires_grad_(False)
             self.reference = self.wrap(reference, trainable=False).eval()
             self.reference_fingerprint = _fingerprint(self.reference)
-        elif lora.enabled(cfg) and losses.needs_reference(cfg.loss):
+        elif lora.enabled(cfg) and self.loss.needs_reference:
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
         self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
@@ -101,6 +103,7 @@ class BasicTrainer:
         self.preempted = False  # set when train() stopped early after a preemption signal
         self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
         self.start_step = 0
+        self.wandb_run_id = None  # the wandb run a run resumed in place continues
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -109,8 +112,8 @@ class BasicTrainer:
         float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
         frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
         LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
-        if trainable and checkpoints.builds_without_weights(self.cfg):
-            checkpoints.materialize(model, self.device)  # built without weights: the checkpoint fills them
+        if trainable and not self.plan.reads_weights:
+            modeling.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
         model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
         if trainable:
@@ -136,10 +139,6 @@ class BasicTrainer:
         """The policy's full (unsharded) state dict on rank 0, cast to `dtype` if given; None elsewhere."""
         return {k: v.detach().to("cpu", dtype) for k, v in self.policy.state_dict().items()}
 
-    def forward_settings(self):
-        """How the losses call the models: chunked output head, packing (losses.forward_settings)."""
-        return losses.forward_settings(loss_chunk_tokens=self.cfg.loss_chunk_tokens, packing=self.cfg.packing)
-
     # ------------------------------------------------------------ set-up
 
     def build_optimizer(self):
@@ -161,6 +160,13 @@ class BasicTrainer:
             self._epoch_cache = {epoch: epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
         return self._epoch_cache[epoch][i]
 
+    def lam(self, step, disturb):
+        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1);
+        None for a loss without one."""
+        return self.loss.lam(step, self.total_steps, self.warmup_steps, self.cfg.seed, disturb)
+
+    # ------------------------------------------------------------ the loop
+
     def step_flops(self, micro, lam):
         """Matrix-product FLOPs of one optimizer step over all ranks (flops.py). micro: the global
         batch's micro-batches (arrays of row indices)."""
@@ -171,12 +177,6 @@ class BasicTrainer:
                                     recompute_blocks=self.recomputes_blocks)
                    for rows in micro if len(rows))
 
-    def lam(self, step, disturb):
-        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1);
-        None for a loss without one."""
-        return self.loss.lam(step, self.total_steps, self.warmup_steps, self.cfg.seed, disturb)
-
-    # ------------------------------------------------------------ the loop
 
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.
@@ -188,7 +188,7 @@ class BasicTrainer:
         mine = micro[self.rank::self.world]
         sums, tokens, slots = {}, 0, 0
         # a step of more than a few seconds shows its micro-batches (this rank's), so a long step is seen to move
-        slow = train and self.last_step_s > SLOW_STEP_S and len(mine) > 1 and is_main()
+        slow = train and self.last_step_s > SLOW_STEP_S and len(mine) > 1 and _bars()
         for j, rows in enumerate(tqdm(mine, desc="micro-batches", leave=False, disable=not slow)):
             # A short last eval batch can leave a rank without rows; it still runs one (ignored) row,
             # because every rank of an FSDP model must take part in every forward.
@@ -203,13 +203,14 @@ class BasicTrainer:
             slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
             if train:
                 self.gradient_sync(j == len(mine) - 1)
-            with contextlib.nullcontext() if train else torch.no_grad(), self.forward_settings():
+            with contextlib.nullcontext() if train else torch.no_grad():
                 own = batch
                 if not train and "chosen_input_ids" in batch and not self.loss.needs_pairs:
                     own = losses.chosen_view(batch)  # preference eval data, a loss that trains on one answer
-                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam)
+                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam,
+                                                                   self.call)
                 if not train:  # the metrics every method logs the same way (nll; margin, pref_accuracy on pairs)
-                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.policy, batch)}
+                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.call, self.policy, batch)}
                 loss_sum, metric_sums, _ = losses.reduce_rows(row_losses, valid & (not ignore), row_metrics)
                 if train:
                     loss = loss_sum * (self.world / n_rows)
@@ -232,9 +233,8 @@ class BasicTrainer:
         self.start_logging()
         if cfg.do_first_eval and self.start_step == 0:
             self.evaluate(step=0)
-        bar = tqdm(range(self.start_step, self.total_steps), desc="train", disable=not is_main(),
-                   dynamic_ncols=True, initial=self.start_step, total=self.total_steps)
-        for step in bar:
+        progress = Progress(self.start_step, self.total_steps, cfg.progress_every)
+        for step in range(self.start_step, self.total_steps):
             t0 = time.perf_counter()
             self.policy.train()
             batch = self.global_batch(step)
@@ -247,13 +247,13 @@ class BasicTrainer:
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
             dt = self.last_step_s = time.perf_counter() - t0
+            tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
             self.tokens_seen += tokens
             self.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
                    **{k: v / len(batch) for k, v in sums.items()}}
             if lam is not None:
                 row["lambda"] = lam
-            tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
             row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
                        tokens_per_s=tokens / dt, tflops=tflops)
             if self.peak_tflops is not None:
@@ -261,8 +261,8 @@ class BasicTrainer:
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.get_scale()
             self.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}",
-                            **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+            progress.step(step + 1, loss=f"{row['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}",
+                          **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             if error:  # after logging the step's row; nothing of this step reached the weights
                 raise NonFiniteError(error)
             if _crossed(step, cfg.batch_size, cfg.eval_every) or step + 1 == self.total_steps:
@@ -278,7 +278,7 @@ class BasicTrainer:
                 self.checkpointer.report_preempted(step + 1)
                 self.preempted = True
                 break
-        bar.close()
+        progress.close()
         self.checkpointer.wait()
         if self.preempted:
             self.finish_logging()
@@ -335,7 +335,7 @@ class BasicTrainer:
         lam = self.lam(min(step, self.total_steps - 1), disturb=False)
         totals, n = {}, 0
         batches = eval_batches(self.eval_lengths, self.cfg.eval_batch_size)
-        for batch in tqdm(batches, desc=f"eval @ step {step}", leave=False, disable=not is_main()):
+        for batch in tqdm(batches, desc=f"eval @ step {step}", leave=False, disable=not _bars()):
             sums, _, _ = self.run_micro_batches(micro_batches(batch, self.eval_lengths, self.world), len(batch),
                                                 lam, train=False)
             for k, v in sums.items():
@@ -369,11 +369,11 @@ class BasicTrainer:
             print("wandb: no credentials (WANDB_API_KEY or `wandb login`), logging offline instead")
             mode = "offline"
         from omegaconf import OmegaConf
-        # a run resumed in place continues its wandb run (checkpointer.wandb_run_id), else a new one
+        # a run resumed in place continues its wandb run (wandb_run_id), else a new one
         self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                 name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,
                                 config=OmegaConf.to_container(self.cfg, resolve=True),
-                                id=self.checkpointer.wandb_run_id, resume="allow")
+                                id=self.wandb_run_id, resume="allow")
 
     def log(self, row):
         if not is_main():
@@ -414,17 +414,35 @@ class BasicTrainer:
         (checkpoints.py); every rank writes its own shards."""
         self.checkpointer.save(self, step)
 
-    def resume(self, directory):
-        """Continue exactly where checkpoint `directory` stopped (weights, optimizer, scheduler, step,
-        RNG states). Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
-        self.checkpointer.load(self, directory)
+    def resume(self, plan):
+        """Continue exactly where plan.checkpoint stopped: the Checkpointer reads the weights, optimizer
+        state and RNG states; the scheduler, counters and step come back as its TrainerState, applied here.
+        Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
+        state = self.checkpointer.load(self.policy, self.optimizer, plan)
+        # the schedule continues from the checkpoint's step, with the config's base lr (equal unless forced)
+        base_lrs = list(self.scheduler.base_lrs)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.scaler is not None and state.scaler is not None:  # float16's loss scale goes on from where it was
+            self.scaler.load_state_dict(state.scaler)
+        self.start_step = state.step
+        self.tokens_seen, self.slots_seen = state.tokens_seen, state.slots_seen
+        self.skipped_steps, self.consecutive_skips = state.skipped_steps, state.consecutive_skips
+        if plan.in_place:
+            self.wandb_run_id = state.wandb_run_id
+        if is_main():
+            self.metrics_file.write({"split": "resume", "step": state.step, "checkpoint": str(plan.checkpoint),
+                                     "ranks": [state.world_size, self.world], "forced": bool(plan.differences),
+                                     "differences": {k: [a, b] for k, (a, b) in plan.differences.items()}})
+            if plan.differences:
+                print(f"resume_force=true: continuing despite differences in {', '.join(plan.differences)}")
 
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
         return self.tokens_seen / max(1, self.slots_seen)
-
-
-SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
 
 
 def tokenizer_as_trained(tokenizer):
@@ -447,15 +465,46 @@ def tokenizer_as_trained(tokenizer):
 def sequence_sizes(data):
     """(tokens, targets), each (N, k) int64: the real tokens and target tokens of each of row i's k
     sequences (k = 2 with rejected answers: chosen, rejected), what one forward of the row computes."""
-    answers = [data.chosen_ids] + ([data.rejected_ids] if data.pairs else [])
-    prompt = np.array([len(p) for p in data.prompt_ids], dtype=np.int64)
-    targets = np.stack([np.array([len(a) for a in column], dtype=np.int64) for column in answers], axis=1)
+    answers = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
+    prompt = data.column_lengths("prompt_ids")  # read from the Arrow offsets, no row materialised
+    targets = np.stack([data.column_lengths(column) for column in answers], axis=1)
     return prompt[:, None] + targets, targets
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient norm was NaN or infinite and on_nonfinite says stop. No update of that step
-    was applied; the message names the step and the metric."""
+SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress
+
+
+def _bars():
+    """Whether this process draws progress bars: rank 0, on a terminal (a log file gets Progress's lines)."""
+    return is_main() and sys.stderr.isatty()
+
+
+class Progress:
+    """Rank 0's training progress: tqdm's bar on a terminal; when stderr is not one (a Slurm log, a
+    pipe), where a bar's carriage returns pile up into one endless line, a plain line every `every`
+    optimizer steps and at the last. Other ranks show nothing."""
+
+    def __init__(self, start, total, every):
+        self.total, self.every, self.shown = total, every, is_main()
+        self.start_time, self.start = time.perf_counter(), start
+        self.bar = None
+        if _bars():
+            self.bar = tqdm(desc="train", dynamic_ncols=True, initial=start, total=total)
+
+    def step(self, step, **postfix):
+        """Optimizer step `step` (1-based) is done; postfix: name=text pairs to show."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix)
+        elif self.shown and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.start_time
+            print(f"train step {step}/{self.total} ({step / self.total:.0%}), " +
+                  ", ".join(f"{k}={v}" for k, v in postfix.items()) +
+                  f", {elapsed / (step - self.start):.2f} s/step", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _autocast_forward(model, device_type, dtype):
@@ -516,7 +565,7 @@ class FSDPTrainer(BasicTrainer):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.compile:
             compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
-        # Only rank 0 read the weights (train.load_model); the others built the model on the meta device.
+        # Only rank 0 read the weights (modeling.load_model); the others built the model on the meta device.
         # Rank 0 keeps its full tensors until every rank has copied its shard from them.
         full = model.state_dict() if is_main() else None
         for block in blocks:
@@ -524,8 +573,8 @@ class FSDPTrainer(BasicTrainer):
         # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
         # the reference has no backward, so everything is resharded after its forward.
         fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if trainable and checkpoints.builds_without_weights(self.cfg):
-            checkpoints.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
+        if trainable and not self.plan.reads_weights:
+            modeling.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
         elif self.world > 1:
             _broadcast_weights_from_rank0(model, full, self.device)
         return model.to(self.device)

@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A config key has an impossible or unknown value. Raised before any model loads."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm was NaN or infinite and on_nonfinite says stop. No update of that step
+    was applied; the message names the step and the metric."""
+
+
 def resolve_path(path):
     """A local path as given (relative to the working directory) or, failing that, relative to the
     repository, so `models/tiny-mistral` works from any directory. Returns None when neither exists
@@ -72,6 +77,24 @@ def reserve_run_dir(path):
     except FileExistsError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def released_on_failure(run_dir, fresh):
+    """Inside, a failure (an exception, Ctrl-C) before the run's first metrics row gives back the run
+    directory that make_run_dir reserved for it (fresh: not a run continued in place), so the same
+    run_dir can be used again: rank 0 removes the still-empty metrics.jsonl that claims it, the
+    config.yaml written beside it, and the directory when nothing else is left in it."""
+    try:
+        yield
+    except BaseException:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if fresh and is_main() and metrics.is_file() and metrics.stat().st_size == 0:
+            metrics.unlink()
+            (Path(run_dir) / "config.yaml").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else was written there
+                Path(run_dir).rmdir()
+        raise
 
 
 def set_seed(seed):
@@ -194,6 +217,3 @@ def fsync_dir(path):
     finally:
         os.close(fd)
 
-
-def format_count(n):
-    return f"{n:,}"

@@ -6,8 +6,8 @@
 
 It prints figures and asserts nothing. Three parts, each a comparison inside one run:
   head     the output head alone: N target positions of hidden size H -> log-probs, forward and backward
-           with a random upstream gradient. Unchunked (lm_head on all N rows, then losses.gather_logps:
-           loss_chunk_tokens=null) against losses.ChunkedTargetLogps (--chunk). Peak memory above the start
+           with a random upstream gradient. Unchunked (lm_head on all N rows, then forward.gather_logps:
+           loss_chunk_tokens=null) against forward.ChunkedTargetLogps (--chunk). Peak memory above the start
            (the weight gradient included in both) and time.
   step     whole SFT and IFT optimizer steps (forward through losses.batch_loss, backward, AdamW) of
            ift_cost.py's model at each vocabulary, loss_chunk_tokens=null against --chunk; the four
@@ -41,7 +41,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
+import forward  # noqa: E402
 import losses  # noqa: E402
+from forward import ModelCall  # noqa: E402
 from ift_cost import LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes, \
     optimizer_bytes, tensor_bytes  # noqa: E402
 from preference_datasets import TokenizedData, collate, epoch_batches  # noqa: E402
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--attn", default="sdpa", help="model attn_implementation")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
-    p.add_argument("--chunk", type=int, default=losses.DEFAULT_LOSS_CHUNK_TOKENS, help="loss_chunk_tokens")
+    p.add_argument("--chunk", type=int, default=forward.DEFAULT_LOSS_CHUNK_TOKENS, help="loss_chunk_tokens")
     p.add_argument("--vocabs", default="32000,128256")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -119,9 +121,8 @@ def build_model(args, vocab):
 
 
 def train_step(policy, optimizer, name, batch, lam, **settings):
-    with losses.forward_settings(**settings):
-        row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], policy, None, batch, lam)
-        ((row_losses * valid).sum() / row_losses.shape[0]).backward()
+    row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], policy, None, batch, lam, ModelCall(**settings))
+    ((row_losses * valid).sum() / row_losses.shape[0]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -150,9 +151,9 @@ def part_head(args):
             def fn():
                 hidden.grad = weight.grad = None
                 if chunked:
-                    logps, _ = losses.ChunkedTargetLogps.apply(hidden, weight, None, targets, args.chunk, False)
+                    logps, _ = forward.ChunkedTargetLogps.apply(hidden, weight, None, targets, args.chunk, False)
                 else:
-                    logps = losses.gather_logps(F.linear(hidden, weight), targets)
+                    logps = forward.gather_logps(F.linear(hidden, weight), targets)
                 (logps * upstream).sum().backward()
             return fn
 

@@ -288,6 +288,8 @@ def peak_rss():
 
 def measure(cfg, config, device, run_dir):
     """One throughput row: train cfg's steps with a fresh random model; figures from metrics.jsonl."""
+    import modeling
+    import run_data
     import train
     from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
@@ -295,9 +297,9 @@ def measure(cfg, config, device, run_dir):
     import losses
     train.validate_config(cfg, world=1)
     loss = losses.build(cfg.loss)
-    tokenizer = train.load_tokenizer(cfg)
+    tokenizer = modeling.load_tokenizer(cfg)
     eot = end_of_turn_token(tokenizer, cfg.model.eot_token)
-    train_data, eval_data = train.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot)
+    train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot)
     run_dir.mkdir(parents=True)
     gc.collect()
     if device.type == "cuda":

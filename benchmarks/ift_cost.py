@@ -31,7 +31,7 @@ rotating from one repetition to the next), so a change in machine load (other pr
 hits all of them alike. After --warmup rounds (default 2), --reps rounds (default 5) are timed; the table
 shows each loss's median step time and its forward / backward / optimizer split, and the ratios are given
 two ways: the ratio of the medians, and the median over rounds of the ratio within a round (the more
-robust one on a noisy machine). For IFT, the time spent inside `losses.intuition_pass` (the no-grad
+robust one on a noisy machine). For IFT, the time spent inside `forward.ModelCall.intuition` (the no-grad
 forward of spec §1.1) and in the forward of `losses.relation_propagation_weights` is recorded too (the
 functions are wrapped by timers for the run; they are called exactly as before).
 
@@ -98,7 +98,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import forward  # noqa: E402
 import losses  # noqa: E402
+import scan  # noqa: E402
+from forward import ModelCall  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -226,7 +229,7 @@ def make_batches(B, T, vocab, seed, device):
 
     def labelled(x):
         y = x.clone()
-        y[:, :prompt] = losses.IGNORE_INDEX
+        y[:, :prompt] = forward.IGNORE_INDEX
         return y
 
     mask = torch.ones(B, T, dtype=torch.long)
@@ -301,12 +304,15 @@ class Clock:
 
 @contextlib.contextmanager
 def timed_calls(clock, spans):
-    """Wrap losses.intuition_pass and losses.relation_propagation_weights with timers.
+    """Wrap forward.ModelCall.intuition (IFT's intuition pass) and losses.relation_propagation_weights
+    with timers.
 
-    ift_rows looks both up as module globals at call time, so the wrappers see every call; each call
-    appends (name, start mark, end mark) to `spans`. Nothing else about the call changes.
+    ift_rows looks both up at call time (a method, a module global), so the wrappers see every call;
+    each call appends (name, start mark, end mark) to `spans`. Nothing else about the call changes.
     """
-    originals = {name: getattr(losses, name) for name in ("intuition_pass", "relation_propagation_weights")}
+    owners = {"intuition_pass": (forward.ModelCall, "intuition"),
+              "relation_propagation_weights": (losses, "relation_propagation_weights")}
+    originals = {name: getattr(*owner) for name, owner in owners.items()}
 
     def wrap(name, fn):
         def timed(*a, **kw):
@@ -317,12 +323,12 @@ def timed_calls(clock, spans):
         return timed
 
     for name, fn in originals.items():
-        setattr(losses, name, wrap(name, fn))
+        setattr(*owners[name], wrap(name, fn))
     try:
         yield
     finally:
         for name, fn in originals.items():
-            setattr(losses, name, fn)
+            setattr(*owners[name], fn)
 
 
 @contextlib.contextmanager
@@ -403,9 +409,8 @@ class Runner:
 def with_reference_sums(batch, reference):
     """The preference batch plus the reference's summed log-probs, as reference_logps=precompute gives them
     (computed once, before the timed steps)."""
-    sums = losses.concatenated_logps(reference, batch)
-    return {**batch, "reference_chosen_logps": sums["chosen_logps"].double(),
-            "reference_rejected_logps": sums["rejected_logps"].double()}
+    pair = ModelCall().pair_logps(reference, batch)
+    return {**batch, "reference_chosen_logps": pair.chosen.double(), "reference_rejected_logps": pair.rejected.double()}
 
 
 def summarize_step(clock, marks, spans):
@@ -500,7 +505,7 @@ def run_long(args, policy, optimizer, clock):
 
     # Relation propagation alone, forward + backward, on that step's mask.
     cfg = LOSS_CONFIGS["ift"]
-    mask = batch["labels"][:, 1:] != losses.IGNORE_INDEX
+    mask = batch["labels"][:, 1:] != forward.IGNORE_INDEX
     g = torch.Generator().manual_seed(args.seed + 3)
     values = (-10.0 * torch.rand(mask.shape, generator=g, dtype=torch.float32)).to(args.device)
     values = torch.where(mask, values, torch.zeros((), device=args.device))
@@ -530,8 +535,8 @@ def run_long(args, policy, optimizer, clock):
     rp = median_time(rp_once, args.rp_reps)
     # The scan of spec §2.3 as relation propagation runs it (left side: on the flipped row), once with
     # the float64 accumulation losses.py uses and once in float32.
-    scan64 = median_time(lambda: losses._discounted_scan(values.flip(-1).double(), cfg["gamma"]), args.rp_reps)
-    scan32 = median_time(lambda: losses._discounted_scan(values.flip(-1).float(), cfg["gamma"]), args.rp_reps)
+    scan64 = median_time(lambda: scan._discounted_scan(values.flip(-1).double(), cfg["gamma"]), args.rp_reps)
+    scan32 = median_time(lambda: scan._discounted_scan(values.flip(-1).float(), cfg["gamma"]), args.rp_reps)
     return {"steps": steps, "rp": rp, "scan64": scan64, "scan32": scan32, "T": T, "B": B}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ORPO baseline on Mistral-7B: UltraFeedback pairs, one model (no reference), beta (the paper's lambda) 0.1,
-# the budget of commands/run_mistral_ift.sh.
+# ORPO baseline on Mistral-7B: UltraFeedback's 61,135 pairs for 3 epochs (357 optimizer steps of 512 pairs;
+# 60k pairs x 2 answers is the paper's 120k volume, as in commands/run_mistral_dpo.sh), one model (no
+# reference), beta (the paper's lambda) 0.1.
 # Checkpoints every 5,120 examples (10 optimizer steps), the newest 2 kept. On SIGTERM, SIGINT or SIGUSR1
 # (e.g. Slurm's preemption, or `#SBATCH --signal=USR1@120`) the run saves and exits with status 75.
 # Requeue, or recover from a crash, with the same command plus resume_from=latest (it continues each run
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python train.py loss=orpo beta=0.1 model=mistral7b "datasets=[ultrafeedback]" trainer=FSDPTrainer \
-    n_epochs=3 n_examples=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
+    n_epochs=3 rows_per_dataset=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
     lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=512 \
     eval_every=10240 save_every=5120 keep_last=2 wandb.enabled=true wandb.mode=online \
     exp_name=mistral7b_orpo run_dir=runs/mistral7b_orpo "$@"

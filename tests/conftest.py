@@ -19,7 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import config_schema
+import losses
 import train
+from forward import ModelCall
 from utils import REPO_DIR
 
 # A few quick steps: 64 examples in batches of 16, evaluation on 32 rows every 2 steps.
@@ -139,3 +141,21 @@ def tiny_model(tie=False, seed=0):
     config._attn_implementation = "sdpa"
     return transformers.MistralForCausalLM(config).to(torch.float64)
 
+
+def mean_over_valid(row_losses, valid, row_metrics):
+    """(loss, metrics): the trainer's reduction divided by the valid rows, 0 when there is none."""
+    loss_sum, metric_sums, count = losses.reduce_rows(row_losses, valid, row_metrics)
+    count = count.clamp(min=1)
+    return loss_sum / count, {k: v / count for k, v in metric_sums.items()}
+
+
+def sft_loss(model, input_ids, attention_mask, labels, call=ModelCall()):
+    """SFT's mean loss over the rows with a target: (loss 0-dim with gradient, {"loss": 0-dim})."""
+    return mean_over_valid(*losses.sft_rows(call, model, input_ids, attention_mask, labels))
+
+
+def ift_loss(model, input_ids, attention_mask, labels, lam, gamma=0.95, propagation_type="loss",
+             propagation_side="left", propagation_norm="L1", call=ModelCall()):
+    """IFT's mean loss (spec §3) over the rows with a target, and its metrics' means."""
+    return mean_over_valid(*losses.ift_rows(call, model, input_ids, attention_mask, labels, lam, gamma,
+                                            propagation_type, propagation_side, propagation_norm))

@@ -22,6 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 import losses
+import modeling
+import run_data
 import train
 import trainers
 from conftest import make_cfg, read_rows, run_inprocess, run_train_py
@@ -196,10 +198,10 @@ def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
     run_dir.mkdir()
     cfg = resolved(make_cfg(f"run_dir={run_dir}", "loss=dpo", "datasets=[ultrafeedback_sample]", *TINY,
                             "n_examples=24"))
-    tokenizer = train.load_tokenizer(cfg)
-    train_data, eval_data = train.load_data(cfg, tokenizer, pairs=True)
-    policy = train.load_model(cfg, cfg.model.policy_dtype)
-    reference = train.load_model(cfg, cfg.model.reference_dtype)
+    tokenizer = modeling.load_tokenizer(cfg)
+    train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=True)
+    policy = modeling.load_model(cfg, cfg.model.policy_dtype)
+    reference = modeling.load_model(cfg, cfg.model.reference_dtype)
     assert policy is not reference
     reference_before = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     policy_before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
@@ -258,12 +260,12 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
     train.validate_config(cfg)  # the names are valid: the problem is the data
     message = r"dataset 'ultrachat_sample' \(train\) row \d+ has no rejected answer"
     with pytest.raises(DataError, match=message):
-        train.load_data(cfg, train.load_tokenizer(cfg), pairs=losses.needs_pairs(cfg.loss))
+        run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=losses.build(cfg.loss).needs_pairs)
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(train, "load_model", no_model)
+    monkeypatch.setattr(modeling, "load_model", no_model)
     with pytest.raises(DataError, match=message):
         train.run(OmegaConf.to_container(cfg, resolve=True))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -274,11 +276,11 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
 def test_reference_free_loads_no_reference_model_and_trains(tmp_path, monkeypatch, fit_copy, loss):
     cfg = make_cfg(f"loss={loss}", "reference_free=true")
-    assert not losses.needs_reference(cfg.loss)
-    assert losses.needs_reference(make_cfg(f"loss={loss}").loss)  # the default does need one
+    assert not losses.build(cfg.loss).needs_reference
+    assert losses.build(make_cfg(f"loss={loss}").loss).needs_reference  # the default does need one
 
     loaded, made = [], []
-    real_load_model = train.load_model
+    real_load_model = modeling.load_model
 
     def counting_load_model(*args, **kwargs):
         loaded.append(args)
@@ -289,7 +291,7 @@ def test_reference_free_loads_no_reference_model_and_trains(tmp_path, monkeypatc
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(train, "load_model", counting_load_model)
+    monkeypatch.setattr(modeling, "load_model", counting_load_model)
     monkeypatch.setitem(trainers.TRAINERS, "BasicTrainer", Recording)
     rows = fit_run(tmp_path / "run", fit_copy, f"loss={loss}", "reference_free=true", "n_epochs=1")
 

@@ -63,13 +63,28 @@ def test_sft_batches_use_the_chosen_answer_as_target(tok):
 def test_truncation_keeps_the_end_of_the_prompt_its_bos_and_the_end_of_turn_token():
     prompt = list(range(100, 160))  # 60 prompt tokens, first one stands for bos
     answers = [list(range(1, 41)), list(range(1, 11))]
-    p, (a, b) = pd.truncate(prompt, answers, max_length=48, max_prompt_length=16)
+    p, (a, b), flags = pd.truncate(prompt, answers, max_length=48, max_prompt_length=16, min_answer_tokens=8)
     assert p == [100] + list(range(145, 160))  # bos + the last 15 tokens
-    assert len(p) + max(len(a), len(b)) <= 48
+    assert len(p) + max(len(a), len(b)) <= 48 and flags == pd.PROMPT_CUT | pd.ANSWER_CUT
     # both answers cut to the same room, keeping their last (end-of-turn) token; b fits whole
     assert a == list(range(1, 32)) + [40] and b == answers[1]
     # nothing to cut: unchanged
-    assert pd.truncate([1, 2], [[3]], 10, 5) == ([1, 2], [[3]])
+    assert pd.truncate([1, 2], [[3]], 10, 5, 4) == ([1, 2], [[3]], 0)
+
+
+def test_a_prompt_as_long_as_max_length_is_cut_so_that_the_answers_keep_min_answer_tokens():
+    prompt = list(range(100, 160))
+    answers = [list(range(1, 41)), list(range(1, 11))]
+    # max_prompt_length == max_length (the paper's 1024 / 1024): the prompt leaves min_answer_tokens
+    p, (a, b), flags = pd.truncate(prompt, answers, max_length=48, max_prompt_length=48, min_answer_tokens=8)
+    assert p == [100] + list(range(121, 160)) and len(p) == 40  # bos + the last 39 prompt tokens
+    assert a == list(range(1, 8)) + [40] and b == list(range(1, 8)) + [10]  # 8 each, end of turn kept
+    assert flags == pd.PROMPT_CUT | pd.ANSWER_CUT
+    # an answer shorter than min_answer_tokens only needs its own length; the reserve is at most max_length // 2
+    p, (a,), _ = pd.truncate(prompt, [[1, 2, 3]], 48, 48, 8)
+    assert len(p) == 45 and a == [1, 2, 3]
+    p, (a,), _ = pd.truncate(prompt, [list(range(1, 41))], 48, 48, 1000)
+    assert len(p) == 24 and len(a) == 24 and a[-1] == 40
 
 
 def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok):
@@ -127,7 +142,7 @@ def test_every_sample_dataset_loads_in_both_splits(tok):
         train = pd.load_split([name + "_sample"], "train", tok, 512, 256, pairs=pairs)
         test = pd.load_split([name + "_sample"], "test", tok, 512, 256, pairs=pairs)
         assert len(train) > len(test) > 0
-        assert not set(map(str, test.prompts)) <= set(map(str, train.prompts))
+        assert not set(map(tuple, test.prompt_ids)) <= set(map(tuple, train.prompt_ids))
 
 
 def test_orca_has_no_test_split_so_its_tail_is_held_out():
@@ -241,9 +256,10 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     rows = [SINGLE, MULTI]
     first = _tokenize(tok, rows, pairs=True)
-    monkeypatch.setattr(pd, "encode_chat", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
-    again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_chat is never called
-    assert again.prompt_ids == first.prompt_ids and again.rejected_ids == first.rejected_ids
+    monkeypatch.setattr(pd, "encode_row", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_row is never called
+    assert list(again.prompt_ids) == list(first.prompt_ids) and list(again.rejected_ids) == list(first.rejected_ids)
+    assert again.fingerprint == first.fingerprint
     with pytest.raises(AssertionError, match="re-tokenised"):
         _tokenize(tok, rows, pairs=True, max_length=100)  # another setting: another key
     with pytest.raises(AssertionError, match="re-tokenised"):
@@ -289,7 +305,7 @@ def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
     data = _tokenize(tok, [SINGLE, MULTI], pairs=True)
     audit = pd.mask_audit(data, tok, "</s>")
     # the counts, then the prompt as text and each target token in brackets (newlines escaped)
-    n_targets = sum(map(len, data.chosen_ids + data.rejected_ids))
+    n_targets = sum(map(len, list(data.chosen_ids) + list(data.rejected_ids)))
     assert audit.splitlines() == [
         f"mask audit, row 0: 20 prompt tokens (not trained), 12 target tokens in [brackets]; all 2 rows: "
         f"{n_targets} target tokens, 4 of 4 answers end with the end-of-turn token '</s>'",
@@ -300,9 +316,12 @@ def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
 
 
 def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_trained(tok):
-    from dataclasses import replace
+    import datasets
     data = pd.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=False)
-    empty = replace(data, chosen_ids=data.chosen_ids[:3] + [[]] + data.chosen_ids[4:])
+    columns = data.table.to_dict()
+    columns["chosen_ids"][3] = []
+    empty = pd.TokenizedData(datasets.Dataset.from_dict(columns, features=data.table.features), False, data.parts,
+                             "test")
     with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 3: the row has no target token"):
         pd.mask_audit(empty, tok, "</s>")
     with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 0 .*end-of-turn token "
@@ -310,10 +329,15 @@ def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_tra
         pd.mask_audit(data, tok, "<pad>")
 
 
-def test_a_row_whose_prompt_fills_max_length_is_refused_by_name(tok):
-    with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row \d+: no answer token is left "
-                                           r"after truncation .*max_length=16.*set max_prompt_length below"):
-        pd.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False)
+def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
+    lines = []
+    data = pd.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False, min_answer_tokens=4, log=lines.append)
+    prompts, answers = data.column_lengths("prompt_ids"), data.column_lengths("chosen_ids")
+    assert (prompts + answers <= 16).all() and (answers >= 1).all()
+    cut = int((prompts + answers == 16).sum())
+    assert data.parts[0]["prompts_truncated"] > 0 and data.parts[0]["rows_dropped"] == 0
+    assert f"{data.parts[0]['prompts_truncated']} prompts cut" in lines[0] and cut >= data.parts[0]["prompts_truncated"]
+    assert all(a[-1] == tok.eos_token_id for a in data.chosen_ids)  # the end of turn is still the last target
 
 
 def test_a_template_without_the_end_of_turn_token_is_refused(tok):
@@ -329,10 +353,11 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
 
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
+    import modeling
     import train
     from conftest import make_cfg
     from utils import ConfigError
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
     train.validate_config(cfg)
     with pytest.raises((pd.DataError, ConfigError)) as error:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import launch as launcher
-import train
+import modeling
 import trainers
 from utils import REPO_DIR
 from conftest import launch_run, make_cfg
@@ -123,13 +123,13 @@ def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     """Ranks other than 0 build the model on the meta device (no memory); the equivalence tests above
     show they then receive exactly rank 0's weights and buffers."""
     cfg = make_cfg("trainer=FSDPTrainer", "nproc=2")
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(train, "is_main", lambda: False)
-    other = train.load_model(cfg, "float32")
+    monkeypatch.setattr(modeling.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(modeling.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(modeling, "is_main", lambda: False)
+    other = modeling.load_model(cfg, "float32")
     assert all(p.is_meta for p in other.parameters())
-    monkeypatch.setattr(train, "is_main", lambda: True)
-    assert not any(p.is_meta for p in train.load_model(cfg, "float32").parameters())
+    monkeypatch.setattr(modeling, "is_main", lambda: True)
+    assert not any(p.is_meta for p in modeling.load_model(cfg, "float32").parameters())
     plain = make_cfg()  # BasicTrainer: always real weights
-    monkeypatch.setattr(train, "is_main", lambda: False)
-    assert not any(p.is_meta for p in train.load_model(plain, "float32").parameters())
+    monkeypatch.setattr(modeling, "is_main", lambda: False)
+    assert not any(p.is_meta for p in modeling.load_model(plain, "float32").parameters())

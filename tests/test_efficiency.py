@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import conftest
+import forward
 import launch
 import losses
+import modeling
 import train
 import trainers
-from conftest import FAST, make_cfg, run_inprocess
+from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
+from forward import ModelCall
 from utils import ConfigError
 
 
@@ -73,7 +76,7 @@ def pair_batch():
 
 
 def batch_for(name):
-    return pair_batch() if losses.needs_pairs(CONFIGS[name]) else sft_batch()
+    return pair_batch() if losses.build(CONFIGS[name]).needs_pairs else sft_batch()
 
 
 def row_coefficients(n):
@@ -84,14 +87,14 @@ def row_coefficients(n):
 def loss_rows_and_grads(name, settings, tie=False, shard=None):
     """Per-row losses, metrics and the gradient of sum(c_b * row_loss_b) on a fresh float64 model."""
     policy = tiny_model(tie=tie)
-    reference = tiny_model(seed=1) if losses.needs_reference(CONFIGS[name]) else None
+    reference = tiny_model(seed=1) if losses.build(CONFIGS[name]).needs_reference else None
     if shard is not None:
         shard(policy, trainable=True)
         if reference is not None:
             shard(reference, trainable=False)
-    with losses.forward_settings(**settings):
-        row_losses, valid, metrics = losses.batch_loss(CONFIGS[name], policy, reference, batch_for(name), LAM)
-        (row_losses * row_coefficients(len(row_losses))).sum().backward()
+    row_losses, valid, metrics = losses.batch_loss(CONFIGS[name], policy, reference, batch_for(name), LAM,
+                                                   ModelCall(**settings))
+    (row_losses * row_coefficients(len(row_losses))).sum().backward()
     grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for k, p in policy.named_parameters()}
     return row_losses.detach(), valid, {k: v.detach() for k, v in metrics.items()}, grads
@@ -125,7 +128,7 @@ def test_chunked_head_matches_a_full_log_softmax_in_values_argmax_and_gradients(
     targets = torch.randint(0, V, (N,), generator=g)
     upstream = torch.randn(N, generator=g, dtype=torch.float64)
 
-    logps, best = losses.ChunkedTargetLogps.apply(hidden, weight, b, targets, chunk, True)
+    logps, best = forward.ChunkedTargetLogps.apply(hidden, weight, b, targets, chunk, True)
     got = torch.autograd.grad((logps * upstream).sum(), [hidden, weight] + ([b] if bias else []))
 
     logits = hidden @ weight.T + (b if bias else 0)
@@ -146,10 +149,10 @@ def test_chunked_head_in_bfloat16_matches_the_unchunked_float32_upcast():
     hidden = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
     weight = torch.randn(V, H, generator=g).bfloat16().requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g)
-    logps, _ = losses.ChunkedTargetLogps.apply(hidden, weight, None, targets, 8, False)
+    logps, _ = forward.ChunkedTargetLogps.apply(hidden, weight, None, targets, 8, False)
     assert logps.dtype == torch.float32
     logps.sum().backward()
-    expected = losses.gather_logps(F.linear(hidden, weight), targets)
+    expected = forward.gather_logps(F.linear(hidden, weight), targets)
     torch.testing.assert_close(logps, expected, rtol=1e-6, atol=1e-6)
     want = torch.autograd.grad(expected.sum(), [hidden, weight])
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
@@ -164,9 +167,8 @@ def test_chunked_head_under_bfloat16_autocast_is_as_accurate_as_the_unchunked_he
     results = {}
     for chunk, autocast in ((None, True), (3, True), (None, False)):
         model = tiny_model(dtype=torch.float32 if autocast else torch.float64)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-                losses.forward_settings(loss_chunk_tokens=chunk):
-            loss, _ = losses.ift_loss(model, *sft_batch().values(), lam=LAM)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = ift_loss(model, *sft_batch().values(), lam=LAM, call=ModelCall(loss_chunk_tokens=chunk))
         loss.backward()
         assert loss.dtype == next(model.parameters()).grad.dtype
         results[chunk, autocast] = loss.double(), {k: p.grad.double() for k, p in model.named_parameters()}
@@ -178,16 +180,22 @@ def test_chunked_head_under_bfloat16_autocast_is_as_accurate_as_the_unchunked_he
         assert error[3, True][k] <= 1.1 * error[None, True][k] + 1e-3, k
 
 
-def test_forward_settings_are_restored_after_the_block_even_after_an_error():
-    before = losses._SETTINGS
-    with pytest.raises(RuntimeError, match="boom"):
-        with losses.forward_settings(loss_chunk_tokens=3, packing=True) as s:
-            assert (s.loss_chunk_tokens, s.packing) == (3, True)
-            raise RuntimeError("boom")
-    assert losses._SETTINGS == before
+def test_a_model_call_leaves_no_hook_behind_even_after_an_error():
+    """ModelCall's hooks and lm_head's replaced forward exist for one call only, an interrupted one too."""
     model = tiny_model()
-    with losses.forward_settings(loss_chunk_tokens=2):
-        losses.policy_logps(model, *sft_batch().values())
+    call = ModelCall(loss_chunk_tokens=2, packing=True)
+    ids, attention, labels = sft_batch().values()
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.model.norm.register_forward_pre_hook(boom)  # fails inside the forward, with every hook on
+    with pytest.raises(RuntimeError, match="boom"):
+        call.logps(model, ids, attention, labels, intuitive_ids=ids.flip(-1), lam=0.5)
+    handle.remove()
+    call.logps(model, ids, attention, labels, intuitive_ids=ids.flip(-1), lam=0.5)
+    for module in (model.lm_head, model.get_input_embeddings()):
+        assert not module._forward_pre_hooks and not module._forward_hooks
     assert "forward" not in model.lm_head.__dict__  # lm_head's own forward is back
 
 
@@ -195,9 +203,8 @@ def test_a_model_that_changes_its_logits_after_lm_head_is_refused_by_the_chunked
     model = tiny_model()
     model.register_forward_hook(lambda module, args, out: type(out)(logits=out.logits * 2))
     with pytest.raises(ValueError, match="loss_chunk_tokens=null"):
-        losses.policy_logps(model, *sft_batch().values())
-    with losses.forward_settings(loss_chunk_tokens=None):  # the plain head reads whatever the model returns
-        losses.policy_logps(model, *sft_batch().values())
+        ModelCall().logps(model, *sft_batch().values())
+    ModelCall(loss_chunk_tokens=None).logps(model, *sft_batch().values())  # the plain head reads whatever comes
 
 
 # ------------------------------------------------------------------ every loss, chunked and packed
@@ -226,9 +233,8 @@ def test_packing_runs_one_sequence_of_the_real_tokens_with_restarting_positions(
     seen = []
     model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
     batch = sft_batch()
-    with losses.forward_settings(packing=True):
-        losses.intuition_pass(model, *batch.values())
-        losses.concatenated_logps(model, pair_batch())
+    ModelCall(packing=True).intuition(model, *batch.values())
+    ModelCall(packing=True).pair_logps(model, pair_batch())
     lengths = [p + a for p, a in SFT_ROWS]
     pair_lengths = [p + a for side in (0, 1) for row in PAIR_ROWS for p, a in [row[side]]]
     for kwargs, rows in zip(seen, (lengths, pair_lengths)):  # chosen and rejected stay separate rows
@@ -242,7 +248,7 @@ def test_pack_rows_masks_each_rows_first_token_so_no_row_predicts_its_neighbour(
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     attention = (ids != 0).long()
     labels = torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])  # even a labelled first token
-    keep, position_ids, packed = losses.pack_rows(ids, attention, labels)
+    keep, position_ids, packed = forward.pack_rows(ids, attention, labels)
     assert position_ids.tolist() == [[0, 1, 2, 0, 1]]
     assert packed.tolist() == [[-100, 6, 7, -100, 9]]
     assert torch.equal(keep, attention.bool())
@@ -299,9 +305,9 @@ def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
     values = {}
     for attn in ("eager", "sdpa"):
         cfg = make_cfg(f"model.attn_implementation={attn}")
-        model = train.load_model(cfg, "float32")
+        model = modeling.load_model(cfg, "float32")
         assert model.config._attn_implementation == attn
-        values[attn] = losses.sft_loss(model, *batch.values())[0]
+        values[attn] = sft_loss(model, *batch.values())[0]
     torch.testing.assert_close(values["eager"], values["sdpa"], rtol=1e-5, atol=1e-6)
 
 
@@ -321,7 +327,7 @@ def test_bad_efficiency_options_fail_with_the_key_named(overrides, message):
 def test_defaults_are_a_chunked_head_without_packing_or_compile_on_sdpa():
     cfg = make_cfg()
     assert (cfg.loss_chunk_tokens, cfg.packing, cfg.compile, cfg.model.attn_implementation) == \
-        (losses.DEFAULT_LOSS_CHUNK_TOKENS, False, False, "sdpa")
+        (forward.DEFAULT_LOSS_CHUNK_TOKENS, False, False, "sdpa")
 
 
 def compiled_ift_loss_and_grads(checkpointing, compiled=True, shard=None):
@@ -338,9 +344,8 @@ def compiled_ift_loss_and_grads(checkpointing, compiled=True, shard=None):
         assert trainers.compile_blocks(model, "MistralDecoderLayer", backend="aot_eager") == 2
     if shard is not None:
         shard(model, trainable=True)
-    with losses.forward_settings(loss_chunk_tokens=3, packing=False):
-        loss, _ = losses.ift_loss(model, *sft_batch().values(), lam=LAM)
-        loss.backward()
+    loss, _ = ift_loss(model, *sft_batch().values(), lam=LAM, call=ModelCall(loss_chunk_tokens=3, packing=False))
+    loss.backward()
     grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for k, p in model.named_parameters()}
     return loss.detach(), grads, torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import flops
 import losses
 from conftest import tiny_model
+from forward import ModelCall
 
 
 def test_the_shape_is_the_hand_counted_weight_matrices_of_the_config():
@@ -37,8 +38,9 @@ def _measured(loss_name, model, batch, lam=None, chunk=None, reference=None):
     reference's forward) of one micro-batch's loss. The loss's own small products outside them
     (Relation Propagation's scan) are not part of the formula, so they are left out."""
     policy_name = type(model).__name__
-    with FlopCounterMode(display=False) as counter, losses.forward_settings(loss_chunk_tokens=chunk):
-        rows, valid, _ = losses.batch_loss(losses.build({"name": loss_name}), model, reference, batch, lam)
+    with FlopCounterMode(display=False) as counter:
+        rows, valid, _ = losses.batch_loss(losses.build({"name": loss_name}), model, reference, batch, lam,
+                                           ModelCall(loss_chunk_tokens=chunk))
         rows.sum().backward()
     return sum(counter.get_flop_counts()[policy_name].values())
 

@@ -10,9 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import config_schema
 import lora
 import losses
+import modeling
+import run_data
 import train
 from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
@@ -91,12 +94,12 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         deltas += 1
     assert deltas == 4 * 7
 
-    # evaluate.py reads the adapter-only final/ on top of its base: the same answers as peft's model
-    import evaluate
+    # run_eval.py reads the adapter-only final/ on top of its base: the same answers as peft's model
+    import run_eval
     from peft import PeftModel
-    from test_evaluate import our_greedy_answer
+    from test_run_eval import our_greedy_answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    evaluate.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
+    run_eval.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
                    "--device", "cpu", "--log-samples"])
     samples = [json.loads(line) for line in open(tmp_path / "adapter" / "eval" / "samples_ift_quick.jsonl")]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), tmp_path / "adapter" / "final")
@@ -162,8 +165,8 @@ def _without_adapters(model):
 def _dpo_batch():
     from preference_datasets import collate
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]")
-    tokenizer = train.load_tokenizer(cfg)
-    data, _ = train.load_data(cfg, tokenizer, pairs=True)
+    tokenizer = modeling.load_tokenizer(cfg)
+    data, _ = run_data.load_data(cfg, tokenizer, pairs=True)
     return collate(data, list(range(4)), tokenizer.pad_token_id)
 
 
@@ -207,7 +210,7 @@ def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
 ])
 def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message, monkeypatch):
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     cfg = make_cfg("lora=default", *overrides)
     with pytest.raises(ConfigError) as e:
         train.validate_config(cfg)
@@ -259,6 +262,7 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp
     model = lora.apply(cfg, AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16))
     trainer = BasicTrainer.__new__(BasicTrainer)  # only wrap() is exercised: no data, no optimizer
     trainer.cfg, trainer.device, trainer.compute_dtype = cfg, torch.device("cpu"), torch.bfloat16
+    trainer.plan = checkpoints.ResumePlan()  # a fresh run: the weights were read
     model = trainer.wrap(model, trainable=True)
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}

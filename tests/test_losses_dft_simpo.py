@@ -49,7 +49,7 @@ def test_simpo_through_batch_loss_uses_per_token_mean_log_probs():
         c, r = (pc[b] / nc[b]).item(), (pr[b] / nr[b]).item()
         assert row_losses[b].item() == pytest.approx(-log_sigmoid(2.0 * (c - r) - 0.5), rel=1e-9)
         assert metrics["rewards_margin"][b].item() == pytest.approx(2.0 * (c - r), rel=1e-9)
-    assert losses.needs_pairs(cfg) and not losses.needs_reference(cfg)
+    assert losses.build(cfg).needs_pairs and not losses.build(cfg).needs_reference
 
 
 def test_dft_loss_and_gradient_match_a_float64_loop():

@@ -1,4 +1,4 @@
-"""IFT (IFT_SPEC.md) and SFT: Relation Propagation weights, the discounted cumulative sum, the lambda
+"""IFT (docs/ift_spec.md) and SFT: Relation Propagation weights, the discounted cumulative sum, the lambda
 schedule, and the losses on a tiny random Mistral.
 
 Every expected value comes from a brute-force float64 computation written here straight from the
@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+import forward
 import losses
-from conftest import tiny_model
+import scan
+from conftest import ift_loss, sft_loss, tiny_model
+from forward import ModelCall
+
 
 
 GAMMAS = (0.0, 0.5, 0.95, 1.0)
@@ -240,7 +244,7 @@ def scan_inputs(T, dtype):
 def test_discounted_cumsum_is_exact_to_1e6_relative(T, dtype):
     x = scan_inputs(T, dtype)
     for gamma, reverse in itertools.product((0.0, 0.5, 0.95, 0.999, 1.0), (False, True)):
-        y = losses.discounted_cumsum(x, gamma, reverse=reverse)
+        y = scan.discounted_cumsum(x, gamma, reverse=reverse)
         assert y.shape == x.shape and y.dtype == dtype
         # Relative to the float64 loop on the very same (float32 or float64) inputs.
         expected = loop_scan(x.double().numpy(), gamma, reverse)
@@ -250,19 +254,19 @@ def test_discounted_cumsum_is_exact_to_1e6_relative(T, dtype):
 
 @pytest.mark.parametrize("block", [1, 2, 3, 128])
 def test_discounted_cumsum_carries_across_any_block_size(block, monkeypatch):
-    monkeypatch.setattr(losses, "SCAN_BLOCK", block)
+    monkeypatch.setattr(scan, "SCAN_BLOCK", block)
     x = scan_inputs(257, torch.float64)
     for gamma, reverse in itertools.product((0.0, 0.5, 0.999, 1.0), (False, True)):
         expected = loop_scan(x.numpy(), gamma, reverse)
-        np.testing.assert_allclose(losses.discounted_cumsum(x, gamma, reverse).numpy(), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(scan.discounted_cumsum(x, gamma, reverse).numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_discounted_cumsum_formulas_on_a_small_case():
     x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     g = 0.5
     # reverse: y_t = sum_{k >= t} g^(k-t) x_k; forward: y_t = sum_{k <= t} g^(t-k) x_k.
-    assert losses.discounted_cumsum(x, g, reverse=True).tolist() == [[1 + g * 2 + g * g * 3, 2 + g * 3, 3.0]]
-    assert losses.discounted_cumsum(x, g, reverse=False).tolist() == [[1.0, 2 + g * 1, 3 + g * 2 + g * g * 1]]
+    assert scan.discounted_cumsum(x, g, reverse=True).tolist() == [[1 + g * 2 + g * g * 3, 2 + g * 3, 3.0]]
+    assert scan.discounted_cumsum(x, g, reverse=False).tolist() == [[1.0, 2 + g * 1, 3 + g * 2 + g * g * 1]]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -272,7 +276,7 @@ def test_discounted_cumsum_gradient_matches_the_loop(reverse):
     upstream = torch.randn(2, T, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
 
     ours = x.clone().requires_grad_()
-    (losses.discounted_cumsum(ours, gamma, reverse) * upstream).sum().backward()
+    (scan.discounted_cumsum(ours, gamma, reverse) * upstream).sum().backward()
 
     ref = x.clone().requires_grad_()
     acc, outs = torch.zeros(2, dtype=torch.float64), [None] * T
@@ -434,7 +438,7 @@ def test_ift_loss_value_and_every_gradient_match_an_independent_two_pass_computa
     model = tiny_model(tie=tie)
     x, attention, labels = tiny_batch()
     calls = count_forwards(model)
-    loss, metrics = losses.ift_loss(model, x, attention, labels, lam, gamma, ptype, side, norm)
+    loss, metrics = ift_loss(model, x, attention, labels, lam, gamma, ptype, side, norm)
     assert len(calls) == (2 if lam > 0 else 1)  # lambda = 0 skips the intuition pass
     loss.backward()
     ours = grads(model)
@@ -458,11 +462,11 @@ def test_ift_at_lambda_0_gamma_0_is_sft_bit_for_bit():
     model = tiny_model()
     x, attention, labels = tiny_batch()
     calls = count_forwards(model)
-    sft, sft_metrics = losses.sft_loss(model, x, attention, labels)
+    sft, sft_metrics = sft_loss(model, x, attention, labels)
     sft.backward()
     sft_grads = grads(model)
     model.zero_grad()
-    ift, ift_metrics = losses.ift_loss(model, x, attention, labels, lam=0.0, gamma=0.0)
+    ift, ift_metrics = ift_loss(model, x, attention, labels, lam=0.0, gamma=0.0)
     ift.backward()
     assert len(calls) == 2  # one forward each
     assert torch.equal(ift, sft)
@@ -475,7 +479,7 @@ def test_ift_at_lambda_0_gamma_0_is_sft_bit_for_bit():
 def test_sft_loss_matches_an_independent_float64_computation():
     model = tiny_model()
     x, attention, labels = tiny_batch()
-    loss, metrics = losses.sft_loss(model, x, attention, labels)
+    loss, metrics = sft_loss(model, x, attention, labels)
     expected = reference_sft(model, x, attention, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     assert metrics["loss"] == loss.detach() and not metrics["loss"].requires_grad
@@ -484,7 +488,7 @@ def test_sft_loss_matches_an_independent_float64_computation():
 def test_intuitive_inputs_replace_only_answer_tokens_by_the_models_predictions():
     model = tiny_model()
     x, attention, labels = tiny_batch()
-    x_prime, logps = losses.intuition_pass(model, x, attention, labels)
+    x_prime, logps = ModelCall().intuition(model, x, attention, labels)
     _, _, expected = reference_ift(model, x, attention, labels, 0.5, 0.95, "loss", "left", "L1")
     assert torch.equal(x_prime, expected)
     answer = labels != -100  # x'[b, t+1] may differ from x only where y[b, t+1] is a target
@@ -499,15 +503,15 @@ def test_rows_without_targets_contribute_nothing_and_make_no_nan():
     x, attention, labels = tiny_batch()
     keep = [0, 1, 3]
     for lam in (0.0, 0.4):
-        loss, _ = losses.ift_loss(model, x, attention, labels, lam, 0.95, "loss", "right", "L1")
+        loss, _ = ift_loss(model, x, attention, labels, lam, 0.95, "loss", "right", "L1")
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
-        without, _ = losses.ift_loss(model, x[keep], attention[keep], labels[keep], lam, 0.95, "loss", "right", "L1")
+        without, _ = ift_loss(model, x[keep], attention[keep], labels[keep], lam, 0.95, "loss", "right", "L1")
         torch.testing.assert_close(loss, without, rtol=1e-10, atol=1e-12)
     # A batch with no target at all: loss 0, no NaN.
     empty = torch.full_like(labels, -100)
-    loss, metrics = losses.ift_loss(model, x, attention, empty, 0.4)
+    loss, metrics = ift_loss(model, x, attention, empty, 0.4)
     loss.backward()
     assert loss.item() == 0.0 and all(torch.isfinite(v) for v in metrics.values())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
@@ -518,14 +522,14 @@ def test_target_positions_only_returns_logits_at_the_target_positions_only():
     x, attention, labels = tiny_batch()
     mask = labels[:, 1:] != -100
     full = model(input_ids=x, attention_mask=attention).logits
-    with losses.target_positions_only(model, mask):
+    with forward.target_positions_only(model, mask):
         kept = model(input_ids=x, attention_mask=attention, use_cache=False).logits
     assert kept.shape == (1, int(mask.sum()), 64)
     torch.testing.assert_close(kept[0], full[:, :-1][mask], rtol=1e-12, atol=1e-12)
     # The hook is gone afterwards, also after an exception.
     assert model(input_ids=x, attention_mask=attention).logits.shape == (4, 10, 64)
     with pytest.raises(RuntimeError, match="boom"):
-        with losses.target_positions_only(model, mask):
+        with forward.target_positions_only(model, mask):
             raise RuntimeError("boom")
     assert model(input_ids=x, attention_mask=attention).logits.shape == (4, 10, 64)
 
@@ -533,7 +537,7 @@ def test_target_positions_only_returns_logits_at_the_target_positions_only():
 def test_policy_logps_are_the_target_log_probs_with_zeros_off_the_mask():
     model = tiny_model()
     x, attention, labels = tiny_batch()
-    logps, mask = losses.policy_logps(model, x, attention, labels)
+    logps, mask = ModelCall().logps(model, x, attention, labels)
     logprobs = torch.log_softmax(model(input_ids=x, attention_mask=attention).logits, -1)
     for b in range(4):
         for t in range(9):
@@ -545,7 +549,7 @@ def test_policy_logps_are_the_target_log_probs_with_zeros_off_the_mask():
 def test_gather_logps_is_float32_for_half_precision_logits():
     logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     targets = torch.arange(5)
-    got = losses.gather_logps(logits, targets)
+    got = forward.gather_logps(logits, targets)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.log_softmax(logits.double(), -1)[torch.arange(5), targets].float())
 

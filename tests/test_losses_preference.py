@@ -1,5 +1,5 @@
 """DPO / cDPO / IPO and ORPO: the pure functions of log-probs against closed forms computed here;
-concatenated_logps and batch_loss (every loss name) on a tiny random Mistral."""
+ModelCall.pair_logps and batch_loss (every loss name) on a tiny random Mistral."""
 
 import math
 
@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import losses
 from conftest import tiny_model
+from forward import ModelCall
 
 
 PC = [-10.0, -3.5, -40.0, -7.25]  # policy chosen (summed log-probs)
@@ -111,7 +112,7 @@ def test_orpo_is_finite_near_zero_and_at_very_negative_log_probs(dtype):
         orpo_closed_form(-1e-12, -1.0, 0.1)[1], rel=1e-5)
 
 
-# ------------------------------------------------------------------ models: concatenated_logps, batch_loss
+# ------------------------------------------------------------------ models: pair_logps, batch_loss
 
 def pair_batch():
     """B=3 preference pairs, both sides right-padded to T=9; pair 2's rejected answer has no target."""
@@ -142,18 +143,18 @@ def summed_logps(model, ids, attention, labels):
     return torch.stack(sums), torch.tensor(counts)
 
 
-def test_concatenated_logps_is_one_forward_of_2B_rows_equal_to_two_separate_ones():
+def test_pair_logps_is_one_forward_of_2B_rows_equal_to_two_separate_ones():
     model = tiny_model()
     batch = pair_batch()
     rows_seen = []
     model.register_forward_pre_hook(lambda m, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
-    got = losses.concatenated_logps(model, batch)
+    got = ModelCall().pair_logps(model, batch)
     assert rows_seen == [6]
     for side in ("chosen", "rejected"):
         sums, counts = summed_logps(model, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")))
-        torch.testing.assert_close(got[f"{side}_logps"], sums, rtol=1e-10, atol=1e-12)
-        assert torch.equal(got[f"{side}_n"], counts)
+        torch.testing.assert_close(getattr(got, side), sums, rtol=1e-10, atol=1e-12)
+        assert torch.equal(getattr(got, f"{side}_n"), counts)
 
 
 METRICS = {
@@ -185,11 +186,11 @@ def sft_batch():
 def test_batch_loss_returns_rows_with_gradient_and_the_listed_metrics(name, as_omegaconf):
     cfg = OmegaConf.create(CONFIGS[name]) if as_omegaconf else CONFIGS[name]
     policy, reference = tiny_model(seed=0), tiny_model(seed=1)
-    batch = pair_batch() if losses.needs_pairs(cfg) else sft_batch()
-    row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference if losses.needs_reference(cfg) else None,
-                                                   batch, lam=0.3)
+    batch = pair_batch() if losses.build(cfg).needs_pairs else sft_batch()
+    needs_reference = losses.build(cfg).needs_reference
+    row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference if needs_reference else None, batch, lam=0.3)
     assert row_losses.shape == (3,) and row_losses.requires_grad
-    assert valid.dtype == torch.bool and valid.tolist() == ([True, True, False] if losses.needs_pairs(cfg) else
+    assert valid.dtype == torch.bool and valid.tolist() == ([True, True, False] if losses.build(cfg).needs_pairs else
                                                             [True, True, True])
     assert row_losses[~valid].eq(0).all() and torch.isfinite(row_losses).all()
     assert set(metrics) == METRICS[name]
@@ -242,14 +243,14 @@ def test_batch_loss_orpo_rows_use_per_token_mean_log_probs():
 
 
 def test_which_losses_need_a_reference_model_and_pairs():
-    assert [losses.needs_reference(CONFIGS[n]) for n in CONFIGS] == [False, False, True, True, False]
-    assert [losses.needs_pairs(CONFIGS[n]) for n in CONFIGS] == [False, False, True, True, True]
-    assert not losses.needs_reference({"name": "dpo", "beta": 0.1, "reference_free": True})
-    assert not losses.needs_reference(OmegaConf.create({"name": "ipo", "beta": 0.1, "reference_free": True}))
+    assert [losses.build(CONFIGS[n]).needs_reference for n in CONFIGS] == [False, False, True, True, False]
+    assert [losses.build(CONFIGS[n]).needs_pairs for n in CONFIGS] == [False, False, True, True, True]
+    assert not losses.build({"name": "dpo", "beta": 0.1, "reference_free": True}).needs_reference
+    assert not losses.build(OmegaConf.create({"name": "ipo", "beta": 0.1, "reference_free": True})).needs_reference
 
 
 def test_reduce_rows_sums_the_valid_rows_and_counts_them():
-    """The trainer's and sft_loss / ift_loss's one reduction: a NaN on an invalid row never enters."""
+    """The trainer's one reduction: a NaN on an invalid row never enters."""
     rows = torch.tensor([1.5, float("nan"), 2.0, 4.0], requires_grad=True)
     valid = torch.tensor([True, False, True, False])
     loss_sum, sums, count = losses.reduce_rows(rows, valid, {"loss": rows.detach(), "x": torch.tensor([1., 2, 3, 4])})

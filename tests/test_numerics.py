@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 import checkpoints
 import launch as launcher
 import losses
+import modeling
 import train
 import utils
 from conftest import launch_run, make_cfg, read_rows
-from trainers import NonFiniteError
-from utils import REPO_DIR, ConfigError
+from forward import ModelCall
+from utils import REPO_DIR, ConfigError, NonFiniteError
 
 STEPS = ["batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000", "do_first_eval=false",
          "warmup_steps=0", "optimizer=AdamW", "lr=1e-3", "loss=sft"]
@@ -34,8 +35,8 @@ def inject_nan_gradient(steps, value=float("nan")):
     that under FSDP only one rank's gradient is bad. The returned loss stays finite."""
     original, calls = losses.batch_loss, [0]
 
-    def batch_loss(loss_cfg, policy, reference, batch, lam):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam)
+    def batch_loss(loss_cfg, policy, reference, batch, lam, call):
+        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
         if torch.is_grad_enabled():
             calls[0] += 1
             if calls[0] in steps and utils.rank() == 0:
@@ -131,13 +132,13 @@ def test_the_policy_computes_in_bf16_under_autocast_with_float32_parameters_and_
     the blended-embedding hooks of IFT inside the autocast forward, float32 log-probabilities."""
     from trainers import _autocast_forward
     cfg = make_cfg("model.policy_dtype=bfloat16")
-    model = train.load_model(cfg, "float32")
+    model = modeling.load_model(cfg, "float32")
     _autocast_forward(model, "cpu", torch.bfloat16)
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.update(embed=out.dtype))
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     labels = torch.tensor([[-100, -100, 6, 7, 8, 9]])
-    logps, _ = losses.policy_logps(model, ids, torch.ones_like(ids), labels, intuitive_ids=ids.flip(-1), lam=0.5)
+    logps, _ = ModelCall().logps(model, ids, torch.ones_like(ids), labels, intuitive_ids=ids.flip(-1), lam=0.5)
     assert seen["embed"] == torch.float32 and logps.dtype == torch.float32
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -185,8 +186,8 @@ def test_max_skipped_steps_in_a_row_stops_a_skipping_run(tmp_path, monkeypatch):
 def test_a_nonfinite_eval_loss_follows_on_nonfinite(mode, tmp_path, monkeypatch):
     original = losses.batch_loss
 
-    def nan_in_eval(loss_cfg, policy, reference, batch, lam):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam)
+    def nan_in_eval(loss_cfg, policy, reference, batch, lam, call):
+        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
         if not torch.is_grad_enabled():
             metrics["loss"] = torch.full_like(metrics["loss"], float("inf"))
         return row_losses, valid, metrics
@@ -261,11 +262,11 @@ def test_a_reference_model_that_changes_during_training_stops_the_run_before_fin
     weight during training: the run ends with the trainer's error and writes no final/."""
     batch_loss = losses.batch_loss
 
-    def tampering(loss, policy, reference, batch, lam):
+    def tampering(loss, policy, reference, batch, lam, call):
         if reference is not None:
             with torch.no_grad():
                 next(iter(reference.parameters())).view(-1)[0] += 1e-3
-        return batch_loss(loss, policy, reference, batch, lam)
+        return batch_loss(loss, policy, reference, batch, lam, call)
 
     monkeypatch.setattr(losses, "batch_loss", tampering)
     cfg = make_cfg(f"run_dir={tmp_path}", *STEPS, "n_examples=16", "loss=dpo", "datasets=[ultrafeedback_sample]",

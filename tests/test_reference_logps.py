@@ -14,10 +14,12 @@ from omegaconf import OmegaConf
 
 import launch
 import losses
+import modeling
 import reference_logps
 import train
 import trainers
 from conftest import make_cfg, read_rows, tiny_model
+from forward import ModelCall
 
 # 4 optimizer steps of 8 DPO pairs, evaluation on 8 pairs at steps 0, 2 and 4; AdamW, so the
 # reference sums reach the weights through every update
@@ -29,8 +31,8 @@ COMPARED = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "log
 def in_float64(patch, cache):
     """Models load and train in float64 (the trainer's .float() left out), and the stored sums go to `cache`.
     patch: a pytest MonkeyPatch."""
-    load = train.load_model
-    patch.setattr(train, "load_model", lambda cfg, dtype, *a, **k: load(cfg, "float64", *a, **k))
+    load = modeling.load_model
+    patch.setattr(modeling, "load_model", lambda cfg, dtype, *a, **k: load(cfg, "float64", *a, **k))
     patch.setattr(torch.nn.Module, "float", lambda self: self)
     patch.setattr(reference_logps, "cache_dir", lambda: cache)
 
@@ -63,7 +65,7 @@ def live(tmp_path_factory):
 def test_precomputed_sums_train_like_a_live_reference_with_no_reference_in_memory(live, tmp_path, monkeypatch):
     in_float64(monkeypatch, tmp_path / "cache")
     loaded, alive = [], []
-    load, start = train.load_model, trainers.BasicTrainer.train
+    load, start = modeling.load_model, trainers.BasicTrainer.train
 
     def recording_load(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -75,7 +77,7 @@ def test_precomputed_sums_train_like_a_live_reference_with_no_reference_in_memor
         alive.append(sum(ref() is not None for ref in loaded))
         return start(self)
 
-    monkeypatch.setattr(train, "load_model", recording_load)
+    monkeypatch.setattr(modeling, "load_model", recording_load)
     monkeypatch.setattr(trainers.BasicTrainer, "train", recording_train)
     precomputed = run(tmp_path / "pre", "reference_logps=precompute", "save_every=16")
     assert len(loaded) == 2 and alive == [1]  # policy and reference loaded; only the policy left to train
@@ -127,8 +129,8 @@ def test_every_reference_loss_reads_the_sums_from_the_batch_as_it_would_compute_
              "rejected_input_ids": ids[3:], "rejected_attention_mask": mask[3:], "rejected_labels": labels[3:]}
     live_rows, _, live_metrics = losses.batch_loss(loss_cfg, policy, reference, batch, None)
     with torch.no_grad():
-        sums = losses.concatenated_logps(reference, batch)
-    stored = {**batch, "reference_chosen_logps": sums["chosen_logps"], "reference_rejected_logps": sums["rejected_logps"]}
+        pair = ModelCall().pair_logps(reference, batch)
+    stored = {**batch, "reference_chosen_logps": pair.chosen, "reference_rejected_logps": pair.rejected}
     rows, _, metrics = losses.batch_loss(loss_cfg, policy, None, stored, None)
     torch.testing.assert_close(rows, live_rows, rtol=0, atol=0)
     for key in live_metrics:
@@ -136,9 +138,9 @@ def test_every_reference_loss_reads_the_sums_from_the_batch_as_it_would_compute_
 
 
 def test_the_cache_key_changes_with_the_reference_the_data_and_the_settings():
-    class Data:  # what data_fingerprint reads
+    class Data:  # what data_fingerprint reads: TokenizedData.fingerprint, a function of the rows
         def __init__(self, rows):
-            self.prompt_ids, self.chosen_ids, self.rejected_ids = rows, rows, rows
+            self.fingerprint = repr(rows)
 
     class Trainer:
         def __init__(self, cfg, model, rows):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
+import launch as launcher
 import train
 from conftest import launch_run, make_cfg, read_rows
 from preference_datasets import TokenizedData
@@ -87,7 +88,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
 def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     status, out = signal_after_step(start_cli(run_dir), run_dir, 2)
-    assert status == 75 == checkpoints.EXIT_PREEMPTED, out[-3000:]  # sysexits' EX_TEMPFAIL: schedulers requeue
+    assert status == 75 == launcher.EXIT_PREEMPTED, out[-3000:]  # sysexits' EX_TEMPFAIL: schedulers requeue
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert 2 <= stopped < TOTAL and not (run_dir / "final").exists()
     assert f"run_dir={run_dir} resume_from=latest" in out
@@ -137,7 +138,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
     run_dir = tmp_path / "run"
     proc = start_cli(run_dir, "trainer=FSDPTrainer", "nproc=2", "device=cpu", "save_async=true")
     status, out = signal_after_step(proc, run_dir, 2)
-    assert status == checkpoints.EXIT_PREEMPTED, out[-3000:]
+    assert status == launcher.EXIT_PREEMPTED, out[-3000:]
     stopped = max(checkpoints.complete_checkpoints(run_dir))
     assert {p.name for p in (run_dir / "checkpoints" / f"step-{stopped}").glob("rng-rank*.pt")} == \
         {"rng-rank0.pt", "rng-rank1.pt"}
@@ -211,7 +212,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                    "save_hf_checkpoints=true")
     train.validate_config(cfg)
-    assert train.launch(cfg) == checkpoints.EXIT_PREEMPTED
+    assert train.launch(cfg) == launcher.EXIT_PREEMPTED
     assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
     from transformers import AutoModelForCausalLM  # save_hf_checkpoints: the checkpoint loads for evaluation
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2" / "hf")).__name__ == \
@@ -250,19 +251,20 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
 def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     cfg = make_cfg(f"run_dir={reference[2]}", *STEPS, "resume_from=latest")
-    other = TokenizedData(prompt_ids=[[1, 2]], chosen_ids=[[3]], rejected_ids=None, prompts=[""], answers=[""],
-                          origins=[""])
+    import datasets
+    table = datasets.Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[]], "row": [0]})
+    other = TokenizedData(table, False, [{"name": "other", "rows": 1, "available": 1}], "train")
     with pytest.raises(ConfigError, match=r"tokenised training data \(sha256\): '[0-9a-f]{32}' in the checkpoint"):
         checkpoints.check_fingerprint(cfg, checkpoint, other)
 
 
 def test_preemption_signals_are_caught_once_and_then_restored():
     previous = signal.getsignal(signal.SIGUSR1)
-    with checkpoints.preemption_signals(["SIGUSR1"]):
+    with launcher.preemption_signals(["SIGUSR1"]):
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal is only reported
-        assert checkpoints._received == signal.SIGUSR1
-    assert signal.getsignal(signal.SIGUSR1) is previous and checkpoints._received is None
+        assert launcher.stop_signal() == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is previous and launcher.stop_signal() is None
 
 
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+import modeling
 import train
 from preference_datasets import load_split
 from conftest import make_cfg
@@ -35,7 +36,7 @@ def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes
     evals = [r for r in evals if r["split"] == "eval"]
     assert len(evals) == 3 and all({"nll", "margin", "pref_accuracy"} <= set(r) for r in evals)
 
-    tokenizer = train.load_tokenizer(cfg)
+    tokenizer = modeling.load_tokenizer(cfg)
     data = load_split(["ultrafeedback_sample"], "test", tokenizer, 96, 64, pairs=True)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / loss / "final"), dtype=torch.float64).eval()
     chosen, rejected = [], []

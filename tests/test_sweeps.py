@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import report
-import train
+import sweeps
 import utils
 from conftest import run_train_py
 from utils import REPO_DIR, ConfigError
@@ -57,8 +57,8 @@ def test_a_sweep_with_run_dir_runs_its_jobs_in_it_or_in_their_own_and_leaves_no_
 
 
 def test_the_swept_keys_come_from_the_command_line():
-    assert train.swept_keys(["loss=sft,ift", "seed=0,1", "lr=1e-3", "datasets=[a,b]"]) == ["loss", "seed"]
-    assert train.swept_keys(["lr=1e-3"]) == []
+    assert sweeps.swept_keys(["loss=sft,ift", "seed=0,1", "lr=1e-3", "datasets=[a,b]"]) == ["loss", "seed"]
+    assert sweeps.swept_keys(["lr=1e-3"]) == []
 
 
 def test_exactly_one_of_many_parallel_launchers_reserves_a_run_dir(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import modeling
 import preference_datasets as pd
 import train
 from conftest import make_cfg
@@ -79,7 +80,7 @@ def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_di
     for name in DATASETS:
         pairs = name != "ultrachat"
         full = pd.load_split([name + "_sample"], "test", tok, 4096, 4096, pairs)
-        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs)  # sample answers: <= 8 tokens
+        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs, min_answer_tokens=2)  # answers: <= 8 tokens
         assert len(cut) == len(full)
         sides = [("chosen_ids", full.chosen_ids)] + ([("rejected_ids", full.rejected_ids)] if pairs else [])
         for i in range(len(full)):
@@ -127,7 +128,7 @@ def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
 
     tok = _tokenizer(family_dirs, family)
     model = AutoModelForCausalLM.from_pretrained(str(family_dirs[family][0]))
-    train.stop_at_end_of_turn(model, tok, END_OF_TURN[family])
+    modeling.stop_at_end_of_turn(model, tok, END_OF_TURN[family])
     data = pd.tokenize_rows([{"prompt": [{"role": "user", "content": "Say x."}], "chosen": "x", "rejected": None}],
                             tok, 64, 32, pairs=False)
     last, x, eot = data.prompt_ids[0][-1], data.chosen_ids[0][0], tok.convert_tokens_to_ids(END_OF_TURN[family])
@@ -140,7 +141,7 @@ def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
         emb[last, 0] = emb[eot, 0] = 1.0  # after the prompt, and after eot: x
         emb[x, 1] = 1.0                   # after x: eot
         head[x, 0] = head[eot, 1] = 10.0
-    samples = train.greedy_samples(model, tok, data, 1, 8, torch.device("cpu"))
+    samples = modeling.greedy_samples(model, tok, data, 1, 8, torch.device("cpu"))
     assert samples[0]["answer"] == "x" and samples[0]["exact"]
 
 

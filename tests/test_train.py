@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import config_schema
+import modeling
 import train
 from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
 from utils import REPO_DIR, ConfigError, make_run_dir
@@ -131,11 +132,15 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     warmup = ["loss.lambda_schedule=warmup", "loss.min_lambda=0.0", "loss.max_lambda=0.4", "warmup_steps=4"]
     proc = run_cli(f"run_dir={run_dir}", *FAST, "n_examples=160", "gamma=0.9", *warmup, "n_samples=2",
-                   "max_new_tokens=8", "peak_tflops=0.001", timeout=600)
+                   "max_new_tokens=8", "progress_every=4", "peak_tflops=0.001", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stderr is a pipe here, as in a Slurm log: progress lines every 4 steps and at the end, no progress bar
+    progress = [line.split(",")[0] for line in proc.stderr.splitlines() if line.startswith("train step ")]
+    assert progress == ["train step 4/10 (40%)", "train step 8/10 (80%)", "train step 10/10 (100%)"]
+    assert "\r" not in proc.stderr
     assert f"run dir: {run_dir}" in proc.stdout and "non-padding fraction" in proc.stdout
     assert "held-out exact match" in proc.stdout and "eval nll: " in proc.stdout
-    assert "eval @ step 0" in proc.stderr and "greedy answers" in proc.stderr  # progress bars of eval and sampling
+    assert "eval @ step 0: " in proc.stdout  # each evaluation's line; the eval and sampling bars are a terminal's
 
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.loss.gamma == 0.9 and saved.run_dir == str(run_dir)
@@ -245,9 +250,40 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise OSError("the weights are unreadable")
+
+    monkeypatch.setattr(modeling, "load_model", no_model)
+    with pytest.raises(OSError, match="unreadable"):
+        run_inprocess(tmp_path / "run", *FAST)
+    assert not (tmp_path / "run").exists()  # the empty metrics.jsonl that reserved it is gone
+    monkeypatch.undo()
+    with pytest.raises(ZeroDivisionError):  # now it fails in the first step, before any metrics row
+        monkeypatch.setattr(train.losses.LOSSES["ift"], "rows", lambda *a: 1 / 0)
+        run_inprocess(tmp_path / "run", *FAST, "do_first_eval=false")
+    assert not (tmp_path / "run").exists()
+    assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
+
+
+def _data_error_on_rank_1(cfg, local_rank, world, port, plan):
+    from preference_datasets import DataError
+    if local_rank == 1:
+        raise DataError("data/x.jsonl: line 3: 'messages' is missing")
+
+
+def test_a_data_or_config_error_in_a_spawned_rank_comes_back_as_itself():
+    """train.main turns these into one line (`data error: ...`); from a spawned rank they arrive as a
+    traceback's text, which launch turns back into the error."""
+    from preference_datasets import DataError
+    with pytest.raises(DataError, match=r"^data/x.jsonl: line 3: 'messages' is missing$"):
+        train.launcher.launch(_data_error_on_rank_1, {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu"})
+
+
 def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path, monkeypatch, capfd):
     import trainers
     monkeypatch.setattr(trainers, "SLOW_STEP_S", 0.0)  # every step counts as long: it shows its micro-batches
+    monkeypatch.setattr(trainers, "_bars", lambda: True)  # as on a terminal (a log file gets no bars)
     sft = run_inprocess(tmp_path / "sft", *FAST, "loss=sft", "do_first_eval=false", "gradient_accumulation_steps=2")
     assert "micro-batches: " in capfd.readouterr().err
     ift = run_inprocess(tmp_path / "ift", *FAST, "loss=ift", "gamma=0", "loss.min_lambda=0", "loss.max_lambda=0",
@@ -274,13 +310,16 @@ printf '%s\\037' "$@" >> {calls}
 echo >> {calls}
 """)
     shim.chmod(0o755)
-    # run_frozen_lake.sh also builds data and plays games: tests/test_frozen_lake.py runs it end to end
-    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name != "run_frozen_lake.sh")
+    # The Frozen Lake pipelines run experiments/ modules (data, games, tuning) that call train.py themselves:
+    # tests/test_frozen_lake.py and tests/test_frozen_lake_paper.py run the first two end to end.
+    pipelines = {"run_frozen_lake.sh", "run_frozen_lake_paper.sh", "run_frozen_lake_protocol.sh"}
+    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name not in pipelines)
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the recipes name hub models, which a GPU node downloads
     checked = []
-    for script, extra in [(s, []) for s in scripts] + [requeue]:
+    dry = [(s, ["dry_run=true"]) for s in scripts]  # every recipe passes dry_run=true to each of its runs
+    for script, extra in [(s, []) for s in scripts] + [requeue] + dry:
         calls.write_text("")
         proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
@@ -293,6 +332,8 @@ echo >> {calls}
                 cfg = compose("config", overrides=args)
             train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
             checked.append((script.name, cfg.loss.name, cfg.model.name))
+            if extra == ["dry_run=true"]:  # no run may train, nor read a model that an earlier run would write
+                assert cfg.dry_run and "/final" not in cfg.model.name_or_path, (script.name, line)
     assert {"ift", "sft", "dpo", "orpo"} <= {loss for _, loss, _ in checked}, checked
 
 
@@ -305,8 +346,7 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = make_cfg("wandb.enabled=true", "wandb.mode=online")
-    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None,
-                                    checkpointer=types.SimpleNamespace(wandb_run_id=None))
+    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None, wandb_run_id=None)
     trainers.BasicTrainer.start_logging(trainer)
     assert calls[-1]["mode"] == "offline" and calls[-1]["name"] == cfg.exp_name
     assert calls[-1]["config"]["loss"]["gamma"] == 0.95  # the resolved config travels with the run
@@ -321,7 +361,7 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
 def test_from_scratch_initialises_from_config_json_seeded_by_seed():
     """model.from_scratch=true: random weights (not the bundled ones), a function of the seed, so a DPO
     reference built by a second call starts equal to the policy."""
-    state = lambda cfg: train.load_model(cfg, "float32").state_dict()  # noqa: E731
+    state = lambda cfg: modeling.load_model(cfg, "float32").state_dict()  # noqa: E731
     a, b = state(make_cfg("model.from_scratch=true", "seed=1")), state(make_cfg("model.from_scratch=true", "seed=1"))
     other_seed, pretrained = state(make_cfg("model.from_scratch=true", "seed=2")), state(make_cfg("seed=1"))
     name = "model.layers.0.self_attn.q_proj.weight"

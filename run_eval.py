@@ -1,6 +1,6 @@
 """Evaluate a run's final model with lm-eval-harness.
 
-    python evaluate.py RUN_DIR [--suite paper|quick] [--tasks NAME ...] [--limit N] [--batch-size B]
+    python run_eval.py RUN_DIR [--suite paper|quick] [--tasks NAME ...] [--limit N] [--batch-size B]
                                [--device D] [--dtype T] [--num-fewshot K] [--chat-template] [--log-samples]
 
 Loads RUN_DIR/final (a Hugging Face directory) through lm-eval's `hf` model, runs the suite's tasks
@@ -58,7 +58,7 @@ KNOWN = {spec.name: spec for suite in SUITES.values() for spec in suite}
 
 
 class EvalError(ValueError):
-    """Bad input to evaluate.py (a missing model, an unknown task): reported as one line."""
+    """Bad input to run_eval.py (a missing model, an unknown task): reported as one line."""
 
 
 def parse_args(argv=None):
@@ -269,11 +269,8 @@ def main(argv=None):
     try:
         evaluate(parse_args(argv))
     except EvalError as e:
-        sys.exit(f"evaluate.py: {e}")
+        sys.exit(f"run_eval.py: {e}")
 
 
 if __name__ == "__main__":
-    # This script's folder comes first on sys.path, where `evaluate.py` would stand in for Hugging
-    # Face's `evaluate` package that some lm-eval tasks import: keep only the package importable.
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO_DIR]
     main()

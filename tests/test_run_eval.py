@@ -1,4 +1,4 @@
-"""evaluate.py: lm-eval-harness on a run's final/. The bundled quick task end to end on a freshly
+"""run_eval.py: lm-eval-harness on a run's final/. The bundled quick task end to end on a freshly
 trained tiny model (its answers checked against the trainer's own greedy samples at lm-eval's batch
 size, on a model that answers some rows right), the task's scoring
 against a hand count, the paper suite's tasks and metrics in the installed harness, results that
@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-import evaluate
-import train
+import modeling
+import run_data
+import run_eval
 from conftest import run_inprocess
 from utils import REPO_DIR
 
@@ -60,8 +61,8 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
     (trained_run / "eval" / "results.json").write_text(json.dumps({"tasks": {"arc_challenge": earlier}}))
 
     n = QUICK_ROWS
-    # lm-eval's batch size (evaluate.py's default, 8): left-padded batches against our one-by-one answers
-    proc = subprocess.run([sys.executable, "evaluate.py", str(trained_run), "--suite", "quick", "--limit", str(n),
+    # lm-eval's batch size (run_eval.py's default, 8): left-padded batches against our one-by-one answers
+    proc = subprocess.run([sys.executable, "run_eval.py", str(trained_run), "--suite", "quick", "--limit", str(n),
                            "--device", "cpu", "--log-samples"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
@@ -77,14 +78,14 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
     rows = ift_quick.single_turn_rows()[:n]
     assert [s["doc"] for s in samples] == rows
 
-    # the trainer's own greedy answers (train.greedy_samples, what n_samples reports) to the same rows
+    # the trainer's own greedy answers (modeling.greedy_samples, what n_samples reports) to the same rows
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
     cfg = OmegaConf.load(trained_run / "config.yaml")
-    tokenizer = train.load_tokenizer(cfg)
-    _, data = train.load_data(cfg, tokenizer, pairs=False)
+    tokenizer = modeling.load_tokenizer(cfg)
+    _, data = run_data.load_data(cfg, tokenizer, pairs=False)
     model = AutoModelForCausalLM.from_pretrained(trained_run / "final").eval()
-    ours = {s["prompt"]: s for s in train.greedy_samples(model, tokenizer, data, n, 24, torch.device("cpu"))}
+    ours = {s["prompt"]: s for s in modeling.greedy_samples(model, tokenizer, data, n, 24, torch.device("cpu"))}
     assert sorted(ours) == sorted(r["question"] for r in rows)
     assert [s["response"].strip() for s in samples] == [ours[r["question"]]["answer"] for r in rows]
     exact = [float(ours[r["question"]]["exact"]) for r in rows]
@@ -137,35 +138,35 @@ def test_the_quick_task_reads_every_single_turn_row_and_scores_stripped_exact_ma
             answers[user["content"]] = ref[0] + ref if i % 3 == 1 else ref + " ok"
     assert len(answers) == len(single)  # every question is distinct, so the script is unambiguous
 
-    spec = evaluate.QUICK_SUITE[0]
-    manager = evaluate.task_manager([spec])
-    res = evaluate.run_tasks(ScriptedLM(answers), [spec], manager)[spec.name]
+    spec = run_eval.QUICK_SUITE[0]
+    manager = run_eval.task_manager([spec])
+    res = run_eval.run_tasks(ScriptedLM(answers), [spec], manager)[spec.name]
     assert res["n-samples"]["ift_quick"]["effective"] == len(single)
     assert res["results"]["ift_quick"]["exact_match,none"] == pytest.approx(right / len(single), abs=1e-12)
 
 
 def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metric():
     from lm_eval.tasks._yaml_loader import load_yaml
-    manager = evaluate.task_manager(evaluate.PAPER_SUITE)
-    for spec in evaluate.PAPER_SUITE:
+    manager = run_eval.task_manager(run_eval.PAPER_SUITE)
+    for spec in run_eval.PAPER_SUITE:
         entry = manager.task_index[spec.name]
         cfg = load_yaml(entry.yaml_path, resolve_func=False)
         metric, filt = spec.metric.split(",")
         metrics = cfg.get("metric_list") or cfg.get("aggregate_metric_list") or []
         assert metric in [m["metric"] for m in metrics], spec.name
         assert filt in ["none"] + [f["name"] for f in cfg.get("filter_list", [])], spec.name
-    assert [(s.name, s.num_fewshot) for s in evaluate.PAPER_SUITE] == [
+    assert [(s.name, s.num_fewshot) for s in run_eval.PAPER_SUITE] == [
         ("arc_challenge", 25), ("hellaswag", 10), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
 
 
 def test_the_table_averages_the_six_paper_tasks_only_when_all_ran_in_full():
     tasks = {s.name: {"num_fewshot": s.num_fewshot, "metric": s.metric, "value": v, "stderr": None,
                       "n_samples": 10, "limit": None, "metrics": {}}
-             for s, v in zip(evaluate.PAPER_SUITE, [0.6, 0.8, 0.55, 0.45, 0.75, 0.35])}
-    assert "| **average of the paper's six** | | | **58.33** | | |" in evaluate.markdown_table(
+             for s, v in zip(run_eval.PAPER_SUITE, [0.6, 0.8, 0.55, 0.45, 0.75, 0.35])}
+    assert "| **average of the paper's six** | | | **58.33** | | |" in run_eval.markdown_table(
         {"model": "m", "tasks": tasks})
     tasks["gsm8k"]["limit"] = 5
-    assert "average" not in evaluate.markdown_table({"model": "m", "tasks": tasks})
+    assert "average" not in run_eval.markdown_table({"model": "m", "tasks": tasks})
 
 
 @pytest.mark.parametrize("make_final, tasks, message", [
@@ -177,10 +178,10 @@ def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypa
     (run / "final").mkdir(parents=True)
     if make_final:
         (run / "final" / "config.json").write_text("{}")  # not loadable: reaching the load would fail differently
-    monkeypatch.setattr(evaluate, "load_lm", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(run_eval, "load_lm", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as e:
-        evaluate.main([str(run), *tasks])
-    assert str(e.value).startswith("evaluate.py: " + message.format(run=run))
+        run_eval.main([str(run), *tasks])
+    assert str(e.value).startswith("run_eval.py: " + message.format(run=run))
     assert "\n" not in str(e.value)
     assert not (run / "eval").exists()
 
@@ -194,8 +195,8 @@ def test_a_hub_benchmark_offline_stops_with_one_line_naming_the_setting(monkeypa
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(evaluate.EvalError) as e:
-        evaluate.run_tasks(None, [evaluate.KNOWN["arc_challenge"]], None)
+    with pytest.raises(run_eval.EvalError) as e:
+        run_eval.run_tasks(None, [run_eval.KNOWN["arc_challenge"]], None)
     message = str(e.value)
     assert message.startswith("arc_challenge: Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled): ")
     assert "unset HF_DATASETS_OFFLINE (set here)" in message and "--suite quick" in message and "\n" not in message

@@ -1,0 +1,141 @@
+"""Data of real length and real layout (scripts/make_standins.py): every registered dataset written in
+its hub repository's layout loads through dataset_paths.<name>; a few hundred long, multi-turn rows go
+through every tokenizer family with max_length == max_prompt_length (the paper's 1024 / 1024 setting,
+scaled down) keeping the invariants of encode_chat and truncate; rows_per_dataset samples the same rows
+every time; dry_run=true plans without a model or a run directory; and a tiny model trains on such
+rows to the end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import preference_datasets as pd
+from conftest import read_rows, run_inprocess
+from tokenizer_families import FAMILIES, build_tokenizer
+from utils import REPO_DIR
+
+ROWS = 100  # training rows per dataset; the test splits get 8
+FOLDERS = {"ultrachat": "ultrachat_200k", "ultrafeedback": "ultrafeedback_binarized", "hh": "hh-rlhf", "shp": "shp",
+           "orca": "orca_dpo_pairs"}
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    """{name: folder} of stand-ins for the five datasets, ROWS training rows each."""
+    out = tmp_path_factory.mktemp("standins")
+    subprocess.run([sys.executable, str(REPO_DIR / "scripts" / "make_standins.py"), str(out), "--rows", str(ROWS),
+                    "--test-rows", "8"], check=True, capture_output=True)
+    return {name: str(out / folder) for name, folder in FOLDERS.items()}
+
+
+def test_every_hub_layout_is_written_and_loads_as_a_downloaded_copy(standins):
+    files = {name: sorted(str(p.relative_to(folder)) for p in __import__("pathlib").Path(folder).rglob("*")
+                          if p.is_file()) for name, folder in standins.items()}
+    assert files["ultrachat"] == ["data/test_sft-00000-of-00001.parquet", "data/train_sft-00000-of-00001.parquet"]
+    assert "data/train_prefs-00000-of-00001.parquet" in files["ultrafeedback"]
+    assert "helpful-base/train.jsonl.gz" in files["hh"] and len(files["hh"]) == 8  # 4 subsets x 2 splits
+    assert "askscience/validation.json" in files["shp"] and len(files["shp"]) == 18 * 3
+    assert files["orca"] == ["data/train-00000-of-00001.parquet"]
+    # the test rows come from the test files; orca has none, so its last 5% are held out
+    expected = {"ultrachat": (ROWS, 8), "ultrafeedback": (ROWS, 8), "hh": (ROWS, 8), "shp": (ROWS, 8),
+                "orca": (ROWS + 8 - 5, 5)}
+    for name, (n_train, n_test) in expected.items():
+        train = pd.load_normalised(name, "train", standins)
+        test = pd.load_normalised(name, "test", standins)
+        assert (len(train), len(test)) == (n_train, n_test), name
+        assert all(r["rejected"] is not None for r in train) == (name != "ultrachat")
+    # ultrachat's conversations are multi-turn, 3.85 rounds on average (1 + Poisson(2.85))
+    rounds = [(len(r["prompt"]) + 1) / 2 for r in pd.load_normalised("ultrachat", "train", standins)]
+    assert 3.2 < np.mean(rounds) < 4.5 and max(rounds) >= 6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_multi_turn_rows_keep_the_invariants_through_every_tokenizer_family(standins, family):
+    tok = pd.ensure_chat_template(build_tokenizer(family))
+    eot = pd.end_of_turn_token(tok)
+    eot_id = tok.convert_tokens_to_ids(eot)
+    max_length = 512
+    for name in FOLDERS:
+        pairs = name != "ultrachat"
+        full = pd.load_split([name], "train", tok, 10 ** 7, 10 ** 7, pairs, standins)
+        cut = pd.load_split([name], "train", tok, max_length, max_length, pairs, standins, min_answer_tokens=64)
+        rows = pd.load_normalised(name, "train", standins)
+        assert len(cut) == len(full) == len(rows)
+        n_cut = 0
+        for i, row in enumerate(rows[:40]):  # against the tokenizer's own call on the whole chat
+            chat = tok.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": row["chosen"]}],
+                                           tokenize=False)
+            ids = tok(chat, add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None and ids[0] != tok.bos_token_id:
+                ids = [tok.bos_token_id] + ids
+            whole = full.prompt_ids[i] + full.chosen_ids[i]
+            assert whole == ids[:len(whole)] and whole[-1] == eot_id
+        for side in ("chosen_ids", "rejected_ids") if pairs else ("chosen_ids",):
+            for i in range(len(rows)):
+                p, a, fp, fa = cut.prompt_ids[i], getattr(cut, side)[i], full.prompt_ids[i], getattr(full, side)[i]
+                assert len(p) + len(a) <= max_length and a[-1] == eot_id
+                assert len(a) >= min(len(fa), 64)  # min_answer_tokens, although max_prompt_length == max_length
+                assert p[:1] == fp[:1] and fp[len(fp) - len(p) + 1:] == p[1:]  # bos + the end of the prompt
+                assert a[:-1] == fa[:len(a) - 1]  # the start of the answer, then the end of turn
+                n_cut += side == "chosen_ids" and len(p) < len(fp)
+        assert cut.parts[0]["prompts_truncated"] == n_cut > 0, name
+        assert cut.parts[0]["rows_dropped"] == 0
+
+
+def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
+    a, b = pd.sample_rows(1000, 61, 0, "ultrachat"), pd.sample_rows(1000, 61, 0, "ultrachat")
+    assert (a == b).all() and len(set(a.tolist())) == 61 and (np.diff(a) > 0).all()
+    assert not (a == pd.sample_rows(1000, 61, 1, "ultrachat")).all()  # another seed, another sample
+    assert not (a == np.arange(61)).all()  # random, not the first rows
+    assert (pd.sample_rows(50, 61, 0, "x") == np.arange(50)).all()  # fewer rows than asked: all of them
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
+    run_dir = tmp_path / "run"
+    env_cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "dry_run=true", "datasets=[ultrachat,ultrafeedback]",
+         f"dataset_paths.ultrachat={standins['ultrachat']}", f"dataset_paths.ultrafeedback={standins['ultrafeedback']}",
+         "loss=ift", "rows_per_dataset=60", "n_epochs=3", "batch_size=16", "warmup_ratio=0.15", "max_length=256",
+         "max_prompt_length=256", f"run_dir={run_dir}", "wandb.enabled=true"],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "HF_DATASETS_CACHE": str(env_cache)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plan["rows"] == 120 and plan["rows_per_dataset"] == {"ultrachat": 60, "ultrafeedback": 60}
+    assert (plan["steps_per_epoch"], plan["optimizer_steps"], plan["warmup_steps"]) == (7, 21, 3)  # 120 // 16 = 7
+    assert plan["examples"] == 21 * 16 and plan["prompts_truncated"]["ultrachat"] > 0
+    assert plan["rows_dropped"] == {"ultrachat": 0, "ultrafeedback": 0}
+    # tokens: every row of each epoch's 7 batches, exactly (prompt + chosen answer for IFT)
+    assert plan["tokens"] > 0 and plan["flops"] == 8 * plan["parameters"] * plan["tokens"]  # 6N + IFT's 2N
+    assert "prompts cut" in proc.stdout and "random sample of 60 of its 100 rows" in proc.stdout
+    assert not run_dir.exists() and "wandb" not in proc.stdout.lower()
+
+
+def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_as_long_as_the_row(standins, tmp_path):
+    rows = run_inprocess(tmp_path / "run", "loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}",
+                         "max_length=192", "max_prompt_length=192", "min_answer_tokens=32", "batch_size=8",
+                         "eval_batch_size=8", "n_examples=32", "n_eval_examples=8", "eval_every=16", "warmup_steps=0",
+                         "n_samples=2", "max_new_tokens=4")
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 4 and all(np.isfinite(r["loss"]) for r in train)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert len(read_rows(tmp_path / "run", "eval")) >= 2
+
+
+def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standins, monkeypatch, tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
+    kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
+    first = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
+    monkeypatch.setattr(pd, "load_normalised", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    again = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
+    assert again.fingerprint == first.fingerprint and len(again) == 100
+    assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory
+    rows = [again.origins[i] for i in (0, 99)]
+    assert rows[0].startswith("dataset 'ultrachat' (train) row ") and rows[1].startswith("dataset 'ultrafeedback'")
