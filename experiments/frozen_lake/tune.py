@@ -70,12 +70,21 @@ def grids(quick=False):
 
 def run_child(cmd, log):
     """Run cmd (a list) with its output in `log`; returns its CPU seconds (user + system, its own and
-    its children's). Raises with the log's tail when it fails."""
+    its children's). Raises with the log's tail when it fails. Each child gets a datasets cache of its
+    own (next to its log, removed when it succeeds): runs in parallel that tokenise the same data
+    would otherwise write the same cache folder at once, and one can delete the other's files."""
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix=Path(log).stem + ".", suffix=".hf_cache", dir=Path(log).parent)
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=dict(os.environ, HF_DATASETS_CACHE=cache))
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.returncode == 0:
+        shutil.rmtree(cache, ignore_errors=True)
+    else:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed; see {log}:\n" + Path(log).read_text()[-2000:])
     return usage.ru_utime + usage.ru_stime
 
