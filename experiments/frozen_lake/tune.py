@@ -17,9 +17,10 @@ on validation NLL, then seeds on the held-out test maps.
   quality at every cell, and recovery after a forced detour).
 - DPO is the paper's sequential recipe: DPO from an SFT model, which is also its reference. Its SFT
   stage is SFT's own chosen setting trained to SFT's stopping point (one stage per seed, trained on
-  the training maps and evaluated on the validation maps only; test seed k's DPO starts from stage
-  seed k, the tuning runs from stage seed 0). DPO's grid and stopping point then count from there:
-  it sees SFT's examples plus its own, as in the paper, and the stages' CPU is in DPO's budget.
+  the training maps; test seed k's DPO starts from stage seed k, the tuning runs from stage seed 0).
+  DPO's grid and stopping point then count from there: it sees SFT's examples plus its own, as in
+  the paper. The tuning stage is trained for DPO (evaluated on the validation maps only; its CPU is
+  DPO's); a test seed's stage is SFT's own test run of that seed, the same weights (sft_stage).
 Writes OUT/results.json, OUT/report.md, OUT/protocol.png and OUT/nll_curves.png.
 """
 
@@ -121,17 +122,26 @@ class Experiment:
 
     def sft_stage(self, seed):
         """DPO's SFT stage for `seed`: SFT's chosen setting trained to SFT's stopping point on the
-        training maps (evaluated on the validation maps only). Returns (final model dir, its CPU s)."""
+        training maps (evaluated on the validation maps only). Where SFT's test run of that seed has
+        finished, it is the stage (the same seed, training maps and stopping point give the same
+        weights; the evaluation data do not touch training), linked rather than trained again, and its
+        CPU stays in SFT's budget. Returns (final model dir, the stage's CPU s charged to DPO)."""
         run = self.run_dir("sft", self.sft_chosen, "stage", seed)
         done = run / "stage.json"
         if not done.is_file():
             if run.exists():
                 import shutil
                 shutil.rmtree(run)
-            run.parent.mkdir(parents=True, exist_ok=True)
+            run.mkdir(parents=True)
             stop = self.stop[("sft", json.dumps(self.sft_chosen, sort_keys=True))]
-            cpu = run_child(self.args("sft", self.sft_chosen, seed, self.data / "validation", stop, run),
-                            self.out / "logs" / f"stage_sft_seed{seed}.log")
+            sft_test = self.run_dir("sft", self.sft_chosen, "test", seed)
+            if (sft_test / "protocol_scores.json").is_file():
+                (run / "final").symlink_to(os.path.relpath(sft_test / "final", run))
+                cpu = 0.0
+            else:
+                run.rmdir()  # train.py makes its run directory
+                cpu = run_child(self.args("sft", self.sft_chosen, seed, self.data / "validation", stop, run),
+                                self.out / "logs" / f"stage_sft_seed{seed}.log")
             done.write_text(json.dumps({"_cpu_s": cpu, "examples": stop}))
         return run / "final", json.loads(done.read_text())["_cpu_s"]
 
