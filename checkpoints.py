@@ -116,7 +116,7 @@ def read_trainer_state(directory):
 @dataclass(frozen=True)
 class ResumePlan:
     """How a run starts, decided once from the config and the disk (plan_resume), before anything loads;
-    train.build, the trainer and the Checkpointer read it, and every rank gets rank 0's.
+    pipeline.build, the trainer and the Checkpointer read it, and every rank gets rank 0's.
 
     checkpoint: Path of the checkpoint folder to continue, or None (the run starts at step 0).
     in_place: the run continues in its own run_dir (resume_from=latest, or a checkpoint of run_dir):

@@ -93,7 +93,7 @@ class BasicTrainer:
         self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
         if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
             self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
-            self.reference = None  # freed (once train.build returns): training runs with the policy alone
+            self.reference = None  # freed (once pipeline.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -176,7 +176,6 @@ class BasicTrainer:
                                     lora=lora.enabled(self.cfg), head_chunk=self.head_chunk,
                                     recompute_blocks=self.recomputes_blocks)
                    for rows in micro if len(rows))
-
 
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.

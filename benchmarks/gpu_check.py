@@ -289,13 +289,13 @@ def peak_rss():
 def measure(cfg, config, device, run_dir):
     """One throughput row: train cfg's steps with a fresh random model; figures from metrics.jsonl."""
     import modeling
+    import pipeline
     import run_data
-    import train
     from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
     import losses
-    train.validate_config(cfg, world=1)
+    pipeline.validate_config(cfg, world=1)
     loss = losses.build(cfg.loss)
     tokenizer = modeling.load_tokenizer(cfg)
     eot = end_of_turn_token(tokenizer, cfg.model.eot_token)
