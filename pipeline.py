@@ -4,8 +4,8 @@ composes the config); anything else that starts runs (experiments/, benchmarks/,
 these functions with a composed config, so nothing imports the entry point.
 
     cfg = ...                        # composed from config/ (Hydra), as `python train.py KEY=VALUE` does
-    plan = validate_config(cfg)      # raises ConfigError before anything loads
-    status = launch(cfg, plan)       # 0, or launch.EXIT_PREEMPTED after a preemption signal
+    checked = validate_config(cfg)   # raises ConfigError before anything loads; builds the loss
+    status = launch(cfg, checked)    # 0, or launch.EXIT_PREEMPTED after a preemption signal
 
 Every dataset row is checked before any model loads, so a typo never costs a 7B model load.
 """
@@ -28,30 +28,44 @@ from utils import barrier, broadcast_object, is_main, make_run_dir, released_on_
 
 # ---------------------------------------------------------------- check and launch
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What validate_config decided before anything loads, handed to every rank so that nothing is
+    decided twice. loss: the losses.Loss with the run's options (built once: the trainer computes
+    with this object). resume: the checkpoints.ResumePlan (what the run resumes, where, whether
+    weights are read); rank 0's is broadcast to the others."""
+    loss: losses.Loss
+    resume: checkpoints.ResumePlan
+
+
 def validate_config(cfg, world=None):
     """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks.
-    Returns the run's checkpoints.ResumePlan (what it resumes, where, whether weights are read)."""
-    config_schema.check_keys(cfg)
+    Returns the run's Checked (its loss and its resume plan)."""
+    loss = config_schema.check_keys(cfg)
     config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
-    return checkpoints.plan_resume(cfg)  # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
+    # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
+    return Checked(loss=loss, resume=checkpoints.plan_resume(cfg))
 
 
-def launch(cfg, plan=None):
+def launch(cfg, checked=None):
     """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
+    checked: validate_config's result (None: each rank builds the loss, rank 0 plans the resume).
     Returns the exit status: 0, or launcher.EXIT_PREEMPTED when a signal stopped the run."""
-    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), plan, cfg.preempt_signals)
+    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), checked, cfg.preempt_signals)
 
 
 # ---------------------------------------------------------------- build (one process of a run)
 
-def build(cfg, device, plan=None):
+def build(cfg, device, checked=None):
     """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
-    models, in that order, so bad data costs no model load and leaves no run directory. Returns
-    (trainer, fresh): fresh when the run directory was reserved for this run (not continued in place)."""
+    models, in that order, so bad data costs no model load and leaves no run directory. checked:
+    validate_config's result, or None. Returns (trainer, fresh): fresh when the run directory was
+    reserved for this run (not continued in place)."""
     from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
-    loss = losses.build(cfg.loss)
+    loss = checked.loss if checked is not None else losses.build(cfg.loss)
+    plan = checked.resume if checked is not None else None
     tokenizer = modeling.load_tokenizer(cfg)
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
@@ -78,7 +92,7 @@ def build(cfg, device, plan=None):
         else:  # the original model
             reference = modeling.load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                                        plan)
+                                        plan, loss)
         if plan.checkpoint is not None:
             trainer.resume(plan)
     return trainer, not plan.in_place
@@ -86,7 +100,7 @@ def build(cfg, device, plan=None):
 
 # ---------------------------------------------------------------- train and report (one process of a run)
 
-def run(cfg, local_rank=0, world=1, port=None, plan=None):
+def run(cfg, local_rank=0, world=1, port=None, checked=None):
     """Everything one rank does: join the process group, build, train, report. Returns
     launcher.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
@@ -95,7 +109,7 @@ def run(cfg, local_rank=0, world=1, port=None, plan=None):
         # from before the run dir exists: a signal while the data or models load ends the run as one in
         # training does (exit status 75, resume_from=latest continues), not with a run dir that refuses a rerun
         with launcher.preemption_signals(cfg.preempt_signals):
-            trainer, fresh = build(cfg, device, plan)
+            trainer, fresh = build(cfg, device, checked)
             with released_on_failure(trainer.run_dir, fresh):  # failing before its first metrics row: run_dir free
                 trainer.train()
         if trainer.preempted:

@@ -41,13 +41,13 @@ def main():
 def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     try:
-        plan = validate_config(sweep_run_dir(cfg))
+        checked = validate_config(sweep_run_dir(cfg))
         if cfg.dry_run:  # the data and the plan, without a model, a run directory or wandb
-            return planning.dry_run(cfg, modeling.load_tokenizer, run_data.load_data)
-        if plan.finished:  # e.g. a job requeued after its run completed
+            return planning.dry_run(cfg, checked.loss, modeling.load_tokenizer, run_data.load_data)
+        if checked.resume.finished:  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return
-        status = launch(cfg, plan)
+        status = launch(cfg, checked)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it

@@ -52,12 +52,13 @@ class BasicTrainer:
         run_dir: pathlib.Path, created by the caller.
         device: torch.device where this rank computes.
         plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
+        loss: the run's losses.Loss, as validate_config built it (None: built here from cfg.loss).
     """
 
     recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
 
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                 plan=checkpoints.ResumePlan()):
+                 plan=checkpoints.ResumePlan(), loss=None):
         self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
@@ -73,7 +74,7 @@ class BasicTrainer:
         self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
         self.warmup_steps = schedule["warmup_steps"]
 
-        self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        self.loss = loss if loss is not None else losses.build(cfg.loss)  # the registered loss, the run's options
         # how the losses call the models (chunked output head, packing), handed to every loss call
         self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
         # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes

@@ -115,8 +115,8 @@ def read_rows(run_dir, split=None):
 def run_inprocess(run_dir, *overrides):
     """Check and run a one-process run in this process; returns its metrics rows."""
     cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    pipeline.validate_config(cfg)
-    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
+    checked = pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True), checked=checked)
     return read_rows(run_dir)
 
 
@@ -125,8 +125,7 @@ def launch_run(run_dir, *overrides):
     rows of metrics.jsonl, its final weights)."""
     from safetensors.torch import load_file
     cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    pipeline.validate_config(cfg)
-    pipeline.launch(cfg)
+    pipeline.launch(cfg, pipeline.validate_config(cfg))
     return read_rows(run_dir, "train"), load_file(run_dir / "final" / "model.safetensors")
 
 

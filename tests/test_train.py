@@ -266,7 +266,29 @@ def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(t
     assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
 
 
-def _data_error_on_rank_1(cfg, local_rank, world, port, plan):
+def test_the_loss_is_built_once_and_is_the_object_the_trainer_computes_with(tmp_path, monkeypatch):
+    """validate_config builds it (checking its keys); launch hands it to the run, the trainer uses it."""
+    import losses
+    ift, built, used = losses.LOSSES["ift"], [], []
+    init, rows = ift.__init__, ift.rows
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    def recording_rows(self, *args, **kwargs):
+        used.append(self)
+        return rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(ift, "__init__", counting_init)
+    monkeypatch.setattr(ift, "rows", recording_rows)
+    cfg = make_cfg(f"run_dir={tmp_path / 'run'}", "loss=ift", "n_examples=16", "batch_size=16", "eval_batch_size=16",
+                   "n_eval_examples=16", "do_first_eval=false")
+    assert pipeline.launch(cfg, pipeline.validate_config(cfg)) == 0
+    assert len(built) == 1 and used and all(loss is built[0] for loss in used)
+
+
+def _data_error_on_rank_1(cfg, local_rank, world, port, checked):
     from preference_datasets import DataError
     if local_rank == 1:
         raise DataError("data/x.jsonl: line 3: 'messages' is missing")
