@@ -36,22 +36,23 @@ def planned_world_size(cfg):
     return torch.cuda.device_count() if use_cuda(cfg) else 2
 
 
-def launch(run, cfg, plan=None, signals=()):
-    """Call run(cfg, local_rank, world, port, plan) in this process, or in each process FSDPTrainer
-    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. plan: the
-    run's checkpoints.ResumePlan (None: rank 0 makes it). signals: names of the signals this process
-    forwards to the processes it starts (preempt_signals)."""
+def launch(run, cfg, checked=None, signals=()):
+    """Call run(cfg, local_rank, world, port, checked) in this process, or in each process FSDPTrainer
+    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. checked:
+    what was decided before the launch (pipeline.Checked: the loss, the resume plan), passed on to
+    every rank, or None. signals: names of the signals this process forwards to the processes it
+    starts (preempt_signals)."""
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create(cfg)
     world = planned_world_size(conf)
     if conf.trainer != "FSDPTrainer" or launched_by_torchrun():
-        return run(cfg, plan=plan)
+        return run(cfg, checked=checked)
     if world == 1:  # FSDP2 needs a process group even for one rank
-        return run(cfg, 0, 1, free_port(), plan)
+        return run(cfg, 0, 1, free_port(), checked)
     import torch.multiprocessing as mp
     try:
-        return spawn(_spawned, (run, cfg, world, free_port(), plan), world, signals or ())
+        return spawn(_spawned, (run, cfg, world, free_port(), checked), world, signals or ())
     except mp.ProcessRaisedException as e:
         _reraise_one_line_error(e)
         raise
@@ -69,8 +70,8 @@ def _reraise_one_line_error(e):
             raise cls(last[len(prefix):]) from None
 
 
-def _spawned(local_rank, run, cfg, world, port, plan):
-    status = run(cfg, local_rank, world, port, plan)
+def _spawned(local_rank, run, cfg, world, port, checked):
+    status = run(cfg, local_rank, world, port, checked)
     if status:
         sys.exit(status)
 

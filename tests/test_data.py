@@ -397,14 +397,14 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
     import modeling
-    import train
+    import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     with pytest.raises((pd.DataError, ConfigError)) as error:
-        train.launch(cfg)
+        pipeline.launch(cfg)
     assert not (tmp_path / "run").exists()
     return str(error.value)
 
@@ -414,12 +414,12 @@ def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_model
     path.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(10)))  # 9 train rows, 1 held out
     assert _refused(tmp_path, monkeypatch, f"datasets=[{path}]", "batch_size=16") == (
         f"datasets=['{path}'] have 9 training rows, fewer than one batch (batch_size=16); lower batch_size or add rows")
-    import train
+    import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     with pytest.raises(ConfigError, match=r"^n_examples=8 is smaller than batch_size=16: no optimizer step to take; "
                                           r"raise n_examples or lower batch_size$"):
-        train.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
+        pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
 
 
 def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import modeling
-import train
+import pipeline
 from preference_datasets import load_split
 from conftest import make_cfg
 
@@ -30,8 +30,8 @@ def mean_token_logp(model, prompt_ids, answer_ids):
 @pytest.mark.parametrize("loss", ["sft", "ift", "dpo", "orpo", "dft", "simpo"])
 def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes_them(tmp_path, loss):
     cfg = make_cfg(f"loss={loss}", f"run_dir={tmp_path / loss}", *FAST)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     evals = [json.loads(line) for line in open(tmp_path / loss / "metrics.jsonl")]
     evals = [r for r in evals if r["split"] == "eval"]
     assert len(evals) == 3 and all({"nll", "margin", "pref_accuracy"} <= set(r) for r in evals)
@@ -51,8 +51,8 @@ def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes
 
 def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
     cfg = make_cfg("loss=sft", f"run_dir={tmp_path / 'r'}", *FAST[:-3], "datasets=[ultrachat_sample]")
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     evals = [r for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if r["split"] == "eval"]
     assert all("nll" in r and "margin" not in r for r in evals)
     assert evals[-1]["nll"] == pytest.approx(evals[-1]["loss"], rel=1e-6)  # SFT's own loss is the same mean NLL
