@@ -75,6 +75,8 @@ def build(cfg, device, checked=None):
         data_changes = checkpoints.check_fingerprint(cfg, plan.checkpoint, train_data, saved=plan.fingerprint)
         plan = dataclasses.replace(plan, differences={**plan.differences, **data_changes})
     run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=plan.in_place)
+    if not plan.in_place:
+        launcher.claimed(run_dir)  # spawned ranks: their launcher gives it back if the run dies before writing
     with released_on_failure(run_dir, fresh=not plan.in_place):  # e.g. a model that fails to load
         if is_main():
             checkpoints.prepare_run_dir(plan, run_dir, cfg.keep_last)  # in place: leftovers gone, metrics cut back

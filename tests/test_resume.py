@@ -267,6 +267,22 @@ def test_preemption_signals_are_caught_once_and_then_restored():
     assert signal.getsignal(signal.SIGUSR1) is previous and launcher.stop_signal() is None
 
 
+def _stopped_while_importing(cfg, local_rank, world, port, checked):
+    """A rank that has not installed its preemption handlers yet (still importing) dies of the signal."""
+    if cfg["case"] == "a rank gets SIGTERM" and local_rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if cfg["case"] == "the launcher gets SIGUSR1" and local_rank == 0:
+        os.kill(cfg["launcher"], signal.SIGUSR1)  # forwarded to both ranks, which have no handler yet
+    time.sleep(60)  # until the launcher's clean-up (SIGTERM) or its forwarded signal ends it
+
+
+@pytest.mark.parametrize("case", ["a rank gets SIGTERM", "the launcher gets SIGUSR1"])
+def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_preempted(case, capfd):
+    cfg = {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu", "case": case, "launcher": os.getpid()}
+    assert launcher.launch(_stopped_while_importing, cfg, signals=["SIGTERM", "SIGUSR1"]) == launcher.EXIT_PREEMPTED
+    assert "resume_from=latest continues" in capfd.readouterr().err
+
+
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-6.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-2.old.tmp").mkdir()

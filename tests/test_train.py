@@ -248,6 +248,13 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         make_run_dir(str(tmp_path), "x")
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+    (tmp_path / "metrics.jsonl").write_text("")  # a claim whose run wrote nothing (killed, or still starting)
+    stale = f"has written nothing yet .*if no run is using it, delete {tmp_path / 'metrics.jsonl'} and start again"
+    for refuse in (lambda: pipeline.validate_config(make_cfg(f"run_dir={tmp_path}")),
+                   lambda: make_run_dir(str(tmp_path), "x")):
+        with pytest.raises(ConfigError, match=stale):
+            refuse()
+    assert (tmp_path / "metrics.jsonl").exists()  # the user decides: it may be a run still loading
 
 
 def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(tmp_path, monkeypatch):
@@ -406,3 +413,30 @@ def test_the_end_of_run_summary_reads_every_evaluation_of_a_resumed_run_and_comp
     out = capsys.readouterr().out
     assert f"eval nll: 6.8300 -> 4.1300 ({(4.13 - 6.83) / 6.83:+.0%}, step 0 -> 6)" in out and "-40%" in out
     assert "dft's own eval loss (not comparable across methods): 2.0000 -> 5.1200" in out
+
+
+def _rank_fails_before_its_first_row(cfg, local_rank, world, port, checked):
+    """pipeline.run on two ranks, one of which dies in train() before any metrics row: killed (rank
+    0, which holds the claim, so it cannot release it), or raising (rank 1 only)."""
+    import trainers
+    if local_rank == 0 and cfg["exp_name"] == "killed":
+        trainers.BasicTrainer.train = lambda self: os.kill(os.getpid(), __import__("signal").SIGKILL)
+    if local_rank == 1 and cfg["exp_name"] == "raises":
+        trainers.BasicTrainer.train = lambda self: 1 / 0
+    return pipeline.run(cfg, local_rank, world, port, checked)
+
+
+@pytest.mark.parametrize("how", ["killed", "raises"])
+def test_a_spawned_run_that_dies_before_its_first_row_leaves_its_run_dir_free(tmp_path, how):
+    """The launcher gives back the run_dir that rank 0 reserved: the empty metrics.jsonl would refuse it."""
+    import launch
+    import torch.multiprocessing as mp
+    run_dir = tmp_path / "run"
+    # preempt_signals=null: the launcher's clean-up (SIGTERM) then ends the surviving rank at once
+    cfg = make_cfg(f"run_dir={run_dir}", *FAST, "trainer=FSDPTrainer", "nproc=2", "device=cpu", f"exp_name={how}",
+                   "preempt_signals=null")
+    checked = pipeline.validate_config(cfg)
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        launch.launch(_rank_fails_before_its_first_row, OmegaConf.to_container(cfg, resolve=True), checked)
+    assert not run_dir.exists()
+    pipeline.validate_config(cfg)  # the same run_dir is accepted again
