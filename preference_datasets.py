@@ -448,12 +448,14 @@ def _normalised_arrow(name, split, dataset_paths, folder):
 def has_rejected_answers(name, split, dataset_paths=None):
     """Whether every `split` row of dataset `name` has a rejected answer. A registered dataset (also
     its _sample, and a dataset_paths copy in its schema) is answered by the registry (Source.pairs)
-    without reading a row; a file or folder of your own by its rows (read and normalised: a missing
-    split or a bad row raises load_normalised's DataError, which names it)."""
+    without reading a row; a file or folder of your own by its rows, streamed (one bool kept per row;
+    a missing split or a bad row raises _split_rows' DataError, which names it)."""
     _, source = _locate(name, dataset_paths)
     if source is not None:
         return source.pairs
-    return all(row["rejected"] is not None for row in load_normalised(name, split, dataset_paths))
+    rows, held_out = _split_rows(name, split, dataset_paths)
+    has = [row["rejected"] is not None for _, row in rows]
+    return all(has[i] for i in (_held_out(len(has), held_out) if held_out else range(len(has))))
 
 
 def source_identity(name, dataset_paths=None):

@@ -68,7 +68,7 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     def unread(*args, **kwargs):
         raise AssertionError("a registered dataset was read to decide")
 
-    monkeypatch.setattr(pd, "load_normalised", unread)
+    monkeypatch.setattr(pd, "_split_rows", unread)
     assert pd.has_rejected_answers("ultrafeedback_sample", "test") and pd.has_rejected_answers("hh", "test")
     assert not pd.has_rejected_answers("ultrachat_sample", "test")
     assert not pd.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
