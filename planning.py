@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 
-import losses
 from preference_datasets import COUNTS, epoch_batches
 
 
@@ -40,11 +39,10 @@ def processed_tokens(data):
     return tokens
 
 
-def forward_passes(loss_cfg):
+def forward_passes(loss):
     """Passes over each trained token as multiples of a forward (2N FLOPs per token): the trained
     forward and backward (6N), IFT's no-grad forward for its predictions when lambda can be > 0, and
-    DPO/IPO's reference forward. Returns (FLOPs per token / N, what they are)."""
-    loss = losses.build(loss_cfg)
+    DPO/IPO's reference forward. loss: the run's losses.Loss. Returns (FLOPs per token / N, what they are)."""
     per, parts = 6, ["6N (forward + backward)"]
     if loss.name == "ift" and max(loss.min_lambda, loss.max_lambda) > 0:
         per, parts = per + 2, parts + ["2N (IFT's no-grad forward for the predictions)"]
@@ -71,7 +69,7 @@ def parameter_count(cfg):
         return None
 
 
-def plan(cfg, data):
+def plan(cfg, data, loss):
     """The run's plan on tokenised training data: schedule() plus the tokens it processes (exactly:
     the rows of each epoch's batches, epoch_batches) and its FLOPs."""
     steps = schedule(len(data), cfg)
@@ -82,7 +80,7 @@ def plan(cfg, data):
         batches = batches[: steps["optimizer_steps"] - epoch * steps["steps_per_epoch"]]
         total += int(tokens[np.concatenate(batches)].sum())
     n = parameter_count(cfg)
-    per, what = forward_passes(cfg.loss)
+    per, what = forward_passes(loss)
     return {**steps, "tokens": total, "parameters": n, "flops": None if n is None else per * n * total,
             "flops_per_token": what}
 
@@ -109,17 +107,17 @@ def describe(data, label):
     return lines
 
 
-def dry_run(cfg, load_tokenizer, load_data):
-    """Compose and check have run; load the tokenizer and every dataset, tokenise, print the data and
-    the plan, then return. No model is loaded, no run directory is made, wandb is not started.
+def dry_run(cfg, loss, load_tokenizer, load_data):
+    """Compose and check have run (loss: the run's losses.Loss, as they built it); load the tokenizer
+    and every dataset, tokenise, print the data and the plan, then return. No model is loaded, no run directory is made, wandb is not started.
     The last line printed is one JSON object (the plan and the data's counts)."""
     tokenizer = load_tokenizer(cfg)
     from preference_datasets import end_of_turn_token
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
-    train, evals = load_data(cfg, tokenizer, pairs=losses.build(cfg.loss).needs_pairs, eot_token=eot_token)
+    train, evals = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     for line in describe(train, "train") + describe(evals, "eval"):
         print(line)
-    p = plan(cfg, train)
+    p = plan(cfg, train, loss)
     flops = "unknown" if p["flops"] is None else f"{p['flops']:.3e} ({p['flops_per_token']}, N = {p['parameters']:,})"
     print(f"plan: {len(train):,} training rows, {p['steps_per_epoch']:,} optimizer steps per epoch of "
           f"{cfg.batch_size} examples, {p['optimizer_steps']:,} steps in all ({p['examples']:,} examples), "

@@ -52,12 +52,13 @@ class BasicTrainer:
         run_dir: pathlib.Path, created by the caller.
         device: torch.device where this rank computes.
         plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
+        loss: the run's losses.Loss, as validate_config built it (None: built here from cfg.loss).
     """
 
     recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
 
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                 plan=checkpoints.ResumePlan()):
+                 plan=checkpoints.ResumePlan(), loss=None):
         self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
@@ -73,7 +74,7 @@ class BasicTrainer:
         self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
         self.warmup_steps = schedule["warmup_steps"]
 
-        self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        self.loss = loss if loss is not None else losses.build(cfg.loss)  # the registered loss, the run's options
         # how the losses call the models (chunked output head, packing), handed to every loss call
         self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
         # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
@@ -93,7 +94,7 @@ class BasicTrainer:
         self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
         if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
             self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
-            self.reference = None  # freed (once train.build returns): training runs with the policy alone
+            self.reference = None  # freed (once pipeline.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -176,7 +177,6 @@ class BasicTrainer:
                                     lora=lora.enabled(self.cfg), head_chunk=self.head_chunk,
                                     recompute_blocks=self.recomputes_blocks)
                    for rows in micro if len(rows))
-
 
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.

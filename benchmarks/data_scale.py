@@ -78,7 +78,7 @@ def run_child(cmd, env, cwd, poll=0.5):
                 cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:80]
             except (OSError, ValueError):
                 continue
-            p = peaks.setdefault(pid, {"cmd": cmdline})
+            p = peaks.setdefault(pid, {"cmd": cmdline, "root": pid == proc.pid})
             for key in ("VmHWM", "RssAnon", "RssFile"):
                 if key in status:
                     p[key] = max(p.get(key, 0), int(status[key].split()[0]) * 1024)
@@ -158,9 +158,13 @@ def main():
         wall, cpu, rc, out, peaks = run_child([sys.executable, str(args.repo / "train.py"), "dry_run=true", *common],
                                               fresh_env(), args.repo)
         peak = max((v.get("VmHWM", 0) for v in peaks.values()), default=0)
+        main_peak = max((v.get("VmHWM", 0) for v in peaks.values() if v["root"]), default=0)
+        workers = sorted((v.get("VmHWM", 0) for v in peaks.values() if not v["root"]), reverse=True)
         results["dry_run"] = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak,
+                              "main_peak_rss_bytes": main_peak, "worker_peak_rss_bytes": workers,
                               "plan": out.strip().splitlines()[-1] if rc == 0 else out[-2000:]}
-        print(f"dry_run: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU, peak RSS {gib(peak)}")
+        print(f"dry_run: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU, peak RSS {gib(peak)} (main process "
+              f"{gib(main_peak)}; other processes: {', '.join(gib(w) for w in workers[:4]) or 'none'})")
         if rc:
             print(out[-2000:])
     if "first_step" in parts:

@@ -133,7 +133,7 @@ def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standin
     tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
     kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
     first = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
-    monkeypatch.setattr(pd, "load_normalised", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    monkeypatch.setattr(pd, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
     again = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
     assert again.fingerprint == first.fingerprint and len(again) == 100
     assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory
