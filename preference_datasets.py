@@ -181,11 +181,12 @@ class Source:
     splits: dict            # our split ('train'/'test') -> the hub's split name, or None if the hub has none
     sample_dir: str         # the bundled sample in the same schema (the name '<key>_sample' loads it)
     normalise: Callable
+    pairs: bool = True      # every row of every split has a rejected answer (False: chats, nothing to compare)
 
 
 SOURCES = {
     "ultrachat": Source("HuggingFaceH4/ultrachat_200k", {"train": "train_sft", "test": "test_sft"},
-                        "data/ultrachat_200k", from_messages),
+                        "data/ultrachat_200k", from_messages, pairs=False),
     "ultrafeedback": Source("HuggingFaceH4/ultrafeedback_binarized", {"train": "train_prefs", "test": "test_prefs"},
                             "data/ultrafeedback_binarized", from_chosen_rejected_chats),
     "hh": Source("Anthropic/hh-rlhf", {"train": "train", "test": "test"}, "data/hh-rlhf", from_hh),
@@ -442,6 +443,19 @@ def _normalised_arrow(name, split, dataset_paths, folder):
         writer.finalize()
     table = datasets.Dataset.from_file(str(path))
     return table.select(_held_out(len(table), held_out)) if held_out else table
+
+
+def has_rejected_answers(name, split, dataset_paths=None):
+    """Whether every `split` row of dataset `name` has a rejected answer. A registered dataset (also
+    its _sample, and a dataset_paths copy in its schema) is answered by the registry (Source.pairs)
+    without reading a row; a file or folder of your own by its rows, streamed (one bool kept per row;
+    a missing split or a bad row raises _split_rows' DataError, which names it)."""
+    _, source = _locate(name, dataset_paths)
+    if source is not None:
+        return source.pairs
+    rows, held_out = _split_rows(name, split, dataset_paths)
+    has = [row["rejected"] is not None for _, row in rows]
+    return all(has[i] for i in (_held_out(len(has), held_out) if held_out else range(len(has))))
 
 
 def source_identity(name, dataset_paths=None):

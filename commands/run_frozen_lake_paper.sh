@@ -3,12 +3,12 @@
 # Mistral trained from scratch through train.py's own code), SFT / IFT / DFT on each map's optimal
 # trajectory, DPO / ORPO on optimal (chosen) vs sub-optimal (rejected), scored by the MSE between the
 # policy's state-transition matrix and value iteration's. Equal tuning (experiments/protocol.py): each
-# method's 4 settings are tried on 5 validation maps, the chosen one runs on 20 test maps x 10 seeds
-# (SFT, IFT, DPO, ORPO; QUICK mode adds DFT).
+# method's 8 settings are tried on the 10 validation maps, the chosen one runs on 20 test maps x 10
+# seeds (SFT, IFT, DFT, DPO, ORPO).
 # Writes OUT/results.json (per method: chosen setting, budget, and per test metric {"mean", "ci95",
 # "per_seed"}, plus paired differences against SFT), OUT/report.md and OUT/protocol.png.
 #
-#   bash commands/run_frozen_lake_paper.sh           # the full protocol (880 runs of 20 steps)
+#   bash commands/run_frozen_lake_paper.sh           # the full protocol (1,400 runs of 20 steps)
 #   QUICK=1 bash commands/run_frozen_lake_paper.sh   # 1 map per split, 1 setting, 5 seeds (a test runs it)
 # Environment: OUT (runs/frozen_lake_paper or runs/frozen_lake_paper_quick), JOBS (2 worker processes),
 # PYTHON (python). Finished runs are reused (each run directory's scores.json): rerunning continues.

@@ -139,6 +139,9 @@ def test_quick_protocol_end_to_end(tmp_path):
         if method != "sft":
             diff = r["paired_vs_sft"]["mse"]["per_seed"]
             assert diff == pytest.approx(np.subtract(r["test"]["mse"]["per_seed"], results["sft"]["test"]["mse"]["per_seed"]))
+    untrained = json.loads((out / "untrained.json").read_text())  # the same seeds' initialisations, not trained
+    assert len(untrained["mse"]["per_seed"]) == 5
+    assert all(np.less(results["sft"]["test"]["mse"]["per_seed"], untrained["mse"]["per_seed"]))  # training helps
     # one test run scored again from its saved weights, by a loop over the states
     run = out / "runs" / "ift" / "lr=0.01" / "test_map0_seed3"
     model = transformers.AutoModelForCausalLM.from_pretrained(str(run / "final"), dtype=torch.float64)

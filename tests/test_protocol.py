@@ -86,35 +86,42 @@ def test_report_runs_a_named_protocol_and_refuses_an_unknown_one(monkeypatch):
         report.main(["--protocol", "lake"])
 
 
-def test_the_llm_lake_stops_each_setting_where_validation_nll_was_lowest_and_tests_it_there(tmp_path, monkeypatch):
-    """experiments/frozen_lake/tune.py with train.py and the evaluation replaced by stand-ins that write
-    what they would (the real ones are tested elsewhere): the protocol's bookkeeping alone."""
+def stand_in_lake(tmp_path, monkeypatch, curves, train_cpu=2.0, jobs=1):
+    """tune.Experiment (QUICK sizes shrunk) with train.py and the evaluation replaced by stand-ins that
+    write what they would (the real ones are tested elsewhere): train.py writes its eval rows from
+    `curves` (lr -> nll at 16, 32, 48, 64 examples) and costs train_cpu, the play costs 2 CPU s.
+    Returns (experiment, the train.py command lines launched, as dicts; a later key=value wins)."""
     import json
+    from pathlib import Path
 
     from experiments.frozen_lake import tune
 
-    curves = {2e-3: [0.9, 0.5, 0.4, 0.45], 4e-3: [0.8, 0.3, 0.35, 0.5]}  # nll at 16, 32, 48, 64 examples
     launched = []
 
     def fake_child(cmd, log):
-        from pathlib import Path
         if "experiments.frozen_lake.evaluate_env" in cmd:  # the play of the test maps: its task metrics
             (Path(cmd[-1]) / "task_metrics.json").write_text(json.dumps(
                 {"success_rate": 0.5, "move_mse": 0.1, "move_greedy_optimal": 0.7, "recovery_rate": 0.2}))
             return 2.0
-        args = dict(a.split("=", 1) for a in cmd if "=" in a)  # train.py: its eval rows
+        args = dict(a.split("=", 1) for a in cmd if "=" in a)
         launched.append(args)
         run = Path(args["run_dir"])
-        run.mkdir(parents=True, exist_ok=True)
+        (run / "final").mkdir(parents=True, exist_ok=True)
         with open(run / "metrics.jsonl", "w") as f:
             for i, nll in enumerate(curves[float(args["lr"])][:int(args["n_examples"]) // 16]):
                 f.write(json.dumps({"split": "eval", "examples": 16 * (i + 1), "nll": nll}) + "\n")
-        return 2.0
+        return train_cpu
 
     monkeypatch.setattr(tune, "run_child", fake_child)
     monkeypatch.setattr(tune, "QUICK", dict(n_train=20, n_val=4, n_test=4, max_examples=64, eval_every=16,
                                            batch=16, test_seeds=5))
-    exp = tune.Experiment(tmp_path / "out", quick=True, jobs=1)
+    return tune.Experiment(tmp_path / "out", quick=True, jobs=jobs), launched
+
+
+def test_the_llm_lake_stops_each_setting_where_validation_nll_was_lowest_and_tests_it_there(tmp_path, monkeypatch):
+    """experiments/frozen_lake/tune.py's bookkeeping alone (stand_in_lake)."""
+    curves = {2e-3: [0.9, 0.5, 0.4, 0.45], 4e-3: [0.8, 0.3, 0.35, 0.5]}  # nll at 16, 32, 48, 64 examples
+    exp, launched = stand_in_lake(tmp_path, monkeypatch, curves)
     budget = protocol.Budget({"sft": [{"lr": 2e-3}, {"lr": 4e-3}]}, val_seeds=(0,), test_seeds=tuple(range(5)),
                              select="nll")
     results = protocol.run_protocol(budget, exp.evaluate_many, log=lambda *_: None)
@@ -124,3 +131,28 @@ def test_the_llm_lake_stops_each_setting_where_validation_nll_was_lowest_and_tes
     assert {a["seed"] for a in tests} == {"0", "1", "2", "3", "4"}
     assert results["sft"]["test"]["nll"]["per_seed"] == [0.3] * 5
     assert results["sft"]["budget"]["cpu_s"] == pytest.approx(2.0 * 2 + 5 * 4.0)
+
+
+def test_the_llm_lakes_dpo_starts_from_sfts_chosen_setting_at_its_stopping_point(tmp_path, monkeypatch):
+    """DPO's SFT stage is SFT's chosen setting trained to SFT's stopping point, one stage per seed
+    (tuning from seed 0's); DPO's own runs start from it, and the stages' CPU is DPO's."""
+    curves = {2e-3: [0.9, 0.5, 0.4, 0.45], 4e-3: [0.8, 0.3, 0.35, 0.5], 5e-4: [0.7, 0.6, 0.65, 0.7],
+              1e-3: [0.75, 0.8, 0.85, 0.9]}  # nll at 16, 32, 48, 64 examples, by lr
+    exp, launched = stand_in_lake(tmp_path, monkeypatch, curves, train_cpu=3.0, jobs=2)
+    budget = protocol.Budget({"sft": [{"lr": 2e-3}, {"lr": 4e-3}], "dpo": [{"lr": 5e-4}, {"lr": 1e-3}]},
+                             val_seeds=(0,), test_seeds=tuple(range(5)), select="nll")
+    results = protocol.run_protocol(budget, exp.evaluate_many, log=lambda *_: None)
+    assert results["sft"]["chosen"] == {"lr": 4e-3} and results["dpo"]["chosen"] == {"lr": 5e-4}
+    stages = [a for a in launched if "/stage/" in a["run_dir"]]
+    assert sorted(a["seed"] for a in stages) == ["0", "1", "2", "3", "4"]  # seed 0 serves tuning and test
+    assert {(a["loss"], a["lr"], a["n_examples"]) for a in stages} == {("sft", "0.004", "32")}  # SFT's stop
+    assert all("validation" in a["datasets"] for a in stages)  # never evaluated on the test maps
+    dpo = [a for a in launched if a["loss"] == "dpo"]
+    assert len(dpo) == 2 + 5 and all(a["model.from_scratch"] == "false" for a in dpo)
+    for a in dpo:
+        seed = a["seed"] if "validation" not in a["datasets"] else "0"
+        assert a["model.name_or_path"] == str(exp.run_dir("sft", {"lr": 4e-3}, "stage", int(seed)) / "final")
+    assert {a["n_examples"] for a in dpo if "validation" not in a["datasets"]} == {"32"}  # DPO's own stop
+    # DPO's budget: 2 tuning runs, 5 test runs (3 CPU s each + 2 for the play) and the 5 stages
+    assert results["dpo"]["budget"]["cpu_s"] == pytest.approx(2 * 3.0 + 5 * (3.0 + 2.0) + 5 * 3.0)
+    assert results["dpo"]["budget"]["test_runs"] == 10

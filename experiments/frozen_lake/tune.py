@@ -15,6 +15,11 @@ on validation NLL, then seeds on the held-out test maps.
 - Test: the chosen setting trains to its stopping point with each test seed (`python train.py`, one
   process per run), then plays the test maps (evaluate_env.py with the two extra measures: next-move
   quality at every cell, and recovery after a forced detour).
+- DPO is the paper's sequential recipe: DPO from an SFT model, which is also its reference. Its SFT
+  stage is SFT's own chosen setting trained to SFT's stopping point (one stage per seed, trained on
+  the training maps and evaluated on the validation maps only; test seed k's DPO starts from stage
+  seed k, the tuning runs from stage seed 0). DPO's grid and stopping point then count from there:
+  it sees SFT's examples plus its own, as in the paper, and the stages' CPU is in DPO's budget.
 Writes OUT/results.json, OUT/report.md, OUT/protocol.png and OUT/nll_curves.png.
 """
 
@@ -32,7 +37,7 @@ from experiments import protocol
 
 REPO = Path(__file__).resolve().parents[2]
 
-FULL = dict(n_train=4000, n_val=50, n_test=100, max_examples=2048, eval_every=256, batch=32, test_seeds=5)
+FULL = dict(n_train=4000, n_val=50, n_test=100, max_examples=4096, eval_every=256, batch=32, test_seeds=5)
 QUICK = dict(n_train=256, n_val=8, n_test=8, max_examples=64, eval_every=32, batch=16, test_seeds=5)
 
 METRIC_NOTES = {
@@ -49,15 +54,17 @@ METRIC_NOTES = {
 
 def grids(quick=False):
     """The declared budget: 2 settings per method (1 in quick mode). Learning rate for all; IFT's
-    second setting moves lambda and gamma as well, ORPO's beta."""
+    second setting moves lambda and gamma as well, ORPO's and DPO's beta. DPO starts from an SFT
+    model (see the module text), hence its lower learning rates."""
     if quick:
-        return {m: [{"lr": 2e-3}] for m in ("sft", "ift", "orpo", "dft")}
+        return {m: [{"lr": 2e-3}] for m in ("sft", "ift", "orpo", "dft")} | {"dpo": [{"lr": 1e-3}]}
     return {
         "sft": [{"lr": 2e-3}, {"lr": 4e-3}],
         "ift": [{"lr": 2e-3, "max_lambda": 0.2, "min_lambda": 0.2, "gamma": 0.95},
                 {"lr": 4e-3, "max_lambda": 0.5, "min_lambda": 0.5, "gamma": 0.5}],
         "orpo": [{"lr": 2e-3, "beta": 0.1}, {"lr": 4e-3, "beta": 0.5}],
         "dft": [{"lr": 2e-3}, {"lr": 4e-3}],
+        "dpo": [{"lr": 5e-4, "beta": 0.1}, {"lr": 1e-3, "beta": 0.5}],
     }
 
 
@@ -88,6 +95,7 @@ class Experiment:
         self.data = self.out / "data"
         build_data.build(self.data, self.size["n_train"], self.size["n_test"], seed=0, n_val=self.size["n_val"])
         self.stop = {}  # (method, setting) -> examples where its validation NLL was lowest
+        self.sft_chosen = None  # SFT's chosen setting: DPO's SFT stage
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
 
     def args(self, method, setting, seed, data, examples, run_dir):
@@ -102,6 +110,22 @@ class Experiment:
         label = re.sub(r"[^A-Za-z0-9._-]", "", "_".join(f"{k}{v}" for k, v in setting.items()))  # no "=": Hydra grammar
         return self.out / "runs" / split / method / label / f"seed{seed}"
 
+    def sft_stage(self, seed):
+        """DPO's SFT stage for `seed`: SFT's chosen setting trained to SFT's stopping point on the
+        training maps (evaluated on the validation maps only). Returns (final model dir, its CPU s)."""
+        run = self.run_dir("sft", self.sft_chosen, "stage", seed)
+        done = run / "stage.json"
+        if not done.is_file():
+            if run.exists():
+                import shutil
+                shutil.rmtree(run)
+            run.parent.mkdir(parents=True, exist_ok=True)
+            stop = self.stop[("sft", json.dumps(self.sft_chosen, sort_keys=True))]
+            cpu = run_child(self.args("sft", self.sft_chosen, seed, self.data / "validation", stop, run),
+                            self.out / "logs" / f"stage_sft_seed{seed}.log")
+            done.write_text(json.dumps({"_cpu_s": cpu, "examples": stop}))
+        return run / "final", json.loads(done.read_text())["_cpu_s"]
+
     def one(self, job):
         method, setting, split, seed = job
         run = self.run_dir(method, setting, split, seed)
@@ -114,31 +138,56 @@ class Experiment:
         run.parent.mkdir(parents=True, exist_ok=True)
         log = self.out / "logs" / f"{split}_{method}_{run.parent.name}_seed{seed}.log"
         key = (method, json.dumps(setting, sort_keys=True))
+        extra, stage_cpu, runs = [], 0.0, 1
+        if method == "dpo":  # from its SFT stage (also its reference); its CPU is charged to the test seed using it
+            stage, cpu = self.sft_stage(seed if split == "test" else 0)
+            extra = ["model.from_scratch=false", f"model.name_or_path={stage}"]
+            stage_cpu, runs = (cpu, 2) if split == "test" else (0.0, 1)
         if split == "validation":
-            cpu = run_child(self.args(method, setting, seed, self.data / "validation", self.size["max_examples"], run), log)
+            cpu = run_child(self.args(method, setting, seed, self.data / "validation", self.size["max_examples"], run)
+                            + extra, log)
             curve = eval_curve(run)
             examples, nll = min(curve, key=lambda x: x[1])
             scores = {"nll": nll, "stop_examples": max(examples, self.size["batch"]), "curve": curve, "_cpu_s": cpu}
         else:
             stop = self.stop[key]
-            cpu = run_child(self.args(method, setting, seed, self.data, stop, run), log)
+            cpu = run_child(self.args(method, setting, seed, self.data, stop, run) + extra, log)
             cpu += run_child([self.python, "-m", "experiments.frozen_lake.evaluate_env", "--data", str(self.data),
                               "--measures", str(run)], log)
             task = json.loads((run / "task_metrics.json").read_text())
             scores = {k: task[k] for k in ("success_rate", "move_mse", "move_greedy_optimal", "recovery_rate")}
-            scores.update(nll=eval_curve(run)[-1][1], curve=eval_curve(run), _cpu_s=cpu)
+            scores.update(nll=eval_curve(run)[-1][1], curve=eval_curve(run), _cpu_s=cpu + stage_cpu, _runs=runs)
         tmp = done.with_name(".protocol_scores.json.tmp")
         tmp.write_text(json.dumps(scores))
         tmp.replace(done)
         return scores
 
     def evaluate_many(self, jobs):
+        """Every job in a pool of `jobs` threads (each runs its child processes); DPO's jobs after the
+        others, since their SFT stage needs SFT's chosen setting and stopping point."""
+        first = [i for i, j in enumerate(jobs) if j[0] != "dpo"]
+        later = [i for i, j in enumerate(jobs) if j[0] == "dpo"]
+        scores = [None] * len(jobs)
         with ThreadPoolExecutor(self.jobs) as pool:
-            scores = list(pool.map(self.one, jobs))
-        for (method, setting, split, _), s in zip(jobs, scores):
-            if split == "validation":  # one validation seed: its best point is the setting's stopping point
-                self.stop[(method, json.dumps(setting, sort_keys=True))] = s["stop_examples"]
+            for wave in (first, later):
+                if wave is later and later:
+                    if self.sft_chosen is None:
+                        self.choose_sft(jobs, scores)
+                    seeds = {jobs[i][3] if jobs[i][2] == "test" else 0 for i in later}
+                    list(pool.map(self.sft_stage, sorted(seeds)))
+                for i, s in zip(wave, pool.map(self.one, [jobs[i] for i in wave])):
+                    scores[i] = s
+                    method, setting, split, _ = jobs[i]
+                    if split == "validation":  # one validation seed: its best point is the setting's stopping point
+                        self.stop[(method, json.dumps(setting, sort_keys=True))] = s["stop_examples"]
         return [{k: v for k, v in s.items() if k not in ("curve", "stop_examples")} for s in scores]
+
+    def choose_sft(self, jobs, scores):
+        """SFT's chosen setting by the protocol's rule (the lowest validation nll), for DPO's stage."""
+        sft = [(s["nll"], j[1]) for j, s in zip(jobs, scores) if j[0] == "sft" and j[2] == "validation"]
+        if not sft:
+            raise ValueError("DPO's SFT stage is SFT's chosen setting: tune sft together with dpo (METHODS)")
+        self.sft_chosen = min(sft, key=lambda x: x[0])[1]
 
 
 def plot_curves(exp, results, path):
@@ -177,7 +226,12 @@ def main(argv=None):
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--methods", default=None, help="a comma-separated subset of the grids' methods (default: all)")
     a = p.parse_args(argv)
-    methods = grids(a.quick) if a.methods is None else {m: grids(a.quick)[m] for m in a.methods.split(",")}
+    names = list(grids(a.quick)) if a.methods is None else a.methods.split(",")
+    if unknown := [m for m in names if m not in grids(a.quick)]:
+        p.error(f"unknown method(s) {unknown} in --methods; known: {','.join(grids(a.quick))}")
+    if "dpo" in names and "sft" not in names:
+        p.error("--methods: dpo needs sft as well (DPO's SFT stage is SFT's chosen setting)")
+    methods = {m: grids(a.quick)[m] for m in names}
     t0 = time.time()
     exp = Experiment(a.out, a.quick, a.jobs, a.python)
     s = exp.size
@@ -191,7 +245,9 @@ def main(argv=None):
     notes = (f"The LLM Frozen Lake (the tiny model from scratch reads a map and writes its moves): {s['n_train']} "
              f"training maps, {s['n_val']} validation maps (tuning), {s['n_test']} test maps; batch {s['batch']}, "
              f"constant lr after 10 warm-up steps, at most {s['max_examples']} training examples, validation NLL every "
-             f"{s['eval_every']}. Stopping points (examples, lowest validation NLL of the chosen setting): {stops}. "
+             f"{s['eval_every']}. Stopping points (examples, lowest validation NLL of the chosen setting): {stops}"
+             + (" (DPO's counted from its SFT stage: SFT's chosen setting trained to SFT's stopping point). "
+                if "dpo" in results else ". ") +
              f"Wall time {wall:.0f} s on a shared 2-core machine.")
     protocol.write_report(results, a.out, "LLM Frozen Lake under the equal-tuning protocol", notes=notes,
                           metric_notes=METRIC_NOTES)

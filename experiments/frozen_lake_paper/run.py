@@ -31,25 +31,27 @@ METRIC_NOTES = {
     "solved": "fraction of maps where the greedy policy, followed from S, reaches G",
 }
 
-STEPS = 20          # optimizer steps of one run (batch 1: the map's one row)
+STEPS = 20          # optimizer steps of one run (batch 1: the map's one row); the paper gives no number
 QUICK_STEPS = 10
-N_VALIDATION_MAPS = 5  # of lake.VALIDATION_MAPS: enough to rank 4 settings, and what the shared CPU allowed
 
 
 def grids(quick=False):
-    """The declared tuning budget: 4 settings per method (1 in quick mode), the paper's four methods
-    plus DFT in quick mode only (the full protocol leaves DFT to the LLM Frozen Lake, for time). Every
-    grid starts at the same lowest learning rate, 5e-3; SFT's one knob spends its 4 tries on 4 learning
-    rates, the others 2 learning rates x 2 values of their own knobs."""
+    """The declared tuning budget: 8 settings per method (1 in quick mode), all five methods. The grids
+    span the learning rates 1e-3 to 3e-2 (DPO's 3e-4 to 1e-2, where its best lies); SFT and DFT, whose
+    one knob is the learning rate, spend their 8 tries on 8 learning rates, the others on 4 learning
+    rates x 2 values of their own knobs (IFT's (lambda, gamma), DPO's and ORPO's beta)."""
     if quick:
         return {m: [{"lr": 1e-2}] for m in ("sft", "ift", "dpo", "orpo", "dft")}
-    lrs = [5e-3, 1e-2]
+    lrs = [1e-3, 3e-3, 1e-2, 3e-2]
+    dense = [1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2, 3e-2]
+    dpo_lrs = [3e-4, 1e-3, 3e-3, 1e-2]  # shifted down: DPO's best was 1e-3 on [1e-3, 3e-2], the grid's edge
     return {
-        "sft": [{"lr": lr} for lr in (5e-3, 1e-2, 2e-2, 3e-2)],
+        "sft": [{"lr": lr} for lr in dense],
         "ift": [{"lr": lr, "max_lambda": lam, "min_lambda": lam, "gamma": g} for lr in lrs
                 for lam, g in ((0.2, 0.95), (0.5, 0.5))],
-        "dpo": [{"lr": lr, "beta": b} for lr in lrs for b in (0.1, 0.5)],
+        "dpo": [{"lr": lr, "beta": b} for lr in dpo_lrs for b in (0.1, 0.5)],
         "orpo": [{"lr": lr, "beta": b} for lr in lrs for b in (0.1, 0.5)],
+        "dft": [{"lr": lr} for lr in dense],
     }
 
 
@@ -135,7 +137,7 @@ class Experiment:
 
         self.out, self.jobs = Path(out), jobs
         self.steps = QUICK_STEPS if quick else STEPS
-        self.maps = {"validation": lake.VALIDATION_MAPS[:1 if quick else N_VALIDATION_MAPS],
+        self.maps = {"validation": lake.VALIDATION_MAPS[:1] if quick else lake.VALIDATION_MAPS,
                      "test": lake.TEST_MAPS[:1] if quick else lake.TEST_MAPS}
         self.model_dir = build.build_model_dir(self.out / "model")
         self.data = {split: [build.write_map_data(self.out / "data" / f"{split}_map{i}", d) for i, d in enumerate(maps)]
@@ -188,6 +190,10 @@ def main(argv=None):
                              select="mse", lower_is_better=True, baseline="sft",
                              metrics=("mse", "greedy_optimal", "solved"))
     results = protocol.run_protocol(budget, exp.evaluate_many, min_test_seeds=5)
+    # For scale, the untrained policy (each test seed's random initialisation): the same pipeline with a
+    # learning rate so small that 20 AdamW steps move no weight by more than about 1e-10.
+    untrained = exp.evaluate_many([("sft", {"lr": 1e-12}, "test", seed) for seed in budget.test_seeds])
+    untrained = {k: protocol.mean_ci95([u[k] for u in untrained]) for k in budget.metrics}
     wall = time.time() - t0
     order = sorted(results, key=lambda m: results[m]["test"]["mse"]["mean"])
     ift_sft = results.get("ift", {}).get("paired_vs_sft", {}).get("mse")
@@ -196,16 +202,20 @@ def main(argv=None):
              f"(a zero-layer Mistral: embedding, norm, head) trained from scratch for {exp.steps} steps on the map's optimal "
              f"trajectory (SFT, IFT, DFT) or optimal vs sub-optimal (DPO, ORPO). Wall time of this invocation: {wall:.0f} s "
              f"(runs finished by an earlier invocation are reused; the CPU seconds below count every run once).\n\n"
-             f"Order by test mse (best first): {' > '.join(order)}. The paper reports DPO > IFT > ORPO > SFT.")
+             f"Order by test mse (best first): {' > '.join(order)}. The paper reports DPO > IFT > ORPO > SFT."
+             f" The untrained policy (the test seeds' initialisations, not tuned): "
+             + ", ".join(f"{k} {v['mean']:.4g} [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}]" for k, v in untrained.items())
+             + ".")
     if ift_sft:
         notes += (f" IFT − SFT mse: {ift_sft['mean']:.4g} [{ift_sft['ci95'][0]:.4g}, {ift_sft['ci95'][1]:.4g}] "
                   "(negative = IFT closer to the optimal policy).")
     for r in results.values():
         r["wall_s_experiment"] = wall
+    (Path(a.out) / "untrained.json").write_text(json.dumps(untrained, indent=1) + "\n")
     protocol.write_report(results, a.out, "Frozen Lake as in the paper: transition-matrix MSE to the optimal policy",
                           notes=notes, metric_notes=METRIC_NOTES)
     print(notes)
-    print(f"wrote {Path(a.out) / 'results.json'} and {Path(a.out) / 'report.md'} ({wall:.0f} s)")
+    print(f"wrote {Path(a.out) / 'results.json'}, report.md and untrained.json ({wall:.0f} s)")
 
 
 if __name__ == "__main__":
