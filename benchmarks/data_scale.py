@@ -78,8 +78,9 @@ def run_child(cmd, env, cwd, poll=0.5):
                 cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:80]
             except (OSError, ValueError):
                 continue
-            p = peaks.setdefault(pid, {"root": pid == proc.pid, "pid": pid, "ppid": int(status["PPid"])})
-            p["cmd"] = cmdline  # the latest: a process seen between fork and exec still shows its parent's
+            p = peaks.setdefault(pid, {"cmd": "", "root": pid == proc.pid, "pid": pid, "ppid": int(status["PPid"])})
+            if cmdline:  # the latest (seen between fork and exec, a process still shows its parent's), but
+                p["cmd"] = cmdline  # not a zombie's, which is empty
             for key in ("VmHWM", "RssAnon", "RssFile"):
                 if key in status:
                     p[key] = max(p.get(key, 0), int(status[key].split()[0]) * 1024)
@@ -93,13 +94,13 @@ def run_child(cmd, env, cwd, poll=0.5):
 def _role(p, peaks):
     """'main' (the command), 'rank' (a process the launcher spawned) or 'worker of <role>' (a forked
     tokenising worker), from the process tree run_child recorded."""
+    parent = next((v for v in peaks.values() if v["pid"] == p["ppid"]), None)
     if p["root"]:
         return "main"
-    if "multiprocessing" in p["cmd"] and "spawn" in p["cmd"]:
-        return "rank"
     if "resource_tracker" in p["cmd"]:
         return "resource tracker"
-    parent = next((v for v in peaks.values() if v.get("pid") == p["ppid"]), None)
+    if "multiprocessing" in p["cmd"] and "spawn" in p["cmd"] and parent is not None and parent["root"]:
+        return "rank"
     return f"worker of {_role(parent, peaks)}" if parent else "worker"
 
 
@@ -196,7 +197,7 @@ def main():
             results[f"first_step_{label}"] = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "processes": procs}
             print(f"first step, {label}: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU; per process: " + "; ".join(
                 f"{v['role']}: RSS peak {gib(v.get('VmHWM', 0))} (private {gib(v.get('RssAnon', 0))}, file-backed "
-                f"{gib(v.get('RssFile', 0))})" for v in procs[:6]))
+                f"{gib(v.get('RssFile', 0))})" for v in procs))
             if rc:
                 print(out[-3000:])
     print(json.dumps(results))
