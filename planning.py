@@ -83,7 +83,8 @@ def plan(cfg, data, loss, world=None):
             total += flops.step_flops(model[0], sizes, micro_batches(batch, lengths, n_micro),
                                       loss.no_grad_passes(lam) + reference, lora=lora.enabled(cfg),
                                       head_chunk=model[1], recompute_blocks=recompute)
-    counted = ["3F per trained sequence (F: one forward's matrix products; 2F its backward)"]
+    counted = ["3F per trained sequence (F: one forward's matrix products; 2F its backward" +
+               (", less the frozen weights' gradients under LoRA)" if lora.enabled(cfg) else ")")]
     if no_grad_steps:
         counted.append(f"F for the loss's no-grad forward (IFT, lambda > 0) at {no_grad_steps:,} of the steps")
     if reference:
