@@ -783,16 +783,14 @@ def _cached(key):
     return _open(folder, info["files"]), info
 
 
-def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length, min_answer_tokens,
-              num_proc, row_ids, available):
-    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> a datasets.Dataset of token ids
-    memory-mapped from the cache directory <HF_DATASETS_CACHE>/ift_tokenized/<key>/ (made empty by
-    _fresh_folder), which a manifest.json (written last) marks complete, with the truncation counts.
-    Rows are tokenised in num_proc worker processes, a batch of rows at a time. row_ids: each row's
-    index in its dataset (for messages); available: the rows the dataset has. Returns (dataset, manifest)."""
+def _tokenise(source, folder, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length,
+              min_answer_tokens, num_proc, row_ids, available):
+    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> Arrow files of token ids in
+    `folder` (a cache entry being built: _build), and last its manifest.json with the files and the
+    truncation counts. Rows are tokenised in num_proc worker processes, a batch of rows at a time.
+    row_ids: each row's index in its dataset (for messages); available: the rows the dataset has."""
     import datasets
 
-    folder = _cache_folder(key)
     eot_id = tokenizer.convert_tokens_to_ids(eot_token)
 
     def encode(batch, indices):
@@ -841,20 +839,54 @@ def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_p
               "answers_truncated": int(pc.sum(pc.not_equal(pc.bit_wise_and(flags, ANSWER_CUT), 0)).as_py() or 0),
               "rows_dropped": 0}  # truncate never drops a row (it always keeps the end-of-turn target)
     info = {"files": [Path(f["filename"]).name for f in ds.cache_files], "counts": counts, "available": available}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(folder / "manifest.json")
-    return ds, info
+    (folder / "manifest.json").write_text(json.dumps(info))
 
 
-def _fresh_folder(key):
-    """The cache folder of `key`, empty (an earlier attempt that did not finish may have left files)."""
+def _build(key, write):
+    """Build the cache entry of `key` with write(folder) in a folder of this process's own, then
+    publish it under its key with one atomic rename, and return it as _cached does. Two processes that
+    build the same entry at once (two jobs of a sweep on one node, each one's rank 0) never touch each
+    other's files: the first to finish publishes, the others drop their copy and map the published
+    one (the same rows). A reader sees a complete entry or none. On any error (a bad row, a full disk,
+    an interrupt) the private folder is removed; one left by a killed process is removed by the next
+    build of the key on that host."""
     import shutil
-    folder = _cache_folder(key)
-    if folder.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder
+    import socket
+    target = _cache_folder(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in target.parent.glob(f"{target.name}.building-{host}-*"):
+        if not _alive(int(stale.name.rsplit("-", 2)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = target.with_name(f"{target.name}.building-{host}-{os.getpid()}-{os.urandom(4).hex()}")
+    folder.mkdir()
+    try:
+        write(folder)
+        for _ in range(2):
+            try:
+                folder.rename(target)  # atomic; refused while target is a folder with files in it
+                break
+            except OSError:
+                if (target / "manifest.json").is_file():
+                    break  # another process published the same entry first: map theirs
+                shutil.rmtree(target, ignore_errors=True)  # a folder no build published (older code)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already when it was published
+    cached = _cached(key)
+    if cached is None:
+        raise RuntimeError(f"the tokenised data could not be published in the cache at {target}")
+    return cached
+
+
+def _alive(pid):
+    """Whether process `pid` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _open(folder, files):
@@ -887,22 +919,20 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
     cached = _cached(key)
     if cached is None:
         import datasets
-        _fresh_folder(key)
         source = datasets.Dataset.from_list([_plain(row) for row in rows], features=_normalised_features())
-        cached = _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length,
-                           min_answer_tokens, num_proc, np.arange(len(rows)), len(rows))
+        cached = _build(key, lambda folder: _tokenise(source, folder, key, label, tokenizer, eot_token, pairs,
+                                                      max_length, max_prompt_length, min_answer_tokens, num_proc,
+                                                      np.arange(len(rows)), len(rows)))
     table, info = cached
     return TokenizedData(table, pairs, [{"name": label, "rows": len(table), "available": len(rows), **info["counts"]}],
                          None)
 
 
-def _read_and_tokenise(name, split, dataset_paths, key, sample, seed, settings):
-    """(dataset, manifest) of one dataset's split, tokenised into the cache folder of `key`: its rows
-    are streamed into an Arrow file (_normalised_arrow, in the folder's source/, removed at the end),
-    sampled (sample_rows) and tokenised from that memory map (_tokenise). On any error the folder is
-    removed."""
+def _read_and_tokenise(name, split, dataset_paths, folder, key, sample, seed, settings):
+    """One dataset's split, tokenised into `folder` (a cache entry being built: _build): its rows are
+    streamed into an Arrow file (_normalised_arrow, in the folder's source/, removed at the end),
+    sampled (sample_rows) and tokenised from that memory map (_tokenise)."""
     import shutil
-    folder = _fresh_folder(key)
     try:
         source = _normalised_arrow(name, split, dataset_paths, folder / "source")
         if len(source) == 0:
@@ -919,11 +949,7 @@ def _read_and_tokenise(name, split, dataset_paths, key, sample, seed, settings):
         available = len(source)
         if len(chosen) < available:
             source = source.select(chosen, keep_in_memory=True)  # an index over the memory map, not a copy
-        return _tokenise(source, key, f"dataset '{name}' ({split})", row_ids=chosen, available=available,
-                         **settings)
-    except BaseException:  # a bad row, a full disk, an interrupt: leave nothing that looks like a cache
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+        _tokenise(source, folder, key, f"dataset '{name}' ({split})", row_ids=chosen, available=available, **settings)
     finally:
         shutil.rmtree(folder / "source", ignore_errors=True)
 
@@ -946,10 +972,11 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
                                          min_answer_tokens, pairs]).encode()).hexdigest()[:32]
         cached = _cached(key)
         if cached is None:
-            cached = _read_and_tokenise(name, split, dataset_paths, key, sample, seed,
-                                        dict(tokenizer=tokenizer, eot_token=eot_token, pairs=pairs,
-                                             max_length=max_length, max_prompt_length=max_prompt_length,
-                                             min_answer_tokens=min_answer_tokens, num_proc=num_proc))
+            settings = dict(tokenizer=tokenizer, eot_token=eot_token, pairs=pairs, max_length=max_length,
+                            max_prompt_length=max_prompt_length, min_answer_tokens=min_answer_tokens,
+                            num_proc=num_proc)
+            cached = _build(key, lambda folder: _read_and_tokenise(name, split, dataset_paths, folder, key, sample,
+                                                                   seed, settings))
         table, info = cached
         counts, available = info["counts"], info["available"]
         tables.append(table)

@@ -433,3 +433,51 @@ def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"data error: {path}: line 2: not valid UTF-8 (byte 0xe9); "
                                                 "re-encode the file as UTF-8"]
     assert not (tmp_path / "run").exists()
+
+
+def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(tok, tmp_path, monkeypatch):
+    # Two jobs on one node tokenise the same data at once. Here the second starts and finishes while the
+    # first is half way through its rows (the second is run from inside the first's encode_row): the
+    # first must still finish, and both must map the same complete entry. Before entries were built in
+    # private folders, the second emptied the folder the first was writing into.
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(200)]
+    path = _write(tmp_path, rows, "rows.jsonl")
+    encode_row, calls, inner = pd.encode_row, [], []
+
+    def first_job_halfway(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 100:
+            monkeypatch.setattr(pd, "encode_row", encode_row)  # the second job tokenises normally
+            inner.append(pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
+        return encode_row(*args, **kwargs)
+
+    monkeypatch.setattr(pd, "encode_row", first_job_halfway)
+    outer = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
+    assert len(calls) == 100 and len(inner) == 1  # the second job ran while the first was tokenising
+    expected = [encode_row(tok, [m[0]], [m[1]["content"]], pd.end_of_turn_token(tok, None))
+                for m in (r["messages"] for r in rows[:len(outer)])]
+    for data in (outer, inner[0]):
+        assert len(data) == 190  # the last 5% are held out
+        assert list(data.prompt_ids) == [p for p, _ in expected] and list(data.chosen_ids) == [a[0] for _, a in expected]
+    entries = list((tmp_path / "cache" / "ift_tokenized").iterdir())
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()  # one entry, no private folder left
+
+
+def test_a_cache_folder_that_no_build_published_is_replaced(tok, tmp_path, monkeypatch):
+    # e.g. left by a killed process of an older version, or a private folder of a process that no longer runs
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = _write(tmp_path, [GOOD] * 40, "rows.jsonl")
+    first = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    (entry,) = (tmp_path / "cache" / "ift_tokenized").iterdir()
+    (entry / "manifest.json").unlink()  # unfinished: nothing reads it
+    import socket
+    abandoned = entry.with_name(f"{entry.name}.building-{socket.gethostname()}-{2 ** 22 + 7}-0000")
+    abandoned.mkdir()
+    (abandoned / "tokens.arrow").write_bytes(b"partial")
+    again = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    assert list(again.prompt_ids) == list(first.prompt_ids) and (entry / "manifest.json").is_file()
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
