@@ -44,7 +44,7 @@ import torch
 
 from launch import EXIT_PREEMPTED, SIGNALS, stop_signal
 from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, holds_run, is_main, rank, \
-    resolve_path, world_size
+    resolve_path, run_dir_taken, world_size
 
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
@@ -116,7 +116,7 @@ def read_trainer_state(directory):
 @dataclass(frozen=True)
 class ResumePlan:
     """How a run starts, decided once from the config and the disk (plan_resume), before anything loads;
-    train.build, the trainer and the Checkpointer read it, and every rank gets rank 0's.
+    pipeline.build, the trainer and the Checkpointer read it, and every rank gets rank 0's.
 
     checkpoint: Path of the checkpoint folder to continue, or None (the run starts at step 0).
     in_place: the run continues in its own run_dir (resume_from=latest, or a checkpoint of run_dir):
@@ -151,8 +151,7 @@ def plan_resume(cfg):
             raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run (final/ exists): nothing to resume")
         return ResumePlan(in_place=True, finished=True)  # e.g. a job requeued after its run completed
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not in_place:
-        raise ConfigError(f"run_dir={cfg.run_dir} already holds a run; choose another run_dir, or continue it "
-                          "with resume_from=latest")
+        raise ConfigError(run_dir_taken(cfg.run_dir))
     checkpoint = resume_checkpoint(cfg)
     if checkpoint is None:
         return ResumePlan(in_place=in_place)

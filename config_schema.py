@@ -351,13 +351,14 @@ def _check_loss_key(key, option_name, names):
 
 def check_keys(cfg):
     """Every key of a composed config against its declaration: unknown or missing keys, impossible
-    values (type, allowed values, range). Raises ConfigError naming the key and what is allowed."""
+    values (type, allowed values, range). Raises ConfigError naming the key and what is allowed.
+    Returns the run's losses.Loss (its keys are checked by building it)."""
     top = {k: v for k, v in cfg.items() if k not in GROUPS}
     check(top, Run, ignore=GROUPS)
     check(cfg.model, Model, "model.")
     if cfg.get("lora") is not None:  # chosen with lora=default
         check(cfg.lora, Lora, "lora.")
-    losses.build(cfg.loss)
+    return losses.build(cfg.loss)
 
 
 def check_run(cfg, world):

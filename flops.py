@@ -26,6 +26,7 @@ These are the FLOPs the step executes (recomputation included), so with recomput
 strictly a hardware-FLOPs utilisation; without it the two agree.
 """
 
+import collections
 import dataclasses
 from typing import Optional, Tuple
 
@@ -131,7 +132,7 @@ def forward_flops(shape, tokens, targets):
     (its real tokens, its target positions). Returns (weights, attention, head): the blocks' weight
     matrices 2·N·Σn, attention's two products 4·L·d_attn·Σ pairs(n), the output head 2·N_head·Σm."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    pairs = sum(int(attention_pairs(tokens, w).sum()) for w in shape.windows)
+    pairs = sum(layers * int(attention_pairs(tokens, w).sum()) for w, layers in collections.Counter(shape.windows).items())
     return (float(2 * shape.body * int(tokens.sum())), float(4 * shape.attn_width * pairs),
             float(2 * shape.head * int(np.asarray(targets, dtype=np.int64).sum())))
 
@@ -152,3 +153,23 @@ def call_flops(shape, tokens, targets, no_grad_passes=0, lora=False, head_chunk=
     if recompute_blocks:
         total += weights + attention
     return total
+
+
+def step_flops(shape, sizes, micro, no_grad_passes=0, lora=False, head_chunk=None, recompute_blocks=False):
+    """FLOPs of one optimizer step over all ranks: call_flops of each micro-batch's trained call (the
+    trainer's metric `tflops` and planning's plan both count this). sizes: sequence_sizes of the
+    training data. micro: the global batch's micro-batches (arrays of row indices). Returns a float."""
+    tokens, targets = sizes
+    return sum(call_flops(shape, tokens[rows].ravel(), targets[rows].ravel(), no_grad_passes, lora=lora,
+                          head_chunk=head_chunk, recompute_blocks=recompute_blocks)
+               for rows in micro if len(rows))
+
+
+def sequence_sizes(data):
+    """(tokens, targets), each (N, k) int64: the real tokens and target tokens of each of row i's k
+    sequences (k = 2 with rejected answers: chosen, rejected), what one forward of the row computes.
+    data: preference_datasets.TokenizedData."""
+    answers = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
+    prompt = data.column_lengths("prompt_ids")  # read from the Arrow offsets, no row materialised
+    targets = np.stack([data.column_lengths(column) for column in answers], axis=1)
+    return prompt[:, None] + targets, targets

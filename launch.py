@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from utils import ConfigError, NonFiniteError, launched_by_torchrun, rank
+from utils import ConfigError, NonFiniteError, is_main, launched_by_torchrun, rank, release_run_dir
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, the user is invited to retry"
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # allowed in preempt_signals
@@ -36,22 +36,23 @@ def planned_world_size(cfg):
     return torch.cuda.device_count() if use_cuda(cfg) else 2
 
 
-def launch(run, cfg, plan=None, signals=()):
-    """Call run(cfg, local_rank, world, port, plan) in this process, or in each process FSDPTrainer
-    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. plan: the
-    run's checkpoints.ResumePlan (None: rank 0 makes it). signals: names of the signals this process
-    forwards to the processes it starts (preempt_signals)."""
+def launch(run, cfg, checked=None, signals=()):
+    """Call run(cfg, local_rank, world, port, checked) in this process, or in each process FSDPTrainer
+    needs, and return its exit status. cfg: a plain (resolved) dict, so that it pickles. checked:
+    what was decided before the launch (pipeline.Checked: the loss, the resume plan), passed on to
+    every rank, or None. signals: names of the signals this process forwards to the processes it
+    starts (preempt_signals)."""
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create(cfg)
     world = planned_world_size(conf)
     if conf.trainer != "FSDPTrainer" or launched_by_torchrun():
-        return run(cfg, plan=plan)
+        return run(cfg, checked=checked)
     if world == 1:  # FSDP2 needs a process group even for one rank
-        return run(cfg, 0, 1, free_port(), plan)
+        return run(cfg, 0, 1, free_port(), checked)
     import torch.multiprocessing as mp
     try:
-        return spawn(_spawned, (run, cfg, world, free_port(), plan), world, signals or ())
+        return spawn(run, cfg, world, checked, signals or ())
     except mp.ProcessRaisedException as e:
         _reraise_one_line_error(e)
         raise
@@ -67,12 +68,6 @@ def _reraise_one_line_error(e):
         prefix = f"{cls.__module__}.{cls.__qualname__}: "
         if last.startswith(prefix):
             raise cls(last[len(prefix):]) from None
-
-
-def _spawned(local_rank, run, cfg, world, port, plan):
-    status = run(cfg, local_rank, world, port, plan)
-    if status:
-        sys.exit(status)
 
 
 @contextlib.contextmanager
@@ -142,28 +137,90 @@ def preemption_signals(names):
         _received = None
 
 
-def spawn(fn, args, nprocs, signal_names):
-    """torch.multiprocessing.spawn that forwards the preemption signals this process receives to its
-    children (a scheduler signals the process it started). Returns EXIT_PREEMPTED when the ranks stopped
-    after a signal, else 0."""
+# ---------------------------------------------------------------- the ranks FSDPTrainer starts here
+
+_claims = None  # in a rank that spawn() started: the pipe on which rank 0 tells the launcher its run_dir
+
+
+def claimed(run_dir):
+    """Rank 0 has reserved `run_dir` for a fresh run (pipeline.build). A rank that spawn() started
+    tells its launcher, which gives the directory back if the run fails before writing to it; in one
+    process, or under torchrun, the rank itself does that (utils.released_on_failure)."""
+    if _claims is not None and is_main():
+        _claims.send(str(run_dir))
+
+
+def _rank(local_rank, run, cfg, world, port, checked, claims):
+    global _claims
+    _claims = claims
+    status = run(cfg, local_rank, world, port, checked)
+    if status:
+        sys.exit(status)
+
+
+def spawn(run, cfg, world, checked, signal_names):
+    """Start `world` ranks with torch.multiprocessing, each calling run(cfg, local_rank, world, port,
+    checked), and wait for them. This process, the launcher, forwards the preemption signals it
+    receives (signal_names) to the ranks: a scheduler signals the process it started.
+
+    Returns EXIT_PREEMPTED when a preemption signal stopped the ranks: one they handled (they saved a
+    checkpoint and exited 75), or one that killed a rank before it had installed its handlers (while
+    still importing): see _preempted. Else 0, or raises the ranks' failure (ProcessRaisedException,
+    ProcessExitedException) after giving back the run directory rank 0 reserved if nothing was
+    written to it: a rank that is killed (kill -9), or a failure on another rank only, leaves rank 0
+    no chance to do that itself, and the empty claim would refuse the same run_dir."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    received, processes = [], []
 
-    def forward(signum, frame):
-        for process in context.processes:
+    def forward(signum, frame=None):
+        received.append(signum)
+        for process in processes:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
+    # installed before the ranks start, so that a signal meanwhile is not lost (it is sent on below)
     previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in signal_names}
+    claims, claim = multiprocessing.Pipe(duplex=False)
     try:
+        context = mp.start_processes(_rank, args=(run, cfg, world, free_port(), checked, claim), nprocs=world,
+                                     join=False, start_method="spawn")
+        processes.extend(context.processes)
+        if received:
+            forward(received[0])
         while not context.join():
             pass
-    except mp.ProcessExitedException as e:
-        if e.exit_code == EXIT_PREEMPTED:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if _preempted(e, received):
+            if getattr(e, "exit_code", None) != EXIT_PREEMPTED:  # the ranks could not say it themselves
+                print(f"[launch] the ranks were stopped by a signal ({e}); exit status {EXIT_PREEMPTED}: the same "
+                      "command with resume_from=latest continues the run", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
+        while claims.poll():  # the writer stays open here: poll never blocks, recv never meets the end
+            run_dir = claims.recv()
+            if release_run_dir(run_dir):
+                print(f"[launch] the run failed before writing to run_dir={run_dir}: given back (its empty "
+                      "metrics.jsonl removed), so the same run_dir can be used again", file=sys.stderr, flush=True)
         raise
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        claims.close()
+        claim.close()
     return 0
+
+
+def _preempted(error, received):
+    """Whether the ranks' failure is a preemption, to be reported as EXIT_PREEMPTED (the run can be
+    continued): a rank exited with it (it saved and stopped), or died of a signal after this launcher
+    had received one (the forwarded signal, or the clean-up of the other ranks that follows), or died
+    of SIGTERM / SIGINT (a scheduler signalling every process), or raised KeyboardInterrupt after a
+    signal here (SIGINT's default action in a rank that had not installed its handlers yet)."""
+    import torch.multiprocessing as mp
+
+    if isinstance(error, mp.ProcessExitedException):
+        code = error.exit_code
+        return code == EXIT_PREEMPTED or (code < 0 and (bool(received) or -code in (signal.SIGTERM, signal.SIGINT)))
+    return bool(received) and str(error).strip().splitlines()[-1].startswith("KeyboardInterrupt")

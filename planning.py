@@ -1,5 +1,6 @@
 """The plan of a run, from its config and its tokenised data: optimizer steps, warm-up, tokens and
-FLOPs; and `dry_run=true`, which prints it without loading a model.
+FLOPs (flops.py's count, the one behind the trainer's `tflops`); and `dry_run=true`, which prints it
+without loading a model.
 
 The schedule (`schedule`) is the one the trainer follows: an epoch is len(train rows) // batch_size
 global batches (the last incomplete batch is dropped), training stops after n_epochs epochs or
@@ -11,8 +12,10 @@ import json
 
 import numpy as np
 
-import losses
-from preference_datasets import COUNTS, epoch_batches
+import flops
+import lora
+from launch import planned_world_size
+from preference_datasets import COUNTS, epoch_batches, micro_batches
 
 
 def schedule(n_rows, cfg):
@@ -30,61 +33,64 @@ def schedule(n_rows, cfg):
             "examples": total * cfg.batch_size}
 
 
-def processed_tokens(data):
-    """(N,) tokens each training row puts through the policy: prompt + answer, twice (chosen and
-    rejected) for pairs."""
-    prompt = data.column_lengths("prompt_ids")
-    tokens = prompt + data.column_lengths("chosen_ids")
-    if data.pairs:
-        tokens = tokens + prompt + data.column_lengths("rejected_ids")
-    return tokens
-
-
-def forward_passes(loss_cfg):
-    """Passes over each trained token as multiples of a forward (2N FLOPs per token): the trained
-    forward and backward (6N), IFT's no-grad forward for its predictions when lambda can be > 0, and
-    DPO/IPO's reference forward. Returns (FLOPs per token / N, what they are)."""
-    loss = losses.build(loss_cfg)
-    per, parts = 6, ["6N (forward + backward)"]
-    if loss.name == "ift" and max(loss.min_lambda, loss.max_lambda) > 0:
-        per, parts = per + 2, parts + ["2N (IFT's no-grad forward for the predictions)"]
-    if loss.needs_reference:
-        per, parts = per + 2, parts + ["2N (the reference model's forward)"]
-    return per, " + ".join(parts)
-
-
-def parameter_count(cfg):
-    """The policy's parameters from its config.json (built on the meta device: no weights, no memory),
-    or None when the config cannot be read (a hub id while offline, say)."""
+def model_shape(cfg):
+    """(flops.Shape, head_chunk, parameters) of the policy, from its config.json on the meta device (no
+    weights, no memory): what the trainer's FLOPs count reads from the loaded model (with LoRA, the
+    adapters included). head_chunk: loss_chunk_tokens when the chunked head applies, else None.
+    parameters: all of the model's. None when the config cannot be read (a hub id while offline, say)."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from forward import _chunkable
         from utils import resolve_path
         name = cfg.model.name_or_path
         config = AutoConfig.from_pretrained(str(resolve_path(name) or name), trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+            if lora.enabled(cfg):
+                model = lora.apply(cfg, model)
     except (OSError, ValueError, KeyError) as e:
-        print(f"plan: the model's parameters are unknown ({type(e).__name__}: {str(e)[:120]}); FLOPs not computed")
+        print(f"plan: the model's shape is unknown ({type(e).__name__}: {str(e)[:120]}); FLOPs not computed")
         return None
+    head_chunk = cfg.loss_chunk_tokens if _chunkable(model, model.get_output_embeddings()) else None
+    return flops.shape_of(model), head_chunk, sum(p.numel() for p in model.parameters())
 
 
-def plan(cfg, data):
+def plan(cfg, data, loss, world=None):
     """The run's plan on tokenised training data: schedule() plus the tokens it processes (exactly:
-    the rows of each epoch's batches, epoch_batches) and its FLOPs."""
+    the rows of each step's global batch, epoch_batches; prompt + answer, both answers of a pair) and
+    its FLOPs, counted step by step as the trainer counts them (flops.step_flops: its micro-batches,
+    IFT's lambda of that step, a live reference's forward, none with reference_logps=precompute).
+    loss: the run's losses.Loss. world: the ranks (None: launch.planned_world_size)."""
     steps = schedule(len(data), cfg)
-    lengths, tokens = data.lengths(), processed_tokens(data)
-    total = 0
-    for epoch in range(-(-steps["optimizer_steps"] // steps["steps_per_epoch"])):
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        batches = batches[: steps["optimizer_steps"] - epoch * steps["steps_per_epoch"]]
-        total += int(tokens[np.concatenate(batches)].sum())
-    n = parameter_count(cfg)
-    per, what = forward_passes(cfg.loss)
-    return {**steps, "tokens": total, "parameters": n, "flops": None if n is None else per * n * total,
-            "flops_per_token": what}
+    lengths, sizes = data.lengths(), flops.sequence_sizes(data)
+    row_tokens = sizes[0].sum(axis=1)
+    model = model_shape(cfg)
+    n_micro = cfg.gradient_accumulation_steps * (world or planned_world_size(cfg))
+    reference = loss.needs_reference and cfg.get("reference_logps", "live") != "precompute"
+    recompute = cfg.trainer == "FSDPTrainer" and cfg.activation_checkpointing
+    tokens, total, batches, no_grad_steps = 0, 0.0, {}, 0
+    for step in range(steps["optimizer_steps"]):
+        epoch, i = divmod(step, steps["steps_per_epoch"])
+        if epoch not in batches:
+            batches = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
+        batch = batches[epoch][i]
+        tokens += int(row_tokens[batch].sum())
+        if model is not None:
+            lam = loss.lam(step, steps["optimizer_steps"], steps["warmup_steps"], cfg.seed, disturb=True)
+            no_grad_steps += loss.no_grad_passes(lam) > 0
+            total += flops.step_flops(model[0], sizes, micro_batches(batch, lengths, n_micro),
+                                      loss.no_grad_passes(lam) + reference, lora=lora.enabled(cfg),
+                                      head_chunk=model[1], recompute_blocks=recompute)
+    counted = ["3F per trained sequence (F: one forward's matrix products; 2F its backward" +
+               (", less the frozen weights' gradients under LoRA)" if lora.enabled(cfg) else ")")]
+    if no_grad_steps:
+        counted.append(f"F for the loss's no-grad forward (IFT, lambda > 0) at {no_grad_steps:,} of the steps")
+    if reference:
+        counted.append("F for the reference model's forward")
+    return {**steps, "tokens": tokens, "parameters": None if model is None else model[2],
+            "flops": None if model is None else total, "flops_counted": " + ".join(counted)}
 
 
 def _spread(x):
@@ -109,21 +115,21 @@ def describe(data, label):
     return lines
 
 
-def dry_run(cfg, load_tokenizer, load_data):
-    """Compose and check have run; load the tokenizer and every dataset, tokenise, print the data and
-    the plan, then return. No model is loaded, no run directory is made, wandb is not started.
+def dry_run(cfg, loss, load_tokenizer, load_data):
+    """Compose and check have run (loss: the run's losses.Loss, as they built it); load the tokenizer
+    and every dataset, tokenise, print the data and the plan, then return. No model is loaded, no run directory is made, wandb is not started.
     The last line printed is one JSON object (the plan and the data's counts)."""
     tokenizer = load_tokenizer(cfg)
     from preference_datasets import end_of_turn_token
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
-    train, evals = load_data(cfg, tokenizer, pairs=losses.build(cfg.loss).needs_pairs, eot_token=eot_token)
+    train, evals = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     for line in describe(train, "train") + describe(evals, "eval"):
         print(line)
-    p = plan(cfg, train)
-    flops = "unknown" if p["flops"] is None else f"{p['flops']:.3e} ({p['flops_per_token']}, N = {p['parameters']:,})"
+    p = plan(cfg, train, loss)
+    count = "unknown" if p["flops"] is None else f"{p['flops']:.3e} (flops.py: {p['flops_counted']})"
     print(f"plan: {len(train):,} training rows, {p['steps_per_epoch']:,} optimizer steps per epoch of "
           f"{cfg.batch_size} examples, {p['optimizer_steps']:,} steps in all ({p['examples']:,} examples), "
-          f"{p['warmup_steps']:,} warm-up steps; {p['tokens']:,} tokens processed; FLOPs {flops}")
+          f"{p['warmup_steps']:,} warm-up steps; {p['tokens']:,} tokens processed; FLOPs {count}")
     counts = {k: {part["name"]: part[k] for part in train.parts} for k in COUNTS}
     print(json.dumps({"rows": len(train), "eval_rows": len(evals), **p, **counts,
                       "rows_per_dataset": {part["name"]: part["rows"] for part in train.parts}}))

@@ -181,11 +181,12 @@ class Source:
     splits: dict            # our split ('train'/'test') -> the hub's split name, or None if the hub has none
     sample_dir: str         # the bundled sample in the same schema (the name '<key>_sample' loads it)
     normalise: Callable
+    pairs: bool = True      # every row of every split has a rejected answer (False: chats, nothing to compare)
 
 
 SOURCES = {
     "ultrachat": Source("HuggingFaceH4/ultrachat_200k", {"train": "train_sft", "test": "test_sft"},
-                        "data/ultrachat_200k", from_messages),
+                        "data/ultrachat_200k", from_messages, pairs=False),
     "ultrafeedback": Source("HuggingFaceH4/ultrafeedback_binarized", {"train": "train_prefs", "test": "test_prefs"},
                             "data/ultrafeedback_binarized", from_chosen_rejected_chats),
     "hh": Source("Anthropic/hh-rlhf", {"train": "train", "test": "test"}, "data/hh-rlhf", from_hh),
@@ -213,34 +214,47 @@ def check_dataset_name(name, dataset_paths):
 
 
 def _read_local_rows(path):
-    """[(where, row)] of a .jsonl/.json file (optionally gzipped, as hh-rlhf's .jsonl.gz), invalid JSON
-    naming the file and line. A .json file holds a list of rows, {'data': [...]}, or one row per line
-    (SHP's files). where is 'FILE: line N' (1-based) for JSON lines, so an error points at the line to
-    open, and 'FILE: row i' (0-based, as datasets counts) otherwise."""
+    """(where, row) of a .parquet, .jsonl or .json file (optionally gzipped, as hh-rlhf's .jsonl.gz), one
+    row at a time (parquet in record batches, JSON lines line by line), invalid JSON naming the file and
+    line. A .json file holds a list of rows, {'data': [...]}, or one row per line (SHP's files). where is
+    'FILE: line N' (1-based) for JSON lines, so an error points at the line to open, and 'FILE: row i'
+    (0-based, as datasets counts) otherwise."""
     if path.suffix == ".parquet":
-        return [(f"{path}: row {i}", row) for i, row in enumerate(_read_parquet(path))]
+        yield from _read_parquet(path)
+        return
     if _stem_suffix(path) not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)} (or .jsonl.gz, .json.gz)")
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if _stem_suffix(path) == ".json":
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         text = _utf8(data, path)
         if not text.strip():  # an empty file (a domain of SHP without rows in a split, say)
-            return []
+            return
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # not a JSON document; maybe one per line
                 raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
             rows = None
+        del text
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
             rows = rows["data"]
         if isinstance(rows, list):
             if not all(isinstance(r, dict) for r in rows):
                 raise DataError(f"{path}: a .json file must hold a list of row objects (or one object per line)")
-            return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
-        # one row object per line (a file of one line is one object)
-    rows = []
-    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+            yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows))
+            return
+        yield from _json_lines(data.split(b"\n"), path)  # one row object per line (a file of one line is one object)
+        return
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as lines:
+            yield from _json_lines(lines, path)
+    except (OSError, EOFError) as e:  # a gzip file cut short or not gzip at all
+        raise DataError(f"{path}: not a readable file ({type(e).__name__}: {e})") from None
+
+
+def _json_lines(lines, path):
+    """(where, row) of JSON lines (bytes)."""
+    for line_no, raw in enumerate(lines, start=1):
         line = _utf8(raw, path, line_no)
         if not line.strip():
             continue
@@ -250,8 +264,7 @@ def _read_local_rows(path):
             raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {line_no}: a row must be a JSON object, got {type(row).__name__}")
-        rows.append((f"{path}: line {line_no}", row))
-    return rows
+        yield f"{path}: line {line_no}", row
 
 
 def _stem_suffix(path):
@@ -270,11 +283,17 @@ def _utf8(data, path, first_line=1):
                         "re-encode the file as UTF-8") from None
 
 
-def _read_parquet(path):
+def _read_parquet(path, batch_rows=256):
+    """(where, row) of a parquet file, batch_rows rows at a time in Python."""
     import pyarrow
     import pyarrow.parquet
     try:
-        return pyarrow.parquet.read_table(path).to_pylist()
+        with pyarrow.parquet.ParquetFile(path) as f:
+            i = 0
+            for batch in f.iter_batches(batch_size=batch_rows):
+                for row in batch.to_pylist():
+                    yield f"{path}: row {i}", row
+                    i += 1
     except (pyarrow.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
@@ -289,49 +308,45 @@ def _split_files(directory, split):
             or sorted(f for n in names for f in directory.glob(f"*/{n}") if f.is_file()))
 
 
-def _normalise_rows(located_rows, normalise, label):
-    """Normalise [(where, row)]; `normalise` None detects the schema from the first row."""
-    if normalise is None:
-        if not located_rows:
-            raise DataError(f"{label}: no rows")
-        normalise = detect_schema(located_rows[0][1], located_rows[0][0])
-    return [normalise(row, where) for where, row in located_rows]
+def _normalised_files(files, normalise):
+    """(where, normalised row) of every row of `files`, in order, one at a time; `normalise` None
+    detects each file's schema from its first row."""
+    for f in files:
+        detected = normalise
+        for where, row in _read_local_rows(f):
+            if detected is None:
+                detected = detect_schema(row, where)
+            yield where, detected(row, where)
 
 
-def _load_local(path, split, normalise, split_names=("train", "test")):
-    """Normalised rows of `split` ('train' or 'test') from a local file or directory. In a directory,
-    split_names are the file stems of the two splits (the hub's split names for registered sources).
-    A single file, or a directory without a test file, serves 'test' from its last rows (HELD_OUT_*)
-    and 'train' from the rest, so no run evaluates on its training rows."""
+def _local_split(path, split, normalise, split_names=("train", "test")):
+    """_split_rows of a local file or directory. In a directory, split_names are the file stems of the
+    two splits (the hub's split names for registered sources). A single file, or a directory without a
+    test file, serves 'test' from its last rows (HELD_OUT_*) and 'train' from the rest, so no run
+    evaluates on its training rows."""
     if path.is_file():
-        return _hold_out(_load_files([path], normalise), split)
+        return _normalised_files([path], normalise), split
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
     train_name, test_name = split_names
     test_files = _split_files(path, test_name)
     if split == "test" and test_files:
-        return _load_files(test_files, normalise)
+        return _normalised_files(test_files, normalise), None
     train_files = _split_files(path, train_name)
     if not train_files:
         raise DataError(f"{path}: no '{train_name}' file (looked for {train_name}.jsonl, {train_name}.json, "
                         f"{train_name}.parquet, {train_name}-*.parquet, data/{train_name}-*.parquet)")
-    rows = _load_files(train_files, normalise)
-    return rows if split == "train" and test_files else _hold_out(rows, split)
+    return _normalised_files(train_files, normalise), None if split == "train" and test_files else split
 
 
-def _load_files(files, normalise):
-    rows = []
-    for f in files:
-        rows += _normalise_rows(_read_local_rows(f), normalise, str(f))
-    return rows
+def _held_out(n_rows, split):
+    """range of the rows of `split` when a dataset's n_rows are cut into train and a held-out test tail."""
+    n_test = min(HELD_OUT_MAX, max(1, int(n_rows * HELD_OUT_FRACTION))) if n_rows > 1 else 0
+    return range(n_rows - n_test, n_rows) if split == "test" else range(n_rows - n_test)
 
 
-def _hold_out(rows, split):
-    n_test = min(HELD_OUT_MAX, max(1, int(len(rows) * HELD_OUT_FRACTION))) if len(rows) > 1 else 0
-    return rows[len(rows) - n_test:] if split == "test" else rows[: len(rows) - n_test]
-
-
-def _load_hub(source, key, split):
+def _hub_split(source, key, split):
+    """_split_rows of a registered dataset loaded from the hub (the datasets library's own cache)."""
     import datasets
     hub_split = source.splits[split] or source.splits["train"]
     try:
@@ -342,9 +357,15 @@ def _load_hub(source, key, split):
             f"Set dataset_paths.{key}=/path/to/a/local/copy (a directory with {hub_split}.jsonl or "
             f"{hub_split}-*.parquet files), or use datasets=[{key}{SAMPLE_SUFFIX}] for the bundled sample"
         ) from None
-    rows = _normalise_rows([(f"{source.hub_id} ({hub_split}): row {i}", row) for i, row in enumerate(ds)],
-                           source.normalise, source.hub_id)
-    return rows if source.splits[split] else _hold_out(rows, split)
+
+    def rows():
+        i = 0
+        for batch in ds.iter(batch_size=256):
+            for values in zip(*batch.values()):
+                where = f"{source.hub_id} ({hub_split}): row {i}"
+                yield where, source.normalise(dict(zip(batch, values)), where)
+                i += 1
+    return rows(), None if source.splits[split] else split
 
 
 def _split_names(source):
@@ -367,25 +388,100 @@ def _locate(name, dataset_paths):
     return path, None
 
 
-def load_normalised(name, split, dataset_paths=None):
-    """Normalised rows of one dataset (a registry name, '<name>_sample', or a local path) for
-    split 'train' or 'test'."""
+def _split_rows(name, split, dataset_paths=None):
+    """(rows, held_out) of one dataset (a registry name, '<name>_sample', or a local path) for split
+    'train' or 'test': rows iterates, one row at a time, over (where, normalised row) of the files (or
+    hub split) holding the split, where naming the file and line or row for messages; held_out is None,
+    or the split to take from those rows with _held_out when the dataset has no file of its own for it.
+    A missing file or directory raises at once; a malformed row raises when it is reached."""
     path, source = _locate(name, dataset_paths)
     if path is None:
-        return _load_hub(source, name, split)
+        return _hub_split(source, name, split)
     if source is None:
-        return _load_local(path, split, None)
-    return _load_local(path, split, source.normalise, _split_names(source))
+        return _local_split(path, split, None)
+    return _local_split(path, split, source.normalise, _split_names(source))
+
+
+def load_normalised(name, split, dataset_paths=None):
+    """Normalised rows (a list of dicts) of one dataset for split 'train' or 'test' (_split_rows). Runs
+    never hold a dataset's rows in Python like this (load_split streams them to Arrow); for small data
+    and tests."""
+    rows, held_out = _split_rows(name, split, dataset_paths)
+    rows = [row for _, row in rows]
+    return [rows[i] for i in _held_out(len(rows), held_out)] if held_out else rows
+
+
+NORMALISED_FEATURES = {"prompt": [{"role": "string", "content": "string"}], "chosen": "string", "rejected": "string"}
+
+
+def _normalised_features():
+    """The datasets.Features of normalised rows (prompt messages keep only role and content)."""
+    import datasets
+    as_feature = lambda f: ([as_feature(f[0])] if isinstance(f, list) else  # noqa: E731
+                            {k: as_feature(v) for k, v in f.items()} if isinstance(f, dict) else datasets.Value(f))
+    return datasets.Features(as_feature(NORMALISED_FEATURES))
+
+
+def _plain(row):
+    """A normalised row with only the fields and message keys of NORMALISED_FEATURES."""
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
+            "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def _normalised_arrow(name, split, dataset_paths, folder):
+    """The normalised rows of one dataset's split (_split_rows) as a datasets.Dataset memory-mapped from
+    folder/normalised.arrow: rows are read, normalised and written a few hundred at a time, so no
+    dataset's text is ever held in Python."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+    rows, held_out = _split_rows(name, split, dataset_paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "normalised.arrow"
+    with ArrowWriter(features=_normalised_features(), path=str(path), writer_batch_size=256) as writer:
+        for _, row in rows:
+            writer.write(_plain(row))
+        writer.finalize()
+    table = datasets.Dataset.from_file(str(path))
+    return table.select(_held_out(len(table), held_out)) if held_out else table
+
+
+def has_rejected_answers(name, split, dataset_paths=None):
+    """Whether every `split` row of dataset `name` has a rejected answer. A registered dataset (also
+    its _sample, and a dataset_paths copy in its schema) is answered by the registry (Source.pairs)
+    without reading a row; a file or folder of your own by its rows, streamed (one bool kept per row;
+    a missing split or a bad row raises _split_rows' DataError, which names it)."""
+    _, source = _locate(name, dataset_paths)
+    if source is not None:
+        return source.pairs
+    rows, held_out = _split_rows(name, split, dataset_paths)
+    has = [row["rejected"] is not None for _, row in rows]
+    return all(has[i] for i in (_held_out(len(has), held_out) if held_out else range(len(has))))
 
 
 def source_identity(name, dataset_paths=None):
     """What a dataset's rows are read from, for the tokenised cache's key: every file of a local copy
-    with its size and modification time (a file changed in place gets a new key), or the hub id."""
+    with its size and modification time (a file changed in place gets a new key), or the hub id at its
+    revision (_hub_revision: a new commit of the dataset gets a new key)."""
     path, source = _locate(name, dataset_paths)
     if path is None:
-        return f"hub:{source.hub_id}"
+        return f"hub:{source.hub_id}@{_hub_revision(source.hub_id) or 'unresolved'}"
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     return json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def _hub_revision(hub_id):
+    """The commit of a hub dataset's main branch that load_dataset reads: asked of the hub when online;
+    offline (or unreachable), the commit the local hub cache's refs/main records (what the last online
+    load resolved, which is what an offline load reads); None when neither knows."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+    if not (constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE):
+        try:
+            return HfApi().dataset_info(hub_id).sha
+        except Exception:  # unreachable, or not found: load_dataset names the problem
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -571,7 +667,8 @@ class TokenizedData:
         rejected_ids empty unless pairs), and the text of each row's last prompt message ('question')
         and chosen answer ('answer'), for greedy samples.
     index: (N,) int64 rows of `table` in this split, in order.
-    parts: one dict per dataset in order: name, rows (in this split), and the counts of load_split.
+    parts: one dict per dataset in order: name, rows (of the table), available (rows the dataset has) and
+        the truncation counts (COUNTS) of its rows in this split (first(n) counts only the n kept).
     split: 'train' or 'test' (None: rows given to tokenize_rows)."""
 
     def __init__(self, table, pairs, parts, split, index=None):
@@ -614,8 +711,14 @@ class TokenizedData:
         return self._lengths
 
     def first(self, n):
-        """The first n rows."""
-        return TokenizedData(self.table, self.pairs, self.parts, self.split, self.index[:n])
+        """The first n rows; each part's truncation counts become those of the rows kept."""
+        index = self.index[:n]
+        flags = self.table.data.table.column("flags").to_numpy()[index]
+        part_of = np.searchsorted(np.cumsum([p["rows"] for p in self.parts]), index, side="right")
+        parts = [{**p, "prompts_truncated": int((flags[part_of == k] & PROMPT_CUT != 0).sum()),
+                  "answers_truncated": int((flags[part_of == k] & ANSWER_CUT != 0).sum())}
+                 for k, p in enumerate(self.parts)]
+        return TokenizedData(self.table, self.pairs, parts, self.split, index)
 
     @property
     def fingerprint(self):
@@ -680,17 +783,14 @@ def _cached(key):
     return _open(folder, info["files"]), info
 
 
-def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length, min_answer_tokens,
-              num_proc, row_ids, available):
-    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> a datasets.Dataset of token ids memory-mapped from the cache directory
-    <HF_DATASETS_CACHE>/ift_tokenized/<key>/, which a manifest.json (written last) marks complete, with
-    the truncation counts. Rows are tokenised in num_proc worker processes. row_ids: each row's index
-    in its dataset (for messages); available: the rows the dataset has. Returns (dataset, manifest)."""
+def _tokenise(source, folder, key, label, tokenizer, eot_token, pairs, max_length, max_prompt_length,
+              min_answer_tokens, num_proc, row_ids, available):
+    """Normalised rows (a datasets.Dataset: prompt, chosen, rejected) -> Arrow files of token ids in
+    `folder` (a cache entry being built: _build), and last its manifest.json with the files and the
+    truncation counts. Rows are tokenised in num_proc worker processes, a batch of rows at a time.
+    row_ids: each row's index in its dataset (for messages); available: the rows the dataset has."""
     import datasets
 
-    if _cached(key) is not None:
-        return _cached(key)
-    folder = _cache_folder(key)
     eot_id = tokenizer.convert_tokens_to_ids(eot_token)
 
     def encode(batch, indices):
@@ -721,10 +821,6 @@ def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_p
     features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
                                   "flags": datasets.Value("int8"), "row": datasets.Value("int64"),
                                   "question": datasets.Value("string"), "answer": datasets.Value("string")})
-    if folder.exists():  # an earlier attempt that did not finish
-        import shutil
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
     quiet = len(source) < 20_000
     if quiet:
         datasets.disable_progress_bars()
@@ -743,16 +839,54 @@ def _tokenise(source, key, label, tokenizer, eot_token, pairs, max_length, max_p
               "answers_truncated": int(pc.sum(pc.not_equal(pc.bit_wise_and(flags, ANSWER_CUT), 0)).as_py() or 0),
               "rows_dropped": 0}  # truncate never drops a row (it always keeps the end-of-turn target)
     info = {"files": [Path(f["filename"]).name for f in ds.cache_files], "counts": counts, "available": available}
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(folder / "manifest.json")
-    return ds, info
+    (folder / "manifest.json").write_text(json.dumps(info))
 
 
-def _arrow(rows):
-    """Normalised rows as an Arrow-backed datasets.Dataset."""
-    import datasets
-    return datasets.Dataset.from_list(rows)
+def _build(key, write):
+    """Build the cache entry of `key` with write(folder) in a folder of this process's own, then
+    publish it under its key with one atomic rename, and return it as _cached does. Two processes that
+    build the same entry at once (two jobs of a sweep on one node, each one's rank 0) never touch each
+    other's files: the first to finish publishes, the others drop their copy and map the published
+    one (the same rows). A reader sees a complete entry or none. On any error (a bad row, a full disk,
+    an interrupt) the private folder is removed; one left by a killed process is removed by the next
+    build of the key on that host."""
+    import shutil
+    import socket
+    target = _cache_folder(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in target.parent.glob(f"{target.name}.building-{host}-*"):
+        if not _alive(int(stale.name.rsplit("-", 2)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = target.with_name(f"{target.name}.building-{host}-{os.getpid()}-{os.urandom(4).hex()}")
+    folder.mkdir()
+    try:
+        write(folder)
+        for _ in range(2):
+            try:
+                folder.rename(target)  # atomic; refused while target is a folder with files in it
+                break
+            except OSError:
+                if (target / "manifest.json").is_file():
+                    break  # another process published the same entry first: map theirs
+                shutil.rmtree(target, ignore_errors=True)  # a folder no build published (older code)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already when it was published
+    cached = _cached(key)
+    if cached is None:
+        raise RuntimeError(f"the tokenised data could not be published in the cache at {target}")
+    return cached
+
+
+def _alive(pid):
+    """Whether process `pid` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _open(folder, files):
@@ -781,10 +915,43 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
                                    min_answer_tokens, pairs]).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True).encode())
-    table, info = _tokenise(_arrow(rows), h.hexdigest()[:32], label, tokenizer, eot_token, pairs, max_length,
-                            max_prompt_length, min_answer_tokens, num_proc, np.arange(len(rows)), len(rows))
+    key = h.hexdigest()[:32]
+    cached = _cached(key)
+    if cached is None:
+        import datasets
+        source = datasets.Dataset.from_list([_plain(row) for row in rows], features=_normalised_features())
+        cached = _build(key, lambda folder: _tokenise(source, folder, key, label, tokenizer, eot_token, pairs,
+                                                      max_length, max_prompt_length, min_answer_tokens, num_proc,
+                                                      np.arange(len(rows)), len(rows)))
+    table, info = cached
     return TokenizedData(table, pairs, [{"name": label, "rows": len(table), "available": len(rows), **info["counts"]}],
                          None)
+
+
+def _read_and_tokenise(name, split, dataset_paths, folder, key, sample, seed, settings):
+    """One dataset's split, tokenised into `folder` (a cache entry being built: _build): its rows are
+    streamed into an Arrow file (_normalised_arrow, in the folder's source/, removed at the end),
+    sampled (sample_rows) and tokenised from that memory map (_tokenise)."""
+    import shutil
+    try:
+        source = _normalised_arrow(name, split, dataset_paths, folder / "source")
+        if len(source) == 0:
+            raise DataError(f"dataset '{name}' has no '{split}' rows")
+        if settings["pairs"]:  # refused before anything is tokenised
+            import pyarrow.compute as pc
+            missing = pc.index(pc.is_null(source.with_format("arrow", columns=["rejected"])[:]["rejected"]),
+                               True).as_py()
+            if missing >= 0:
+                raise DataError(f"dataset '{name}' ({split}) row {missing} has no rejected answer, but the loss "
+                                "compares chosen with rejected answers; use a preference dataset such as "
+                                "ultrafeedback, hh, shp or orca (or their _sample versions)")
+        chosen = sample_rows(len(source), sample, seed, name)
+        available = len(source)
+        if len(chosen) < available:
+            source = source.select(chosen, keep_in_memory=True)  # an index over the memory map, not a copy
+        _tokenise(source, folder, key, f"dataset '{name}' ({split})", row_ids=chosen, available=available, **settings)
+    finally:
+        shutil.rmtree(folder / "source", ignore_errors=True)
 
 
 def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None, eot_token=None,
@@ -805,21 +972,11 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
                                          min_answer_tokens, pairs]).encode()).hexdigest()[:32]
         cached = _cached(key)
         if cached is None:
-            rows = load_normalised(name, split, dataset_paths)
-            if not rows:
-                raise DataError(f"dataset '{name}' has no '{split}' rows")
-            missing = next((i for i, r in enumerate(rows) if r["rejected"] is None), None) if pairs else None
-            if missing is not None:  # refused before anything is written to the cache
-                raise DataError(f"dataset '{name}' ({split}) row {missing} has no rejected answer, but the loss "
-                                "compares chosen with rejected answers; use a preference dataset such as "
-                                "ultrafeedback, hh, shp or orca (or their _sample versions)")
-            chosen = sample_rows(len(rows), sample, seed, name)
-            available, rows = len(rows), [rows[i] for i in chosen] if len(chosen) < len(rows) else rows
-            source = _arrow(rows)
-            del rows  # the text now lives in Arrow only
-            cached = _tokenise(source, key, f"dataset '{name}' ({split})", tokenizer, eot_token, pairs, max_length,
-                               max_prompt_length, min_answer_tokens, num_proc, chosen, available)
-            del source
+            settings = dict(tokenizer=tokenizer, eot_token=eot_token, pairs=pairs, max_length=max_length,
+                            max_prompt_length=max_prompt_length, min_answer_tokens=min_answer_tokens,
+                            num_proc=num_proc)
+            cached = _build(key, lambda folder: _read_and_tokenise(name, split, dataset_paths, folder, key, sample,
+                                                                   seed, settings))
         table, info = cached
         counts, available = info["counts"], info["available"]
         tables.append(table)

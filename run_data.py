@@ -3,7 +3,7 @@ rows for one batch) before any model loads or any run directory exists."""
 
 from omegaconf import OmegaConf
 
-from preference_datasets import DataError, load_split, mask_audit
+from preference_datasets import DataError, has_rejected_answers, load_split, mask_audit
 from utils import is_main, main_process_first
 
 
@@ -23,14 +23,12 @@ def load_data(cfg, tokenizer, pairs, eot_token=None):
 
 
 def load_eval_split(datasets, kw):
-    """The held-out rows, with their rejected answers whenever every row has one (whatever the loss),
-    so that every method's evaluation reports the same preference metrics (margin, pref_accuracy)."""
-    if not kw["pairs"]:
-        try:
-            return load_split(datasets, "test", **{**kw, "pairs": True})
-        except DataError:  # a dataset without rejected answers (or a bad row, which the next call names)
-            pass
-    return load_split(datasets, "test", **kw)
+    """The held-out rows, with their rejected answers whenever every dataset's test rows have one
+    (whatever the loss), so that every method's evaluation reports the same preference metrics
+    (margin, pref_accuracy). Decided before loading: preference_datasets.has_rejected_answers (the
+    registry, or the rows of a file of your own)."""
+    pairs = kw["pairs"] or all(has_rejected_answers(name, "test", kw["dataset_paths"]) for name in datasets)
+    return load_split(datasets, "test", **{**kw, "pairs": pairs})
 
 
 def check_data(cfg, tokenizer, eot_token, train_data, eval_data):

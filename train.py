@@ -6,30 +6,24 @@
     python train.py trainer=FSDPTrainer               # FSDP2, one process per GPU (or nproc on the CPU)
     torchrun --nnodes 2 --nproc_per_node 8 train.py trainer=FSDPTrainer ...   # joins torchrun's launch
 
-A run is compose (Hydra, `main`) -> check (config_schema.py's declarations, `validate_config`) ->
-build (data, run directory, models: `build`) -> launch (`launch`) -> train and report (`run`). Every
-dataset row is checked before any model loads, so a typo never costs a 7B model load.
+A run is compose (Hydra, here) -> check (config_schema.py's declarations, `pipeline.validate_config`)
+-> build (data, run directory, models: `pipeline.build`) -> launch (`pipeline.launch`) -> train and
+report (`pipeline.run`). Every dataset row is checked before any model loads, so a typo never costs
+a 7B model load. Code that starts runs itself (experiments/, benchmarks/) calls pipeline.py, not this file.
 """
 
-import dataclasses
-import json
 import sys
 
 import hydra
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import checkpoints
 import config_schema
-import launch as launcher
-import lora
-import losses
 import modeling
 import planning
 import run_data
+from pipeline import launch, validate_config
 from sweeps import sweep_run_dir
-from utils import ConfigError, NonFiniteError, barrier, broadcast_object, is_main, make_run_dir, released_on_failure, \
-    set_seed
+from utils import ConfigError, NonFiniteError
 
 
 # ---------------------------------------------------------------- compose and check
@@ -47,134 +41,21 @@ def main():
 def compose_and_launch(cfg: DictConfig):
     from preference_datasets import DataError
     try:
-        plan = validate_config(sweep_run_dir(cfg))
+        checked = validate_config(sweep_run_dir(cfg))
         if cfg.dry_run:  # the data and the plan, without a model, a run directory or wandb
-            return planning.dry_run(cfg, modeling.load_tokenizer, run_data.load_data)
-        if plan.finished:  # e.g. a job requeued after its run completed
+            return planning.dry_run(cfg, checked.loss, modeling.load_tokenizer, run_data.load_data)
+        if checked.resume.finished:  # e.g. a job requeued after its run completed
             print(f"run_dir={cfg.run_dir} holds a finished run (final/); nothing to resume")
             return
-        status = launch(cfg, plan)
+        status = launch(cfg, checked)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DataError as e:  # a bad file or row: the message names it; a traceback would only bury it
         sys.exit(f"data error: {e}")
     except NonFiniteError as e:  # names the step and the metric; what was written before it stays
         sys.exit(f"training stopped: {e}")
-    if status:  # launcher.EXIT_PREEMPTED after a preemption signal (checkpoint written)
+    if status:  # launch.EXIT_PREEMPTED after a preemption signal (checkpoint written)
         sys.exit(status)
-
-
-def validate_config(cfg, world=None):
-    """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks.
-    Returns the run's checkpoints.ResumePlan (what it resumes, where, whether weights are read)."""
-    config_schema.check_keys(cfg)
-    config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
-    return checkpoints.plan_resume(cfg)  # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
-
-
-def launch(cfg, plan=None):
-    """Run in this process, or start FSDPTrainer's processes (one per GPU, or nproc) when torchrun did not.
-    Returns the exit status: 0, or launcher.EXIT_PREEMPTED when a signal stopped the run."""
-    return launcher.launch(run, OmegaConf.to_container(cfg, resolve=True), plan, cfg.preempt_signals)
-
-
-# ---------------------------------------------------------------- build
-
-def build(cfg, device, plan=None):
-    """This rank's trainer: tokenizer and data (checked row by row), then the run directory, then the
-    models, in that order, so bad data costs no model load and leaves no run directory. Returns
-    (trainer, fresh): fresh when the run directory was reserved for this run (not continued in place)."""
-    from preference_datasets import end_of_turn_token
-    from trainers import TRAINERS
-
-    loss = losses.build(cfg.loss)
-    tokenizer = modeling.load_tokenizer(cfg)
-    eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
-    train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
-    audit = run_data.check_data(cfg, tokenizer, eot_token, train_data, eval_data)
-    plan = broadcast_object(plan if plan is not None or not is_main() else checkpoints.plan_resume(cfg))  # rank 0's
-    if plan.checkpoint is not None:  # tokenised data that changed since the checkpoint: refused before any write
-        data_changes = checkpoints.check_fingerprint(cfg, plan.checkpoint, train_data, saved=plan.fingerprint)
-        plan = dataclasses.replace(plan, differences={**plan.differences, **data_changes})
-    run_dir = make_run_dir(cfg.run_dir, cfg.exp_name, in_place=plan.in_place)
-    with released_on_failure(run_dir, fresh=not plan.in_place):  # e.g. a model that fails to load
-        if is_main():
-            checkpoints.prepare_run_dir(plan, run_dir, cfg.keep_last)  # in place: leftovers gone, metrics cut back
-            OmegaConf.save(config_schema.with_resolved_paths(cfg), run_dir / "config.yaml")
-            print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
-        # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
-        # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
-        # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory
-        # saved. A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's.
-        policy = modeling.load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
-                                     weights=plan.reads_weights, **lora.load_kwargs(cfg))
-        modeling.stop_at_end_of_turn(policy, tokenizer, eot_token)
-        if lora.enabled(cfg):  # adapters on a frozen base, which is also DPO/IPO's reference (trainers.py)
-            policy, reference = lora.apply(cfg, policy), None
-        else:  # the original model
-            reference = modeling.load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
-        trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                                        plan)
-        if plan.checkpoint is not None:
-            trainer.resume(plan)
-    return trainer, not plan.in_place
-
-
-# ---------------------------------------------------------------- train (one process of a run)
-
-def run(cfg, local_rank=0, world=1, port=None, plan=None):
-    """Everything one rank does: join the process group, build, train, report. Returns
-    launcher.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
-    cfg = OmegaConf.create(cfg)  # a plain dict from launch
-    with launcher.process_group(cfg, local_rank, world, port) as device:
-        set_seed(cfg.seed)
-        # from before the run dir exists: a signal while the data or models load ends the run as one in
-        # training does (exit status 75, resume_from=latest continues), not with a run dir that refuses a rerun
-        with launcher.preemption_signals(cfg.preempt_signals):
-            trainer, fresh = build(cfg, device, plan)
-            with released_on_failure(trainer.run_dir, fresh):  # failing before its first metrics row: run_dir free
-                trainer.train()
-        if trainer.preempted:
-            return launcher.EXIT_PREEMPTED
-        if is_main():
-            report(cfg, trainer, device)
-        barrier()
-    return 0
-
-
-def report(cfg, trainer, device):
-    """Print the run's summary; with n_samples, answer held-out prompts greedily into samples.jsonl."""
-    print(f"run dir: {trainer.run_dir}\nnon-padding fraction of processed tokens: {trainer.padding_stats():.3f}")
-    print(eval_summary(trainer.run_dir / "metrics.jsonl", cfg.loss.name))
-    if cfg.n_samples == 0:
-        return
-    model = trainer.policy
-    if dist.is_initialized():  # a sharded policy cannot generate on one rank alone: reload the saved final/
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(str(trainer.run_dir / "final")).to(device)
-    samples = modeling.greedy_samples(model, trainer.tokenizer, trainer.eval_data, cfg.n_samples, cfg.max_new_tokens,
-                                      device)
-    with open(trainer.run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-    for s in samples[:5]:
-        print(f"\nQ: {s['prompt']}\nmodel: {s['answer']}\nreference: {s['reference']}\n"
-              f"{'exact match' if s['exact'] else 'different'}")
-    hits = sum(s["exact"] for s in samples)
-    print(f"\nheld-out exact match: {hits / len(samples):.2f} ({hits}/{len(samples)} greedy answers)")
-
-
-def eval_summary(metrics_path, loss_name):
-    """One line: the held-out nll (computed alike for every method) from the run's first evaluation to
-    its last, and the method's own eval loss beside it. Read from metrics.jsonl, so a resumed run
-    counts the evaluations of the processes before it too."""
-    evals = [row for row in map(json.loads, open(metrics_path, encoding="utf-8")) if row.get("split") == "eval"]
-    first, last = evals[0], evals[-1]
-    span = f"step {first['step']} -> {last['step']}"
-    if "nll" not in first or "nll" not in last:
-        return f"eval loss ({loss_name}'s own): {first['loss']:.4f} -> {last['loss']:.4f} ({span})"
-    return (f"eval nll: {first['nll']:.4f} -> {last['nll']:.4f} ({(last['nll'] - first['nll']) / first['nll']:+.0%}, "
-            f"{span}); {loss_name}'s own eval loss (not comparable across methods): {first['loss']:.4f} -> "
-            f"{last['loss']:.4f}")
 
 
 if __name__ == "__main__":

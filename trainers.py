@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -52,12 +51,13 @@ class BasicTrainer:
         run_dir: pathlib.Path, created by the caller.
         device: torch.device where this rank computes.
         plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
+        loss: the run's losses.Loss, as validate_config built it (None: built here from cfg.loss).
     """
 
     recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
 
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                 plan=checkpoints.ResumePlan()):
+                 plan=checkpoints.ResumePlan(), loss=None):
         self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
@@ -73,12 +73,12 @@ class BasicTrainer:
         self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
         self.warmup_steps = schedule["warmup_steps"]
 
-        self.loss = losses.build(cfg.loss)  # the registered loss with the run's options
+        self.loss = loss if loss is not None else losses.build(cfg.loss)  # the registered loss, the run's options
         # how the losses call the models (chunked output head, packing), handed to every loss call
         self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
         # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
         self.shape = flops.shape_of(policy)
-        self.train_sizes = sequence_sizes(train_data)
+        self.train_sizes = flops.sequence_sizes(train_data)
         self.peak_tflops = flops.device_peak_tflops(device, cfg.get("peak_tflops"))
         self.head_chunk = cfg.loss_chunk_tokens if forward._chunkable(policy, policy.get_output_embeddings()) else None
         self.policy = self.wrap(policy, trainable=True)
@@ -93,7 +93,7 @@ class BasicTrainer:
         self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
         if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
             self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
-            self.reference = None  # freed (once train.build returns): training runs with the policy alone
+            self.reference = None  # freed (once pipeline.build returns): training runs with the policy alone
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
@@ -170,13 +170,9 @@ class BasicTrainer:
     def step_flops(self, micro, lam):
         """Matrix-product FLOPs of one optimizer step over all ranks (flops.py). micro: the global
         batch's micro-batches (arrays of row indices)."""
-        tokens, targets = self.train_sizes
         passes = self.loss.no_grad_passes(lam) + (self.reference is not None)  # + a live reference's forward
-        return sum(flops.call_flops(self.shape, tokens[rows].ravel(), targets[rows].ravel(), passes,
-                                    lora=lora.enabled(self.cfg), head_chunk=self.head_chunk,
-                                    recompute_blocks=self.recomputes_blocks)
-                   for rows in micro if len(rows))
-
+        return flops.step_flops(self.shape, self.train_sizes, micro, passes, lora=lora.enabled(self.cfg),
+                                head_chunk=self.head_chunk, recompute_blocks=self.recomputes_blocks)
 
     def run_micro_batches(self, micro, n_rows, lam, train):
         """Forward (and backward when training) this rank's micro-batches of one global batch.
@@ -460,15 +456,6 @@ def tokenizer_as_trained(tokenizer):
     saved = copy.deepcopy(tokenizer)
     saved.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     return saved
-
-
-def sequence_sizes(data):
-    """(tokens, targets), each (N, k) int64: the real tokens and target tokens of each of row i's k
-    sequences (k = 2 with rejected answers: chosen, rejected), what one forward of the row computes."""
-    answers = ["chosen_ids"] + (["rejected_ids"] if data.pairs else [])
-    prompt = data.column_lengths("prompt_ids")  # read from the Arrow offsets, no row materialised
-    targets = np.stack([data.column_lengths(column) for column in answers], axis=1)
-    return prompt[:, None] + targets, targets
 
 
 SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress

@@ -41,6 +41,26 @@ def holds_run(path):
     return (path / "metrics.jsonl").exists() or (path / "final").exists()
 
 
+def _unwritten_claim(path):
+    """Whether `path` holds only a run's claim: an empty metrics.jsonl (reserve_run_dir), no final/."""
+    metrics = Path(path) / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size == 0 and not (Path(path) / "final").exists()
+
+
+def run_dir_taken(path, resumable=True):
+    """The refusal of a run_dir that holds a run (holds_run), telling the user what to do. A claim
+    with no row written is most often left by a run killed before its first step (kill -9, a node
+    lost), but may belong to a run still loading: only the user can tell, so it is not removed here.
+    resumable: whether resume_from can continue it in this context (check before the launch)."""
+    path = Path(path).resolve()
+    if _unwritten_claim(path):
+        return (f"run_dir={path} already holds a run that has written nothing yet (an empty metrics.jsonl: a run "
+                f"still starting, or one killed before its first step); if no run is using it, delete "
+                f"{path / 'metrics.jsonl'} and start again")
+    return f"run_dir={path} already holds a run; choose another run_dir" + (
+        ", or continue it with resume_from=latest" if resumable else "")
+
+
 def make_run_dir(run_dir, exp_name, in_place=False):
     """The run directory (run_dir, or runs/<exp_name>_<date_time>), reserved by rank 0 and shared with
     the others. Refuses a directory that already holds a run, so nothing written earlier is overwritten,
@@ -56,7 +76,7 @@ def make_run_dir(run_dir, exp_name, in_place=False):
         elif run_dir is not None:
             path = Path(run_dir).resolve()
             if not reserve_run_dir(path):
-                raise ConfigError(f"run_dir={path} already holds a run; choose another run_dir")
+                raise ConfigError(run_dir_taken(path, resumable=False))
         else:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             base = Path(f"runs/{exp_name}_{stamp}").resolve()
@@ -79,21 +99,31 @@ def reserve_run_dir(path):
     return True
 
 
+def release_run_dir(run_dir):
+    """Give back a run directory whose run wrote nothing (before its first metrics row), so that the
+    same run_dir can be used again: remove the still-empty metrics.jsonl that claims it, the
+    config.yaml written beside it, and the directory when nothing else is left in it. Returns
+    whether it was released (False: a row was written, or there is no claim)."""
+    if not _unwritten_claim(run_dir):
+        return False
+    (Path(run_dir) / "metrics.jsonl").unlink()
+    (Path(run_dir) / "config.yaml").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something else was written there
+        Path(run_dir).rmdir()
+    return True
+
+
 @contextlib.contextmanager
 def released_on_failure(run_dir, fresh):
     """Inside, a failure (an exception, Ctrl-C) before the run's first metrics row gives back the run
-    directory that make_run_dir reserved for it (fresh: not a run continued in place), so the same
-    run_dir can be used again: rank 0 removes the still-empty metrics.jsonl that claims it, the
-    config.yaml written beside it, and the directory when nothing else is left in it."""
+    directory that make_run_dir reserved for it (fresh: not a run continued in place): release_run_dir
+    on rank 0. (A rank that is killed, or a failure on another rank only, cannot get here: for spawned
+    ranks the launcher releases it, launch.spawn.)"""
     try:
         yield
     except BaseException:
-        metrics = Path(run_dir) / "metrics.jsonl"
-        if fresh and is_main() and metrics.is_file() and metrics.stat().st_size == 0:
-            metrics.unlink()
-            (Path(run_dir) / "config.yaml").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # not empty: something else was written there
-                Path(run_dir).rmdir()
+        if fresh and is_main():
+            release_run_dir(run_dir)
         raise
 
 

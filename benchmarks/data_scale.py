@@ -78,7 +78,9 @@ def run_child(cmd, env, cwd, poll=0.5):
                 cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:80]
             except (OSError, ValueError):
                 continue
-            p = peaks.setdefault(pid, {"cmd": cmdline})
+            p = peaks.setdefault(pid, {"cmd": "", "root": pid == proc.pid, "pid": pid, "ppid": int(status["PPid"])})
+            if cmdline:  # the latest (seen between fork and exec, a process still shows its parent's), but
+                p["cmd"] = cmdline  # not a zombie's, which is empty
             for key in ("VmHWM", "RssAnon", "RssFile"):
                 if key in status:
                     p[key] = max(p.get(key, 0), int(status[key].split()[0]) * 1024)
@@ -87,6 +89,19 @@ def run_child(cmd, env, cwd, poll=0.5):
     c1 = os.times()
     cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
     return time.perf_counter() - t0, cpu, proc.returncode, "".join(out), peaks
+
+
+def _role(p, peaks):
+    """'main' (the command), 'rank' (a process the launcher spawned) or 'worker of <role>' (a forked
+    tokenising worker), from the process tree run_child recorded."""
+    parent = next((v for v in peaks.values() if v["pid"] == p["ppid"]), None)
+    if p["root"]:
+        return "main"
+    if "resource_tracker" in p["cmd"]:
+        return "resource tracker"
+    if "multiprocessing" in p["cmd"] and "spawn" in p["cmd"] and parent is not None and parent["root"]:
+        return "rank"
+    return f"worker of {_role(parent, peaks)}" if parent else "worker"
 
 
 def _tree(root):
@@ -118,7 +133,8 @@ def main():
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: --max-length (a checkout that "
                    "refuses a row whose prompt fills max_length needs less)")
     p.add_argument("--parts", default="tokenise,dry_run,first_step")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="1,2", help="tokenise: worker processes to measure")
+    p.add_argument("--ranks", default="1,2", help="first_step: ranks to measure")
     p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code the children run")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ift_data_scale")
     args = p.parse_args()
@@ -158,24 +174,30 @@ def main():
         wall, cpu, rc, out, peaks = run_child([sys.executable, str(args.repo / "train.py"), "dry_run=true", *common],
                                               fresh_env(), args.repo)
         peak = max((v.get("VmHWM", 0) for v in peaks.values()), default=0)
+        main_peak = max((v.get("VmHWM", 0) for v in peaks.values() if v["root"]), default=0)
+        workers = sorted((v.get("VmHWM", 0) for v in peaks.values() if not v["root"]), reverse=True)
         results["dry_run"] = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak,
+                              "main_peak_rss_bytes": main_peak, "worker_peak_rss_bytes": workers,
                               "plan": out.strip().splitlines()[-1] if rc == 0 else out[-2000:]}
-        print(f"dry_run: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU, peak RSS {gib(peak)}")
+        print(f"dry_run: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU, peak RSS {gib(peak)} (main process "
+              f"{gib(main_peak)}; other processes: {', '.join(gib(w) for w in workers[:4]) or 'none'})")
         if rc:
             print(out[-2000:])
     if "first_step" in parts:
-        for label, extra in (("1 rank", ["trainer=BasicTrainer"]), ("2 ranks", ["trainer=FSDPTrainer", "nproc=2"])):
+        for ranks in map(int, args.ranks.split(",")):
+            label = f"{ranks} rank{'s' if ranks > 1 else ''}"
+            extra = ["trainer=BasicTrainer"] if ranks == 1 else ["trainer=FSDPTrainer", f"nproc={ranks}"]
             run_dir = tempfile.mkdtemp(dir=args.work, prefix="run_")
-            cmd = [sys.executable, str(args.repo / "train.py"), *common, *extra, "loss=sft", "batch_size=8",
-                   "eval_batch_size=8", "n_examples=8", "n_eval_examples=8", "do_first_eval=false", "n_samples=0",
+            cmd = [sys.executable, str(args.repo / "train.py"), *common, *extra, "loss=sft", "batch_size=2",
+                   "eval_batch_size=2", "n_examples=2", "n_eval_examples=2", "do_first_eval=false", "n_samples=0",
                    f"run_dir={run_dir}/run"]
             wall, cpu, rc, out, peaks = run_child(cmd, fresh_env(), args.repo)
-            ranks = sorted((v for v in peaks.values() if "train.py" in v["cmd"] or "multiprocessing" in v["cmd"]),
-                           key=lambda v: -v.get("VmHWM", 0))
-            results[f"first_step_{label}"] = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "processes": ranks}
+            procs = sorted((dict(v, role=_role(v, peaks)) for v in peaks.values()
+                            if "train.py" in v["cmd"] or "multiprocessing" in v["cmd"]), key=lambda v: -v.get("VmHWM", 0))
+            results[f"first_step_{label}"] = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "processes": procs}
             print(f"first step, {label}: exit {rc}, {wall:.1f} s wall / {cpu:.1f} s CPU; per process: " + "; ".join(
-                f"RSS peak {gib(v.get('VmHWM', 0))} (private {gib(v.get('RssAnon', 0))}, file-backed "
-                f"{gib(v.get('RssFile', 0))})" for v in ranks[:3]))
+                f"{v['role']}: RSS peak {gib(v.get('VmHWM', 0))} (private {gib(v.get('RssAnon', 0))}, file-backed "
+                f"{gib(v.get('RssFile', 0))})" for v in procs))
             if rc:
                 print(out[-3000:])
     print(json.dumps(results))

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -215,7 +216,10 @@ def mixed_length_data(args):
         ids = rng.integers(1, 32000, n).tolist()
         prompts.append(ids[: max(1, n // 4)])
         answers.append(ids[max(1, n // 4):])
-    return TokenizedData(prompt_ids=prompts, chosen_ids=answers, rejected_ids=None, prompts=[], answers=[], origins=[])
+    table = datasets.Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": answers,
+                                        "rejected_ids": [[] for _ in prompts], "row": list(range(len(prompts)))})
+    return TokenizedData(table, pairs=False, parts=[{"name": "mixed lengths", "rows": len(prompts),
+                                                     "available": len(prompts)}], split="train")
 
 
 def part_packing(args):

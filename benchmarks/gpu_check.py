@@ -289,14 +289,12 @@ def peak_rss():
 def measure(cfg, config, device, run_dir):
     """One throughput row: train cfg's steps with a fresh random model; figures from metrics.jsonl."""
     import modeling
+    import pipeline
     import run_data
-    import train
     from preference_datasets import end_of_turn_token
     from trainers import TRAINERS
 
-    import losses
-    train.validate_config(cfg, world=1)
-    loss = losses.build(cfg.loss)
+    loss = pipeline.validate_config(cfg, world=1).loss
     tokenizer = modeling.load_tokenizer(cfg)
     eot = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train_data, eval_data = run_data.load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot)
@@ -308,7 +306,7 @@ def measure(cfg, config, device, run_dir):
     else:
         reset_peak_rss()
     policy, reference = models_for(cfg, config, device, loss.needs_reference)
-    trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device)
+    trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device, loss=loss)
     del policy, reference
     trainer.save = lambda directory: None  # final/ of a random model is not what is measured
     start = time.perf_counter()

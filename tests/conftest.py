@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import config_schema
 import losses
-import train
+import pipeline
 from forward import ModelCall
 from utils import REPO_DIR
 
@@ -44,7 +44,7 @@ def torch_uses_every_core():
 
 
 # What a rank needs at once; imported once by the fork server (a name that no longer exists is skipped).
-RANK_MODULES = ["train", "trainers", "lora", "checkpoints", "preference_datasets", "transformers",
+RANK_MODULES = ["pipeline", "trainers", "lora", "checkpoints", "preference_datasets", "transformers",
                 "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
                 "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft"]
 
@@ -115,8 +115,8 @@ def read_rows(run_dir, split=None):
 def run_inprocess(run_dir, *overrides):
     """Check and run a one-process run in this process; returns its metrics rows."""
     cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    checked = pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True), checked=checked)
     return read_rows(run_dir)
 
 
@@ -125,8 +125,7 @@ def launch_run(run_dir, *overrides):
     rows of metrics.jsonl, its final weights)."""
     from safetensors.torch import load_file
     cfg = make_cfg(f"run_dir={run_dir}", *overrides)
-    train.validate_config(cfg)
-    train.launch(cfg)
+    pipeline.launch(cfg, pipeline.validate_config(cfg))
     return read_rows(run_dir, "train"), load_file(run_dir / "final" / "model.safetensors")
 
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 import losses
 import modeling
 import run_data
-import train
+import pipeline
 import trainers
 from conftest import make_cfg, read_rows, run_inprocess, run_train_py
 from preference_datasets import SOURCES, DataError, micro_batches
@@ -257,7 +257,7 @@ def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
 def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_model_loads(tmp_path, monkeypatch,
                                                                                           loss, datasets):
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", f"loss={loss}", f"datasets={datasets}")
-    train.validate_config(cfg)  # the names are valid: the problem is the data
+    pipeline.validate_config(cfg)  # the names are valid: the problem is the data
     message = r"dataset 'ultrachat_sample' \(train\) row \d+ has no rejected answer"
     with pytest.raises(DataError, match=message):
         run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=losses.build(cfg.loss).needs_pairs)
@@ -267,7 +267,7 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
 
     monkeypatch.setattr(modeling, "load_model", no_model)
     with pytest.raises(DataError, match=message):
-        train.run(OmegaConf.to_container(cfg, resolve=True))
+        pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

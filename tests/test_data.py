@@ -236,6 +236,19 @@ def test_an_unreachable_hub_dataset_says_which_key_to_point_at_a_local_copy(monk
         pd.load_normalised("ultrachat", "train")
 
 
+def test_a_hub_dataset_is_keyed_by_the_revision_the_hub_cache_resolved(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@unresolved"  # nothing cached
+    ref = tmp_path / "datasets--HuggingFaceH4--ultrachat_200k" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("1111aaaa\n")
+    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@1111aaaa"
+    ref.write_text("2222bbbb")  # a newer snapshot downloaded: another key, so no stale tokens are reused
+    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@2222bbbb"
+
+
 def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
     (tmp_path / "train_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "test_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
@@ -277,6 +290,29 @@ def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
     datasets.Dataset.from_list([GOOD, bad]).to_parquet(str(parquet))
     with pytest.raises(pd.DataError, match=r"bad\.parquet: row 1: field 'messages' has an empty"):
         pd.load_normalised(str(parquet), "train")
+
+
+def test_a_bad_row_deep_in_a_streamed_file_is_named_and_leaves_no_cache(tok, tmp_path, monkeypatch):
+    # load_split streams rows a batch at a time into Arrow: row 300 is in the second parquet batch and
+    # line 300 far into the JSON lines; the error still names file and row, and nothing looks cached
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}
+    parquet = tmp_path / "parquet" / "train.parquet"
+    parquet.parent.mkdir()
+    datasets.Dataset.from_list([GOOD] * 300 + [bad] + [GOOD] * 20).to_parquet(str(parquet))
+    jsonl = _write(tmp_path, [GOOD] * 299 + [bad] + [GOOD] * 20)
+    for path, where in ((parquet, r"train\.parquet: row 300"), (jsonl, r"bad\.jsonl: line 300")):
+        with pytest.raises(pd.DataError, match=where + ": field 'messages' has an empty final assistant turn"):
+            pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    assert not list((tmp_path / "cache" / "ift_tokenized").iterdir())
+    # the same file without the bad row: every row streamed, in order, its last 5% held out
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(321)]
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    train, test = (pd.load_split([str(parquet)], split, tok, 64, 64, pairs=False) for split in ("train", "test"))
+    assert (len(train), len(test)) == (305, 16)  # 5% of 321
+    assert list(train.questions) + list(test.questions) == [f"q{i}" for i in range(321)]
 
 
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
@@ -338,6 +374,13 @@ def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
     assert data.parts[0]["prompts_truncated"] > 0 and data.parts[0]["rows_dropped"] == 0
     assert f"{data.parts[0]['prompts_truncated']} prompts cut" in lines[0] and cut >= data.parts[0]["prompts_truncated"]
     assert all(a[-1] == tok.eos_token_id for a in data.chosen_ids)  # the end of turn is still the last target
+    # an eval subset (n_eval_examples) reports the cuts of its own rows, not those of the whole split
+    full = pd.load_split(["ultrachat_sample"], "test", tok, 4096, 4096, pairs=False)
+    for n in (1, 3, len(data)):
+        sub = data.first(n)
+        assert sub.parts[0]["prompts_truncated"] == sum(len(data.prompt_ids[i]) < len(full.prompt_ids[i]) for i in range(n))
+        assert sub.parts[0]["answers_truncated"] == sum(len(data.chosen_ids[i]) < len(full.chosen_ids[i]) for i in range(n))
+    assert data.first(len(data)).parts == data.parts
 
 
 def test_a_template_without_the_end_of_turn_token_is_refused(tok):
@@ -354,14 +397,14 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
     import modeling
-    import train
+    import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     with pytest.raises((pd.DataError, ConfigError)) as error:
-        train.launch(cfg)
+        pipeline.launch(cfg)
     assert not (tmp_path / "run").exists()
     return str(error.value)
 
@@ -371,12 +414,12 @@ def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_model
     path.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(10)))  # 9 train rows, 1 held out
     assert _refused(tmp_path, monkeypatch, f"datasets=[{path}]", "batch_size=16") == (
         f"datasets=['{path}'] have 9 training rows, fewer than one batch (batch_size=16); lower batch_size or add rows")
-    import train
+    import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     with pytest.raises(ConfigError, match=r"^n_examples=8 is smaller than batch_size=16: no optimizer step to take; "
                                           r"raise n_examples or lower batch_size$"):
-        train.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
+        pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
 
 
 def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
@@ -390,3 +433,51 @@ def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"data error: {path}: line 2: not valid UTF-8 (byte 0xe9); "
                                                 "re-encode the file as UTF-8"]
     assert not (tmp_path / "run").exists()
+
+
+def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(tok, tmp_path, monkeypatch):
+    # Two jobs on one node tokenise the same data at once. Here the second starts and finishes while the
+    # first is half way through its rows (the second is run from inside the first's encode_row): the
+    # first must still finish, and both must map the same complete entry. Before entries were built in
+    # private folders, the second emptied the folder the first was writing into.
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(200)]
+    path = _write(tmp_path, rows, "rows.jsonl")
+    encode_row, calls, inner = pd.encode_row, [], []
+
+    def first_job_halfway(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 100:
+            monkeypatch.setattr(pd, "encode_row", encode_row)  # the second job tokenises normally
+            inner.append(pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
+        return encode_row(*args, **kwargs)
+
+    monkeypatch.setattr(pd, "encode_row", first_job_halfway)
+    outer = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
+    assert len(calls) == 100 and len(inner) == 1  # the second job ran while the first was tokenising
+    expected = [encode_row(tok, [m[0]], [m[1]["content"]], pd.end_of_turn_token(tok, None))
+                for m in (r["messages"] for r in rows[:len(outer)])]
+    for data in (outer, inner[0]):
+        assert len(data) == 190  # the last 5% are held out
+        assert list(data.prompt_ids) == [p for p, _ in expected] and list(data.chosen_ids) == [a[0] for _, a in expected]
+    entries = list((tmp_path / "cache" / "ift_tokenized").iterdir())
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()  # one entry, no private folder left
+
+
+def test_a_cache_folder_that_no_build_published_is_replaced(tok, tmp_path, monkeypatch):
+    # e.g. left by a killed process of an older version, or a private folder of a process that no longer runs
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = _write(tmp_path, [GOOD] * 40, "rows.jsonl")
+    first = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    (entry,) = (tmp_path / "cache" / "ift_tokenized").iterdir()
+    (entry / "manifest.json").unlink()  # unfinished: nothing reads it
+    import socket
+    abandoned = entry.with_name(f"{entry.name}.building-{socket.gethostname()}-{2 ** 22 + 7}-0000")
+    abandoned.mkdir()
+    (abandoned / "tokens.arrow").write_bytes(b"partial")
+    again = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    assert list(again.prompt_ids) == list(first.prompt_ids) and (entry / "manifest.json").is_file()
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]

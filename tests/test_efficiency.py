@@ -16,7 +16,7 @@ import forward
 import launch
 import losses
 import modeling
-import train
+import pipeline
 import trainers
 from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
 from forward import ModelCall
@@ -321,7 +321,7 @@ def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
 ])
 def test_bad_efficiency_options_fail_with_the_key_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        train.validate_config(make_cfg(*overrides))
+        pipeline.validate_config(make_cfg(*overrides))
 
 
 def test_defaults_are_a_chunked_head_without_packing_or_compile_on_sdpa():

@@ -16,7 +16,7 @@ import lora
 import losses
 import modeling
 import run_data
-import train
+import pipeline
 from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
 
@@ -69,8 +69,8 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
     frozen under IFT's blended embeddings."""
     ift = ["loss=ift", "loss.min_lambda=0.3", "loss.max_lambda=0.3", "datasets=[ultrachat_sample]"]
     cfg = make_cfg(f"run_dir={tmp_path / 'adapter'}", *STEPS, *ift, *LORA, "lora.merge=false")
-    train.validate_config(cfg)
-    train.launch(cfg)
+    pipeline.validate_config(cfg)
+    pipeline.launch(cfg)
     assert not (tmp_path / "adapter" / "final" / "model.safetensors").exists()  # the adapter alone
     _, merged = launch_run(tmp_path / "merged", *STEPS, *ift, *LORA)
 
@@ -213,7 +213,7 @@ def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     cfg = make_cfg("lora=default", *overrides)
     with pytest.raises(ConfigError) as e:
-        train.validate_config(cfg)
+        pipeline.validate_config(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

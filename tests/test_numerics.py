@@ -19,7 +19,7 @@ import checkpoints
 import launch as launcher
 import losses
 import modeling
-import train
+import pipeline
 import utils
 from conftest import launch_run, make_cfg, read_rows
 from forward import ModelCall
@@ -49,8 +49,8 @@ def run(run_dir, *overrides, validate=True):
     """validate_config and run in this process (FSDPTrainer with nproc=1 too); returns metrics rows."""
     cfg = make_cfg(f"run_dir={run_dir}", *STEPS, *overrides)
     if validate:
-        train.validate_config(cfg)
-    train.launch(cfg)
+        pipeline.validate_config(cfg)
+    pipeline.launch(cfg)
     return read_rows(run_dir)
 
 
@@ -205,14 +205,14 @@ def test_a_nonfinite_eval_loss_follows_on_nonfinite(mode, tmp_path, monkeypatch)
 
 def _nan_on_rank0(local_rank, cfg, world, port):
     losses.batch_loss = inject_nan_gradient({2})
-    train.run(cfg, local_rank, world, port)
+    pipeline.run(cfg, local_rank, world, port)
 
 
 def test_two_ranks_skip_together_when_one_rank_has_a_nan_gradient(tmp_path):
     """The decision uses the global gradient norm, so both ranks skip (no rank steps alone, no hang)."""
     cfg = make_cfg(f"run_dir={tmp_path / 'r'}", *STEPS, "trainer=FSDPTrainer", "nproc=2", "n_examples=32",
                    "on_nonfinite=skip")
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     torch.multiprocessing.spawn(_nan_on_rank0, args=(OmegaConf.to_container(cfg, resolve=True), 2,
                                                      launcher.free_port()), nprocs=2, join=True)
     rows = [r for r in read_rows(tmp_path / "r") if r["split"] == "train"]
@@ -240,7 +240,7 @@ def test_a_diverging_run_on_two_ranks_stops_with_one_clear_line_and_no_nan_on_di
 
 def test_float16_is_refused_on_the_cpu_before_anything_loads():
     with pytest.raises(ConfigError, match=r"^model.policy_dtype=float16 is not supported on the CPU"):
-        train.validate_config(make_cfg("model.policy_dtype=float16", "device=cpu"))
+        pipeline.validate_config(make_cfg("model.policy_dtype=float16", "device=cpu"))
 
 
 def test_float16_scaler_skips_an_overflow_and_halves_the_scale_without_stopping(tmp_path, monkeypatch):
@@ -271,7 +271,7 @@ def test_a_reference_model_that_changes_during_training_stops_the_run_before_fin
     monkeypatch.setattr(losses, "batch_loss", tampering)
     cfg = make_cfg(f"run_dir={tmp_path}", *STEPS, "n_examples=16", "loss=dpo", "datasets=[ultrafeedback_sample]",
                    *lora)
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     with pytest.raises(RuntimeError, match="^the frozen reference model changed during training$"):
-        train.launch(cfg)
+        pipeline.launch(cfg)
     assert not (tmp_path / "final").exists()

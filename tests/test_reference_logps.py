@@ -16,7 +16,7 @@ import launch
 import losses
 import modeling
 import reference_logps
-import train
+import pipeline
 import trainers
 from conftest import make_cfg, read_rows, tiny_model
 from forward import ModelCall
@@ -39,8 +39,8 @@ def in_float64(patch, cache):
 
 def run(run_dir, *overrides):
     cfg = make_cfg(f"run_dir={run_dir}", *DPO, *overrides)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     return read_rows(run_dir)
 
 
@@ -96,13 +96,13 @@ def test_precomputed_sums_train_like_a_live_reference_with_no_reference_in_memor
 def _fsdp_worker(rank, cfg, port, cache):
     with pytest.MonkeyPatch.context() as patch:
         in_float64(patch, cache)
-        train.run(cfg, rank, 2, port)
+        pipeline.run(cfg, rank, 2, port)
 
 
 def test_precomputed_packed_sums_on_two_fsdp_ranks_train_like_a_live_padded_reference_in_one_process(live, tmp_path):
     cfg = make_cfg(f"run_dir={tmp_path / 'fsdp'}", *DPO, "reference_logps=precompute", "packing=true",
                    "trainer=FSDPTrainer", "nproc=2", "device=cpu")
-    train.validate_config(cfg, world=2)
+    pipeline.validate_config(cfg, world=2)
     mp.spawn(_fsdp_worker, args=(OmegaConf.to_container(cfg, resolve=True), launch.free_port(), tmp_path / "cache"),
              nprocs=2, join=True)
     # FSDP2 reduces the gradients in float32 (trainers.FSDPTrainer.wrap): the weights then differ from the

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import checkpoints
 import launch as launcher
-import train
+import pipeline
 from conftest import launch_run, make_cfg, read_rows
 from preference_datasets import TokenizedData
 from utils import REPO_DIR, ConfigError
@@ -94,7 +94,7 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     assert f"run_dir={run_dir} resume_from=latest" in out
     # the same command again is refused; with resume_from=latest it continues in the same directory
     with pytest.raises(ConfigError, match="already holds a run.*resume_from=latest"):
-        train.validate_config(make_cfg(f"run_dir={run_dir}", *STEPS))
+        pipeline.validate_config(make_cfg(f"run_dir={run_dir}", *STEPS))
     resumed = launch(run_dir, "resume_from=latest")
     assert_continues(reference, resumed, ONE_PROCESS)
     assert_each_step_once(run_dir)
@@ -211,16 +211,16 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.Checkpointer, "stop_requested", lambda self, device: next(asks) == 3)
     cfg = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                    "save_hf_checkpoints=true")
-    train.validate_config(cfg)
-    assert train.launch(cfg) == launcher.EXIT_PREEMPTED
+    pipeline.validate_config(cfg)
+    assert pipeline.launch(cfg) == launcher.EXIT_PREEMPTED
     assert sorted(checkpoints.complete_checkpoints(tmp_path)) == [2] and not (tmp_path / "final").exists()
     from transformers import AutoModelForCausalLM  # save_hf_checkpoints: the checkpoint loads for evaluation
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-2" / "hf")).__name__ == \
         "MistralForCausalLM"
     resumed = make_cfg(f"run_dir={tmp_path}", *BASE, "loss=sft", "n_examples=32", "wandb.enabled=true",
                        "resume_from=latest")
-    train.validate_config(resumed)
-    assert train.launch(resumed) == 0
+    pipeline.validate_config(resumed)
+    assert pipeline.launch(resumed) == 0
     assert [kw["id"] for kw in inits] == [None, "run-one"] and (tmp_path / "final").exists()
     assert [r["step"] for r in read_rows(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
 
@@ -229,7 +229,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
     checkpoint = reference[2] / "checkpoints" / "step-4"
     changed = ["lr=2e-3", "seed=1", "loss=sft", "datasets=[ultrachat_sample]"]
     with pytest.raises(ConfigError) as refused:
-        train.validate_config(make_cfg(f"run_dir={tmp_path / 'a'}", *BASE, *changed, f"resume_from={checkpoint}"))
+        pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'a'}", *BASE, *changed, f"resume_from={checkpoint}"))
     message = str(refused.value)
     for expected in ("lr: 0.001 in the checkpoint, 0.002 now", "seed: 0 in the checkpoint, 1 now",
                      "loss.name: 'ift' in the checkpoint, 'sft' now", "loss.gamma: 0.9 in the checkpoint, '<absent>'",
@@ -237,7 +237,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
                      "resume_force=true"):
         assert expected in message
     # settings that do not change the math may differ
-    train.validate_config(make_cfg(f"run_dir={tmp_path / 'b'}", *STEPS, "eval_every=8", "keep_last=2",
+    pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'b'}", *STEPS, "eval_every=8", "keep_last=2",
                                    "trainer=FSDPTrainer", "nproc=2", f"resume_from={checkpoint}"))
     # resume_force=true continues, with the config's lr, and says so in metrics.jsonl
     rows, _ = launch_run(tmp_path / "forced", *STEPS, "lr=2e-3", "seed=1", f"resume_from={checkpoint}",
@@ -267,6 +267,22 @@ def test_preemption_signals_are_caught_once_and_then_restored():
     assert signal.getsignal(signal.SIGUSR1) is previous and launcher.stop_signal() is None
 
 
+def _stopped_while_importing(cfg, local_rank, world, port, checked):
+    """A rank that has not installed its preemption handlers yet (still importing) dies of the signal."""
+    if cfg["case"] == "a rank gets SIGTERM" and local_rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if cfg["case"] == "the launcher gets SIGUSR1" and local_rank == 0:
+        os.kill(cfg["launcher"], signal.SIGUSR1)  # forwarded to both ranks, which have no handler yet
+    time.sleep(60)  # until the launcher's clean-up (SIGTERM) or its forwarded signal ends it
+
+
+@pytest.mark.parametrize("case", ["a rank gets SIGTERM", "the launcher gets SIGUSR1"])
+def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_preempted(case, capfd):
+    cfg = {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu", "case": case, "launcher": os.getpid()}
+    assert launcher.launch(_stopped_while_importing, cfg, signals=["SIGTERM", "SIGUSR1"]) == launcher.EXIT_PREEMPTED
+    assert "resume_from=latest continues" in capfd.readouterr().err
+
+
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-6.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-2.old.tmp").mkdir()
@@ -290,4 +306,4 @@ def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
 ])
 def test_impossible_checkpoint_settings_fail_early(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        train.validate_config(make_cfg(*overrides))
+        pipeline.validate_config(make_cfg(*overrides))

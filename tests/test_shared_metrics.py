@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import modeling
-import train
+import pipeline
 from preference_datasets import load_split
 from conftest import make_cfg
 
@@ -30,8 +30,8 @@ def mean_token_logp(model, prompt_ids, answer_ids):
 @pytest.mark.parametrize("loss", ["sft", "ift", "dpo", "orpo", "dft", "simpo"])
 def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes_them(tmp_path, loss):
     cfg = make_cfg(f"loss={loss}", f"run_dir={tmp_path / loss}", *FAST)
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     evals = [json.loads(line) for line in open(tmp_path / loss / "metrics.jsonl")]
     evals = [r for r in evals if r["split"] == "eval"]
     assert len(evals) == 3 and all({"nll", "margin", "pref_accuracy"} <= set(r) for r in evals)
@@ -51,8 +51,43 @@ def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes
 
 def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
     cfg = make_cfg("loss=sft", f"run_dir={tmp_path / 'r'}", *FAST[:-3], "datasets=[ultrachat_sample]")
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     evals = [r for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if r["split"] == "eval"]
     assert all("nll" in r and "margin" not in r for r in evals)
     assert evals[-1]["nll"] == pytest.approx(evals[-1]["loss"], rel=1e-6)  # SFT's own loss is the same mean NLL
+
+
+def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_without_trying(tmp_path, monkeypatch):
+    """run_data.load_eval_split decides before it loads (one load, no error caught), and a genuinely
+    missing split still raises the loader's message naming it."""
+    import preference_datasets as pd
+    import run_data
+    from preference_datasets import DataError
+
+    def unread(*args, **kwargs):
+        raise AssertionError("a registered dataset was read to decide")
+
+    monkeypatch.setattr(pd, "_split_rows", unread)
+    assert pd.has_rejected_answers("ultrafeedback_sample", "test") and pd.has_rejected_answers("hh", "test")
+    assert not pd.has_rejected_answers("ultrachat_sample", "test")
+    assert not pd.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
+    monkeypatch.undo()
+    own = tmp_path / "own"
+    own.mkdir()
+    row = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    (own / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "rejected": None}) + "\n")
+    assert not pd.has_rejected_answers(str(own), "test")  # one row without: no pairs
+    (own / "test.jsonl").write_text(json.dumps(row) + "\n")
+    assert pd.has_rejected_answers(str(own), "test")
+
+    loads = []
+    monkeypatch.setattr(run_data, "load_split", lambda names, split, **kw: loads.append((names, split, kw["pairs"])))
+    for names, pairs in ((["ultrachat_sample"], False), (["ultrafeedback_sample", str(own)], True),
+                         (["ultrafeedback_sample", "ultrachat_sample"], False)):
+        run_data.load_eval_split(names, {"pairs": False, "dataset_paths": None})
+        assert loads.pop() == (names, "test", pairs) and not loads  # one load, decided before it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"{empty}: no 'train' file"):
+        run_data.load_eval_split([str(empty)], {"pairs": False, "dataset_paths": None})

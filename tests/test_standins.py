@@ -12,14 +12,45 @@ import sys
 import numpy as np
 import pytest
 
+import losses
 import preference_datasets as pd
-from conftest import read_rows, run_inprocess
+from conftest import make_cfg, read_rows, run_inprocess
 from tokenizer_families import FAMILIES, build_tokenizer
 from utils import REPO_DIR
 
 ROWS = 100  # training rows per dataset; the test splits get 8
 FOLDERS = {"ultrachat": "ultrachat_200k", "ultrafeedback": "ultrafeedback_binarized", "hh": "hh-rlhf", "shp": "shp",
            "orca": "orca_dpo_pairs"}
+
+
+def closed_form_plan(cfg, data, no_grad_passes):
+    """(tokens, FLOPs) of the run's steps, by hand: the tiny model's weight matrices from its config.json;
+    per sequence of n tokens, m of them targets, a forward is 2·N_body·n + 2·N_head·m (the head at the
+    targets only) + 4·L·(heads·head_dim)·n(n+1)/2 (causal attention); a step is 3 forwards (forward and
+    backward) plus no_grad_passes, plus the head once more when its targets exceed loss_chunk_tokens
+    (the chunked head's backward recomputes the logits). One process, one micro-batch per step."""
+    c = json.loads((REPO_DIR / "models" / "tiny-mistral" / "config.json").read_text())
+    h, d = c["hidden_size"], c["num_attention_heads"] * c["head_dim"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    body = c["num_hidden_layers"] * (h * d + 2 * h * kv + d * h + 3 * h * c["intermediate_size"])
+    head = c["vocab_size"] * h
+    assert c["sliding_window"] is None and not c["tie_word_embeddings"]  # what the formula assumes
+    prompt, answers = data.column_lengths("prompt_ids"), [data.column_lengths("chosen_ids")]
+    if data.pairs:
+        answers.append(data.column_lengths("rejected_ids"))
+    steps_per_epoch = len(data) // cfg.batch_size
+    steps = min(cfg.n_epochs * steps_per_epoch, (cfg.n_examples or 10 ** 9) // cfg.batch_size)
+    tokens = total = 0
+    for step in range(steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        rows = pd.epoch_batches(data.lengths(), cfg.batch_size, cfg.seed, epoch)[i]
+        n = np.concatenate([prompt[rows] + a[rows] for a in answers]).astype(np.int64)
+        m = np.concatenate([a[rows] for a in answers]).astype(np.int64)
+        forward = (2 * body * n.sum() + 2 * head * m.sum()
+                   + 4 * c["num_hidden_layers"] * d * (n * (n + 1) // 2).sum())
+        total += (3 + no_grad_passes) * forward + (2 * head * m.sum() if m.sum() > cfg.loss_chunk_tokens else 0)
+        tokens += int(n.sum())
+    return tokens, float(total)
 
 
 @pytest.fixture(scope="module")
@@ -96,34 +127,61 @@ def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
 def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     run_dir = tmp_path / "run"
     env_cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [sys.executable, "train.py", "dry_run=true", "datasets=[ultrachat,ultrafeedback]",
-         f"dataset_paths.ultrachat={standins['ultrachat']}", f"dataset_paths.ultrafeedback={standins['ultrafeedback']}",
-         "loss=ift", "rows_per_dataset=60", "n_epochs=3", "batch_size=16", "warmup_ratio=0.15", "max_length=256",
-         "max_prompt_length=256", f"run_dir={run_dir}", "wandb.enabled=true"],
-        cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "HF_DATASETS_CACHE": str(env_cache)})
+    args = ["datasets=[ultrachat,ultrafeedback]", f"dataset_paths.ultrachat={standins['ultrachat']}",
+            f"dataset_paths.ultrafeedback={standins['ultrafeedback']}", "loss=ift", "rows_per_dataset=60", "n_epochs=3",
+            "batch_size=16", "warmup_ratio=0.15", "max_length=256", "max_prompt_length=256", f"run_dir={run_dir}",
+            "wandb.enabled=true"]
+    proc = subprocess.run([sys.executable, "train.py", "dry_run=true", *args], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "HF_DATASETS_CACHE": str(env_cache)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["rows"] == 120 and plan["rows_per_dataset"] == {"ultrachat": 60, "ultrafeedback": 60}
     assert (plan["steps_per_epoch"], plan["optimizer_steps"], plan["warmup_steps"]) == (7, 21, 3)  # 120 // 16 = 7
     assert plan["examples"] == 21 * 16 and plan["prompts_truncated"]["ultrachat"] > 0
     assert plan["rows_dropped"] == {"ultrachat": 0, "ultrafeedback": 0}
-    # tokens: every row of each epoch's 7 batches, exactly (prompt + chosen answer for IFT)
-    assert plan["tokens"] > 0 and plan["flops"] == 8 * plan["parameters"] * plan["tokens"]  # 6N + IFT's 2N
+    # tokens: every row of each epoch's 7 batches, exactly (prompt + chosen answer for IFT); FLOPs: those
+    # sequences by hand, 3 forwards' worth trained + IFT's no-grad forward (lambda = 0.2 at every step)
+    import modeling
+    import run_data
+    cfg = make_cfg(*args)
+    data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=False)
+    tokens, total = closed_form_plan(cfg, data, no_grad_passes=1)
+    assert plan["tokens"] == tokens > 0 and plan["flops"] == pytest.approx(total, rel=1e-12)
     assert "prompts cut" in proc.stdout and "random sample of 60 of its 100 rows" in proc.stdout
     assert not run_dir.exists() and "wandb" not in proc.stdout.lower()
 
 
 def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_as_long_as_the_row(standins, tmp_path):
-    rows = run_inprocess(tmp_path / "run", "loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}",
-                         "max_length=192", "max_prompt_length=192", "min_answer_tokens=32", "batch_size=8",
-                         "eval_batch_size=8", "n_examples=32", "n_eval_examples=8", "eval_every=16", "warmup_steps=0",
-                         "n_samples=2", "max_new_tokens=4")
+    import modeling
+    import planning
+    import run_data
+    args = ["loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}", "max_length=192",
+            "max_prompt_length=192", "min_answer_tokens=32", "batch_size=8", "eval_batch_size=8", "n_examples=32",
+            "n_eval_examples=8", "eval_every=16", "warmup_steps=0", "n_samples=2", "max_new_tokens=4"]
+    rows = run_inprocess(tmp_path / "run", *args)
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) == 4 and all(np.isfinite(r["loss"]) for r in train)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert len(read_rows(tmp_path / "run", "eval")) >= 2
+    # the plan (dry_run's) counts the FLOPs the trainer counted, step by step: tflops = FLOPs / step time
+    cfg = make_cfg(*args)
+    data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=False)
+    trained = sum(r["tflops"] * r["step_time_s"] * 1e12 for r in train)
+    assert planning.plan(cfg, data, losses.build(cfg.loss))["flops"] == pytest.approx(trained, rel=1e-9)
+
+
+@pytest.mark.parametrize("reference_logps", ["live", "precompute"])
+def test_the_plan_counts_a_live_reference_forward_and_none_with_precompute(reference_logps):
+    import modeling
+    import planning
+    import run_data
+    cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]", "n_examples=64", "batch_size=16",
+                   f"reference_logps={reference_logps}")
+    data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=True)
+    tokens, total = closed_form_plan(cfg, data, no_grad_passes=int(reference_logps == "live"))
+    p = planning.plan(cfg, data, losses.build(cfg.loss))
+    assert p["tokens"] == tokens and p["flops"] == pytest.approx(total, rel=1e-12)
+    assert ("reference model's forward" in p["flops_counted"]) == (reference_logps == "live")
 
 
 def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standins, monkeypatch, tmp_path):
@@ -133,7 +191,7 @@ def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standin
     tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
     kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
     first = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
-    monkeypatch.setattr(pd, "load_normalised", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    monkeypatch.setattr(pd, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
     again = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
     assert again.fingerprint == first.fingerprint and len(again) == 100
     assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory

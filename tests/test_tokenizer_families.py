@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import modeling
 import preference_datasets as pd
-import train
+import pipeline
 from conftest import make_cfg
 from tokenizer_families import FAMILIES, build_model_dir
 
@@ -105,8 +105,8 @@ def test_a_short_training_run_works_end_to_end(family_dirs, family, tmp_path, ca
                    "datasets=[ultrafeedback_sample]", "max_length=128", "max_prompt_length=64", "batch_size=8",
                    "n_examples=16", "eval_batch_size=8", "n_eval_examples=8", "eval_every=16", "warmup_steps=0",
                    "n_samples=2", "max_new_tokens=4")
-    train.validate_config(cfg)
-    train.run(OmegaConf.to_container(cfg, resolve=True))
+    pipeline.validate_config(cfg)
+    pipeline.run(OmegaConf.to_container(cfg, resolve=True))
     out = capsys.readouterr().out
     eot = END_OF_TURN[family]
     assert f"answers end with the end-of-turn token {eot!r}" in out and "target: [" in out

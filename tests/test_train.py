@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import config_schema
 import modeling
-import train
+import pipeline
 from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
 from utils import REPO_DIR, ConfigError, make_run_dir
 
@@ -51,7 +51,7 @@ def test_a_model_file_with_an_undeclared_key_or_value_is_refused(tmp_path, monke
 
 def test_defaults_are_ift_on_the_tiny_model_and_validate():
     cfg = make_cfg()
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     assert (cfg.loss.name, cfg.model.name, cfg.loss.gamma, cfg.loss.max_lambda) == ("ift", "tiny", 0.95, 0.2)
 
 
@@ -86,7 +86,7 @@ def test_defaults_are_ift_on_the_tiny_model_and_validate():
 def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=message):
-        train.validate_config(make_cfg(*overrides))
+        pipeline.validate_config(make_cfg(*overrides))
 
 
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
@@ -244,10 +244,17 @@ def test_the_command_line_keeps_hydras_flags_and_writes_short_loss_keys_long():
 def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.validate_config(make_cfg(f"run_dir={tmp_path}"))  # before anything starts
+        pipeline.validate_config(make_cfg(f"run_dir={tmp_path}"))  # before anything starts
     with pytest.raises(ConfigError, match="already holds a run"):
         make_run_dir(str(tmp_path), "x")
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+    (tmp_path / "metrics.jsonl").write_text("")  # a claim whose run wrote nothing (killed, or still starting)
+    stale = f"has written nothing yet .*if no run is using it, delete {tmp_path / 'metrics.jsonl'} and start again"
+    for refuse in (lambda: pipeline.validate_config(make_cfg(f"run_dir={tmp_path}")),
+                   lambda: make_run_dir(str(tmp_path), "x")):
+        with pytest.raises(ConfigError, match=stale):
+            refuse()
+    assert (tmp_path / "metrics.jsonl").exists()  # the user decides: it may be a run still loading
 
 
 def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(tmp_path, monkeypatch):
@@ -260,13 +267,35 @@ def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(t
     assert not (tmp_path / "run").exists()  # the empty metrics.jsonl that reserved it is gone
     monkeypatch.undo()
     with pytest.raises(ZeroDivisionError):  # now it fails in the first step, before any metrics row
-        monkeypatch.setattr(train.losses.LOSSES["ift"], "rows", lambda *a: 1 / 0)
+        monkeypatch.setattr(pipeline.losses.LOSSES["ift"], "rows", lambda *a: 1 / 0)
         run_inprocess(tmp_path / "run", *FAST, "do_first_eval=false")
     assert not (tmp_path / "run").exists()
     assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
 
 
-def _data_error_on_rank_1(cfg, local_rank, world, port, plan):
+def test_the_loss_is_built_once_and_is_the_object_the_trainer_computes_with(tmp_path, monkeypatch):
+    """validate_config builds it (checking its keys); launch hands it to the run, the trainer uses it."""
+    import losses
+    ift, built, used = losses.LOSSES["ift"], [], []
+    init, rows = ift.__init__, ift.rows
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    def recording_rows(self, *args, **kwargs):
+        used.append(self)
+        return rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(ift, "__init__", counting_init)
+    monkeypatch.setattr(ift, "rows", recording_rows)
+    cfg = make_cfg(f"run_dir={tmp_path / 'run'}", "loss=ift", "n_examples=16", "batch_size=16", "eval_batch_size=16",
+                   "n_eval_examples=16", "do_first_eval=false")
+    assert pipeline.launch(cfg, pipeline.validate_config(cfg)) == 0
+    assert len(built) == 1 and used and all(loss is built[0] for loss in used)
+
+
+def _data_error_on_rank_1(cfg, local_rank, world, port, checked):
     from preference_datasets import DataError
     if local_rank == 1:
         raise DataError("data/x.jsonl: line 3: 'messages' is missing")
@@ -277,7 +306,7 @@ def test_a_data_or_config_error_in_a_spawned_rank_comes_back_as_itself():
     traceback's text, which launch turns back into the error."""
     from preference_datasets import DataError
     with pytest.raises(DataError, match=r"^data/x.jsonl: line 3: 'messages' is missing$"):
-        train.launcher.launch(_data_error_on_rank_1, {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu"})
+        pipeline.launcher.launch(_data_error_on_rank_1, {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu"})
 
 
 def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path, monkeypatch, capfd):
@@ -330,7 +359,7 @@ echo >> {calls}
             args = config_schema.rewrite_argv(line.split("\037")[:-1])
             with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
                 cfg = compose("config", overrides=args)
-            train.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
+            pipeline.validate_config(cfg, world=1 if "BasicTrainer" in cfg.trainer else 8)
             checked.append((script.name, cfg.loss.name, cfg.model.name))
             if extra == ["dry_run=true"]:  # no run may train, nor read a model that an earlier run would write
                 assert cfg.dry_run and "/final" not in cfg.model.name_or_path, (script.name, line)
@@ -368,7 +397,7 @@ def test_from_scratch_initialises_from_config_json_seeded_by_seed():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[name], other_seed[name]) and not torch.equal(a[name], pretrained[name])
     with pytest.raises(ConfigError, match="model.from_scratch='yes' is not allowed"):
-        train.validate_config(make_cfg("model.from_scratch=yes"))
+        pipeline.validate_config(make_cfg("model.from_scratch=yes"))
 
 
 def test_the_end_of_run_summary_reads_every_evaluation_of_a_resumed_run_and_compares_by_nll(tmp_path, capsys):
@@ -380,7 +409,34 @@ def test_the_end_of_run_summary_reads_every_evaluation_of_a_resumed_run_and_comp
             {"split": "eval", "step": 6, "loss": 5.12, "nll": 4.13}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = types.SimpleNamespace(run_dir=tmp_path, padding_stats=lambda: 0.9, eval_losses=[4.8114, 5.12])
-    train.report(make_cfg("loss=dft"), trainer, torch.device("cpu"))
+    pipeline.report(make_cfg("loss=dft"), trainer, torch.device("cpu"))
     out = capsys.readouterr().out
     assert f"eval nll: 6.8300 -> 4.1300 ({(4.13 - 6.83) / 6.83:+.0%}, step 0 -> 6)" in out and "-40%" in out
     assert "dft's own eval loss (not comparable across methods): 2.0000 -> 5.1200" in out
+
+
+def _rank_fails_before_its_first_row(cfg, local_rank, world, port, checked):
+    """pipeline.run on two ranks, one of which dies in train() before any metrics row: killed (rank
+    0, which holds the claim, so it cannot release it), or raising (rank 1 only)."""
+    import trainers
+    if local_rank == 0 and cfg["exp_name"] == "killed":
+        trainers.BasicTrainer.train = lambda self: os.kill(os.getpid(), __import__("signal").SIGKILL)
+    if local_rank == 1 and cfg["exp_name"] == "raises":
+        trainers.BasicTrainer.train = lambda self: 1 / 0
+    return pipeline.run(cfg, local_rank, world, port, checked)
+
+
+@pytest.mark.parametrize("how", ["killed", "raises"])
+def test_a_spawned_run_that_dies_before_its_first_row_leaves_its_run_dir_free(tmp_path, how):
+    """The launcher gives back the run_dir that rank 0 reserved: the empty metrics.jsonl would refuse it."""
+    import launch
+    import torch.multiprocessing as mp
+    run_dir = tmp_path / "run"
+    # preempt_signals=null: the launcher's clean-up (SIGTERM) then ends the surviving rank at once
+    cfg = make_cfg(f"run_dir={run_dir}", *FAST, "trainer=FSDPTrainer", "nproc=2", "device=cpu", f"exp_name={how}",
+                   "preempt_signals=null")
+    checked = pipeline.validate_config(cfg)
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        launch.launch(_rank_fails_before_its_first_row, OmegaConf.to_container(cfg, resolve=True), checked)
+    assert not run_dir.exists()
+    pipeline.validate_config(cfg)  # the same run_dir is accepted again

@@ -2,13 +2,13 @@
 
     python -m experiments.frozen_lake_paper.run --out runs/frozen_lake_paper [--quick] [--jobs 2]
 
-One training run = one method, one setting, one map, one seed: `train.run` (what `python train.py`
+One training run = one method, one setting, one map, one seed: `pipeline.run` (what `python train.py`
 runs after composing its config) on the map's single (optimal, sub-optimal) row, from a zero-layer
 Mistral with random weights (build.py), then the final policy's transition matrix is scored against
 value iteration's (lake.py). Runs are done in this process and its worker processes, not as
 hundreds of `python train.py` commands, only to save the interpreter start-up of each; the config is
 composed by Hydra from config/ exactly as the command line would, and checked by
-`train.validate_config`. A run directory that already holds scores.json is reused, so a stopped
+`pipeline.validate_config`. A run directory that already holds scores.json is reused, so a stopped
 sweep continues where it stopped.
 
 Protocol: validation maps (lake.VALIDATION_MAPS) choose each method's setting from its declared grid
@@ -62,7 +62,7 @@ def compose(method, setting, model_dir, data_dir, steps):
     from omegaconf import OmegaConf
 
     import config_schema
-    import train
+    import pipeline
 
     overrides = [f"loss={method}", "model=tiny", f"model.name_or_path={model_dir}", "model.from_scratch=true",
                  "device=cpu", "optimizer=AdamW", "lr_schedule=constant", "warmup_steps=0",
@@ -72,7 +72,7 @@ def compose(method, setting, model_dir, data_dir, steps):
     overrides += [f"{k}={v}" for k, v in setting.items()]
     with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
         cfg = hydra_compose("config", overrides=config_schema.expand_short_overrides(overrides))
-    train.validate_config(cfg)
+    pipeline.validate_config(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -98,7 +98,7 @@ def train_and_score(task):
     """One run (task: cfg dict, map, run_dir, data_dir): train, score, write scores.json; returns scores."""
     import torch
 
-    import train
+    import pipeline
     from experiments.frozen_lake_paper import lake
 
     cfg, desc, run_dir, data_dir = task
@@ -114,7 +114,7 @@ def train_and_score(task):
     cfg = {**cfg, "datasets": [str(data_dir)], "run_dir": str(run_dir)}
     log = Path(str(run_dir) + ".log")
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train.run(cfg)
+        pipeline.run(cfg)
     log.unlink()
     P = lake.policy_transitions(desc, policy_logits(Path(run_dir) / "final", desc))
     scores = {**lake.scores(desc, P), "_cpu_s": time.process_time() - cpu0}
