@@ -111,8 +111,12 @@ def test_results_hold_per_seed_success_with_mean_and_sample_std(tmp_path):
     assert out["sft"] == {"success_rate": [0.25], "mean": 0.25, "std": 0.0, "n_seeds": 1}
 
 
-def test_quick_mode_runs_every_method_end_to_end_and_writes_report_and_results(tmp_path):
-    methods = ["sft", "ift", "dpo", "orpo", "dft"]
+def test_quick_mode_runs_the_pipeline_end_to_end_and_writes_report_and_results(tmp_path):
+    # The script has two kinds of job: DPO's sequential recipe (an SFT stage, then DPO from it) and one
+    # train.py run for every other method (sft, orpo and dft take IFT's path with another loss=; each
+    # loss's training is tested in test_baselines / test_losses_*). IFT also draws the IFT-only plots.
+    # Two methods cover every line of the pipeline at a third of the five methods' cost.
+    methods = ["ift", "dpo"]
     env = dict(os.environ, QUICK="1", OUT=str(tmp_path / "fl"), PYTHON=sys.executable, METHODS=" ".join(methods))
     proc = subprocess.run(["bash", str(REPO_DIR / "commands" / "run_frozen_lake.sh")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
@@ -126,8 +130,8 @@ def test_quick_mode_runs_every_method_end_to_end_and_writes_report_and_results(t
         assert metrics["n_maps"] == 16 and metrics["success_rate"] == r["success_rate"][0]
     report = (out / "report.md").read_text()
     # the DPO stage trains on half the budget (after its SFT half): its label says so
-    for label in ("| sft |", "| ift |", "| sft → dpo, n_examples=64 |", "| orpo |", "| dft |"):
-        assert label in report
+    # a group is labelled by its method and the settings that tell it from the other group
+    assert "\n| ift, " in report and "\n| sft → dpo, n_examples=64 |" in report
     for png in ("eval_nll.png", "lambda.png", "relation_propagation.png", "ift_seed0_frozen_lake_path.png"):
         assert (out / png).stat().st_size > 10_000, png
     # the DPO run starts from the SFT half of its recipe, which is also its reference
