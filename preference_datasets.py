@@ -469,6 +469,9 @@ def source_identity(name, dataset_paths=None):
     return json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
+HUB_TIMEOUT_S = 10  # seconds _hub_revision waits for the hub before falling back to the local cache's record
+
+
 def _hub_revision(hub_id):
     """The commit of a hub dataset's main branch that load_dataset reads: asked of the hub when online;
     offline (or unreachable), the commit the local hub cache's refs/main records (what the last online
@@ -476,8 +479,8 @@ def _hub_revision(hub_id):
     import datasets
     from huggingface_hub import HfApi, constants
     if not (constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE):
-        try:
-            return HfApi().dataset_info(hub_id).sha
+        try:  # bounded: every rank asks, and a hung connection must not stall a node's start for minutes
+            return HfApi().dataset_info(hub_id, timeout=HUB_TIMEOUT_S).sha
         except Exception:  # unreachable, or not found: load_dataset names the problem
             pass
     ref = Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}" / "refs" / "main"

@@ -249,6 +249,26 @@ def test_a_hub_dataset_is_keyed_by_the_revision_the_hub_cache_resolved(tmp_path,
     assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@2222bbbb"
 
 
+def test_online_a_hub_that_does_not_answer_in_time_falls_back_to_the_hub_caches_revision(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    asked = []
+
+    def dataset_info(self, repo_id, timeout=None, **kwargs):
+        asked.append((repo_id, timeout))
+        raise TimeoutError("read timed out")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    ref = tmp_path / "datasets--HuggingFaceH4--ultrachat_200k" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("3333cccc")
+    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@3333cccc"
+    assert asked == [("HuggingFaceH4/ultrachat_200k", pd.HUB_TIMEOUT_S)] and 0 < pd.HUB_TIMEOUT_S <= 30
+
+
 def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
     (tmp_path / "train_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "test_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
