@@ -449,13 +449,25 @@ def has_rejected_answers(name, split, dataset_paths=None):
     """Whether every `split` row of dataset `name` has a rejected answer. A registered dataset (also
     its _sample, and a dataset_paths copy in its schema) is answered by the registry (Source.pairs)
     without reading a row; a file or folder of your own by its rows, streamed (one bool kept per row;
-    a missing split or a bad row raises _split_rows' DataError, which names it)."""
+    a missing split or a bad row raises _split_rows' DataError, which names it), once per version of
+    its files."""
     _, source = _locate(name, dataset_paths)
     if source is not None:
         return source.pairs
+    # Remembered beside the tokenised data under a key of the same source identity (paths, sizes,
+    # modification times): every run start and every rank asks, and only the first reads the rows.
+    key = hashlib.sha256(json.dumps(["has_rejected", source_identity(name, dataset_paths), split]).encode())
+    memo = _cache_folder(key.hexdigest()[:32]).with_suffix(".json")
+    if memo.is_file():
+        return json.loads(memo.read_text())
     rows, held_out = _split_rows(name, split, dataset_paths)
     has = [row["rejected"] is not None for _, row in rows]
-    return all(has[i] for i in (_held_out(len(has), held_out) if held_out else range(len(has))))
+    answer = all(has[i] for i in (_held_out(len(has), held_out) if held_out else range(len(has))))
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # whole or absent for a rank reading it meanwhile
+    tmp.write_text(json.dumps(answer))
+    tmp.replace(memo)
+    return answer
 
 
 def source_identity(name, dataset_paths=None):

@@ -73,6 +73,8 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     assert not pd.has_rejected_answers("ultrachat_sample", "test")
     assert not pd.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
     monkeypatch.undo()
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     own = tmp_path / "own"
     own.mkdir()
     row = {"prompt": "q", "chosen": "a", "rejected": "b"}
@@ -80,6 +82,9 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     assert not pd.has_rejected_answers(str(own), "test")  # one row without: no pairs
     (own / "test.jsonl").write_text(json.dumps(row) + "\n")
     assert pd.has_rejected_answers(str(own), "test")
+    with monkeypatch.context() as m:  # asked again (the next run, another rank): answered without a row read
+        m.setattr(pd, "_split_rows", lambda *a, **k: pytest.fail("the file's rows were read again"))
+        assert pd.has_rejected_answers(str(own), "test")
 
     loads = []
     monkeypatch.setattr(run_data, "load_split", lambda names, split, **kw: loads.append((names, split, kw["pairs"])))
