@@ -16,6 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-eval: $(VENV)/.installed requirements-eval.txt
@@ -40,7 +41,7 @@ eval: $(VENV)/.installed-eval
 		$(PY) run_eval.py $(RUN) $(EVAL_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/ift_cost.py
+	$(PY) -m benchmarks.ift_cost
 
 clean:
 	rm -rf runs outputs .pytest_cache

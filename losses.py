@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from forward import ModelCall
-from options import check, default_of, option
-from scan import discounted_cumsum
+from training.options import check, default_of, option
+from training.scan import discounted_cumsum
 from utils import ConfigError
 
 PREFERENCE_LOSS_TYPES = ("dpo", "ipo")
@@ -62,7 +62,7 @@ class Loss:
 
     def no_grad_passes(self, lam):
         """Forwards of the policy without gradient that `rows` makes per micro-batch besides the trained
-        one (the FLOPs count, flops.py); a reference model's forward is counted by the trainer."""
+        one (the FLOPs count, training/flops.py); a reference model's forward is counted by the trainer."""
         return 0
 
     def rows(self, call, policy, reference, batch, lam):

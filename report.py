@@ -104,7 +104,7 @@ ABSENT = "<absent>"  # a key the run's config does not have (another loss's keys
 def grouping_keys(runs):
     """The config keys that tell settings apart: those that change the math (config_schema.NOT_MATH,
     the declaration resume uses too), less the seed, which is pooled."""
-    from config_schema import changes_the_math
+    from training.config_schema import changes_the_math
 
     return sorted(k for k in {k for r in runs for k in r["config"]} if k != "seed" and changes_the_math(k))
 
@@ -332,8 +332,9 @@ def relation_propagation_example(run, row_index=0):
 
     import losses
     from forward import ModelCall
-    from preference_datasets import collate, load_split
-    from modeling import load_tokenizer
+    from training.batching import collate
+    from training.tokenization import load_split
+    from training.modeling import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     cfg = OmegaConf.load(run["path"] / "config.yaml")

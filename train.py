@@ -6,10 +6,10 @@
     python train.py trainer=FSDPTrainer               # FSDP2, one process per GPU (or nproc on the CPU)
     torchrun --nnodes 2 --nproc_per_node 8 train.py trainer=FSDPTrainer ...   # joins torchrun's launch
 
-A run is compose (Hydra, here) -> check (config_schema.py's declarations, `pipeline.validate_config`)
+A run is compose (Hydra, here) -> check (training/config_schema.py's declarations, `pipeline.validate_config`)
 -> build (data, run directory, models: `pipeline.build`) -> launch (`pipeline.launch`) -> train and
 report (`pipeline.run`). Every dataset row is checked before any model loads, so a typo never costs
-a 7B model load. Code that starts runs itself (experiments/, benchmarks/) calls pipeline.py, not this file.
+a 7B model load. Code that starts runs itself (experiments/, benchmarks/) calls training/pipeline.py, not this file.
 """
 
 import sys
@@ -17,12 +17,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import config_schema
-import modeling
-import planning
-import run_data
-from pipeline import launch, validate_config
-from sweeps import sweep_run_dir
+from training import config_schema
+from training import modeling
+from training import planning
+from training import run_data
+from training.pipeline import launch, validate_config
+from training.sweeps import sweep_run_dir
 from utils import ConfigError, NonFiniteError
 
 

@@ -25,16 +25,16 @@ import time
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import flops
+from training import checkpoints
+from training import flops
 import forward
-import lora
+from training import lora
 import losses
-import modeling
-import planning
-import reference_logps
+from training import modeling
+from training import planning
+from training import reference_logps
 from forward import ModelCall
-from preference_datasets import collate, epoch_batches, eval_batches, micro_batches
+from training.batching import collate, epoch_batches, eval_batches, micro_batches
 from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, \
     world_size
 
@@ -76,7 +76,7 @@ class BasicTrainer:
         self.loss = loss if loss is not None else losses.build(cfg.loss)  # the registered loss, the run's options
         # how the losses call the models (chunked output head, packing), handed to every loss call
         self.call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)
-        # the FLOPs count of each step (flops.py): the model's shape and each row's sequence sizes
+        # the FLOPs count of each step (training/flops.py): the model's shape and each row's sequence sizes
         self.shape = flops.shape_of(policy)
         self.train_sizes = flops.sequence_sizes(train_data)
         self.peak_tflops = flops.device_peak_tflops(device, cfg.get("peak_tflops"))
@@ -168,7 +168,7 @@ class BasicTrainer:
     # ------------------------------------------------------------ the loop
 
     def step_flops(self, micro, lam):
-        """Matrix-product FLOPs of one optimizer step over all ranks (flops.py). micro: the global
+        """Matrix-product FLOPs of one optimizer step over all ranks (training/flops.py). micro: the global
         batch's micro-batches (arrays of row indices)."""
         passes = self.loss.no_grad_passes(lam) + (self.reference is not None)  # + a live reference's forward
         return flops.step_flops(self.shape, self.train_sizes, micro, passes, lora=lora.enabled(self.cfg),
@@ -407,7 +407,7 @@ class BasicTrainer:
 
     def save_checkpoint(self, step):
         """checkpoints/step-<step>/: sharded model and optimizer state plus everything resume needs
-        (checkpoints.py); every rank writes its own shards."""
+        (training/checkpoints.py); every rank writes its own shards."""
         self.checkpointer.save(self, step)
 
     def resume(self, plan):

@@ -1,4 +1,4 @@
-"""How long a checkpoint takes to save and to resume, with 1 and 2 ranks (checkpoints.py).
+"""How long a checkpoint takes to save and to resume, with 1 and 2 ranks (training/checkpoints.py).
 
 For each rank count R: a run of `train.py` writes checkpoints/step-2 and step-4 (save_every), then a
 second run resumes from step-4 into a new run directory. Both print their timings ("saved ... in X s", "resumed ...

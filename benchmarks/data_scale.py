@@ -5,7 +5,7 @@
 
 Writes --rows stand-in UltraChat rows (scripts/make_standins.py, the hub's parquet layout, real length
 shapes) once under --work, then measures, each in a fresh process with its own empty datasets cache:
-  tokenise   preference_datasets.load_split on the training split (read, normalise, sample, tokenise):
+  tokenise   tokenization.load_split on the training split (read, normalise, sample, tokenise):
              tokens/s with 1 and with 2 worker processes (num_proc; a checkout without it: 1 only),
              wall and CPU time, the process's peak RSS (VmHWM) and the tokens produced.
   dry_run    `python train.py dry_run=true` on those rows (max_length 4096): wall time and peak RSS.
@@ -36,18 +36,18 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE"
 
 TOKENISE = r"""
 import inspect, json, os, resource, sys, time
-sys.path.insert(0, {repo!r})
 from transformers import AutoTokenizer
 import preference_datasets as pd
-tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained({tokenizer!r}))
+from training import tokenization
+tok = tokenization.ensure_chat_template(AutoTokenizer.from_pretrained({tokenizer!r}))
 kw = dict(tokenizer=tok, max_length={max_length}, max_prompt_length={max_prompt_length}, pairs=False,
           dataset_paths={{"ultrachat": {data!r}}})
-if "num_proc" in inspect.signature(pd.load_split).parameters:
+if "num_proc" in inspect.signature(tokenization.load_split).parameters:
     kw["num_proc"] = {workers}
 elif {workers} != 1:
     print(json.dumps({{"unsupported": "num_proc"}})); sys.exit(0)
 t0, c0 = time.perf_counter(), os.times()
-data = pd.load_split(["ultrachat"], "train", **kw)
+data = tokenization.load_split(["ultrachat"], "train", **kw)
 wall, c1 = time.perf_counter() - t0, os.times()
 cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
 tokens = int(data.lengths().sum())
@@ -140,8 +140,8 @@ def main():
     args = p.parse_args()
     data = args.work / f"ultrachat_{args.rows}"
     if not (data / "ultrachat_200k" / "data").is_dir():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_standins.py"), str(data), "--rows", str(args.rows),
-                        "--datasets", "ultrachat"], check=True)
+        subprocess.run([sys.executable, "-m", "scripts.make_standins", str(data), "--rows", str(args.rows),
+                        "--datasets", "ultrachat"], check=True, cwd=REPO)
     data = data / "ultrachat_200k"
     tokenizer = str(REPO / "models" / "tiny-mistral")
     print(f"repo {args.repo}, {args.rows} stand-in UltraChat rows, max_length {args.max_length}, "
@@ -158,7 +158,8 @@ def main():
             code = TOKENISE.format(repo=str(args.repo), tokenizer=tokenizer, max_length=args.max_length,
                                    data=str(data), workers=workers,
                                    max_prompt_length=args.max_prompt_length or args.max_length)
-            wall, cpu, rc, out, _ = run_child([sys.executable, "-c", code], fresh_env(), args.repo, poll=None)
+            wall, cpu, rc, out, _ = run_child([sys.executable, "-c", code], {**fresh_env(), "PYTHONPATH": str(args.repo)},
+                                              args.repo, poll=None)
             line = out.strip().splitlines()[-1] if out.strip() else ""
             r = json.loads(line) if rc == 0 and line.startswith("{") else {"error": out[-2000:]}
             results[f"tokenise_{workers}"] = r

@@ -27,27 +27,24 @@ measured in the same run; the load average is printed.
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+import forward
+import losses
+from forward import ModelCall
+from benchmarks.ift_cost import LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes, \
+    optimizer_bytes, tensor_bytes
+from training.tokenization import TokenizedData
+from training.batching import collate, epoch_batches
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-
-import forward  # noqa: E402
-import losses  # noqa: E402
-from forward import ModelCall  # noqa: E402
-from ift_cost import LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes, \
-    optimizer_bytes, tensor_bytes  # noqa: E402
-from preference_datasets import TokenizedData, collate, epoch_batches  # noqa: E402
 
 MIB = 2 ** 20
 

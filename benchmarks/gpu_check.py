@@ -19,7 +19,7 @@ still leaves what was measured):
               real data. SFT, IFT and DPO by BasicTrainer and by FSDPTrainer in one process; DPO with
               reference_logps=precompute; padded against packed (sdpa, and flash_attention_2 when
               flash-attn imports); compile off against on. Each row: the medians over the steps after
-              the first two of tokens/s, tflops and MFU (flops.py), and torch.cuda.max_memory_allocated
+              the first two of tokens/s, tflops and MFU (training/flops.py), and torch.cuda.max_memory_allocated
               over the run; the losses must be finite (and fall for SFT and IFT).
   resume      the tiny model on the device: a run with save_every, one stopped by SIGTERM (exit 75,
               checkpoint written) and continued with resume_from=latest: its losses against the
@@ -48,10 +48,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 WORDS = ("the a of to and in is it that for on with as was at by be this from or have an they which one you were "
          "her all she there would their we him been has when who will more no if out so said what up its about "
@@ -160,7 +159,7 @@ def write_synthetic_data(folder, n_train, n_test, seed=0):
 
 def compose(*overrides):
     """The run config for these overrides, as train.py composes it (short loss keys allowed)."""
-    import config_schema
+    from training import config_schema
     from hydra import compose as hydra_compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
         return hydra_compose("config", overrides=config_schema.expand_short_overrides(list(overrides)))
@@ -288,10 +287,10 @@ def peak_rss():
 
 def measure(cfg, config, device, run_dir):
     """One throughput row: train cfg's steps with a fresh random model; figures from metrics.jsonl."""
-    import modeling
-    import pipeline
-    import run_data
-    from preference_datasets import end_of_turn_token
+    from training import modeling
+    from training import pipeline
+    from training import run_data
+    from training.tokenization import end_of_turn_token
     from trainers import TRAINERS
 
     loss = pipeline.validate_config(cfg, world=1).loss
@@ -443,7 +442,7 @@ def resume(report, args, out, device):
 def main(argv=None):
     args = parse_args(argv)
     from transformers import MistralConfig
-    import launch
+    from training import launch
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +450,7 @@ def main(argv=None):
     device = torch.device("cuda" if cuda else "cpu")
     args.steps = args.steps or (3 if args.smoke else 8)
     if cuda:
-        import flops
+        from training import flops
         peak, peak_note = flops.device_peak_tflops(device), "the card's data-sheet bf16 dense peak, flops.PEAK_TFLOPS"
     else:
         peak, peak_note = cpu_matmul_tflops(), "this CPU's measured float32 1024x1024 matmul rate, not a data sheet"

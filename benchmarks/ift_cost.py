@@ -90,18 +90,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
+import forward
+import losses
+from training import scan
+from forward import ModelCall
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-import forward  # noqa: E402
-import losses  # noqa: E402
-import scan  # noqa: E402
-from forward import ModelCall  # noqa: E402
 
 MIB = 2 ** 20
 

@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-import config_schema
+from training import config_schema
 import losses
-import pipeline
+from training import pipeline
 from forward import ModelCall
 from utils import REPO_DIR
 

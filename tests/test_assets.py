@@ -312,7 +312,7 @@ def test_model_dir_small():
 # ------------------------------------------------------------------------------ reproducibility
 
 def test_sample_data_is_reproducible(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_data.py"), "--out", str(tmp_path)],
+    subprocess.run([sys.executable, "-m", "scripts.make_sample_data", "--out", str(tmp_path)],
                    check=True, cwd=ROOT, capture_output=True)
     for rel in FILES:
         assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), f"{rel} differs from the script"
@@ -320,7 +320,7 @@ def test_sample_data_is_reproducible(tmp_path):
 
 def test_tiny_model_is_reproducible(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(tmp_path / "m")],
+    subprocess.run([sys.executable, "-m", "scripts.make_tiny_model", "--out", str(tmp_path / "m")],
                    check=True, cwd=ROOT, capture_output=True, env=env)
     for name in ("tokenizer.json", "model.safetensors", "config.json"):
         assert (tmp_path / "m" / name).read_bytes() == (MODEL / name).read_bytes(), f"{name} differs"

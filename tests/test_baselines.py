@@ -22,12 +22,13 @@ import torch
 from omegaconf import OmegaConf
 
 import losses
-import modeling
-import run_data
-import pipeline
+from training import modeling
+from training import run_data
+from training import pipeline
 import trainers
 from conftest import make_cfg, read_rows, run_inprocess, run_train_py
-from preference_datasets import SOURCES, DataError, micro_batches
+from preference_datasets import SOURCES, DataError
+from training.batching import micro_batches
 from utils import REPO_DIR
 
 FIT_ROWS = 64  # training pairs of the learning tests, also their eval set

@@ -8,16 +8,10 @@ someone re-measures the README.
 """
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import efficiency  # noqa: E402
-import ift_cost  # noqa: E402
+from benchmarks import efficiency, ift_cost
 
 TOY = ["--hidden", "32", "--layers", "1", "--threads", "0"]
 

@@ -8,16 +8,22 @@ import torch
 from transformers import AutoTokenizer
 
 import preference_datasets as pd
+
+from training import batching
+
+from training import sources
+
+from training import tokenization
 from utils import REPO_DIR
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral")))
+    return tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral")))
 
 
 def _tokenize(tok, rows, pairs=False, max_length=512, max_prompt_length=256):
-    return pd.tokenize_rows(rows, tok, max_length, max_prompt_length, pairs)
+    return tokenization.tokenize_rows(rows, tok, max_length, max_prompt_length, pairs)
 
 
 def _decode_targets(tok, batch, i, prefix=""):
@@ -37,7 +43,7 @@ MULTI = {"prompt": [{"role": "system", "content": "Be brief."},
 @pytest.mark.parametrize("row", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
 def test_labels_cover_exactly_the_final_answer_and_its_end_of_turn_token(tok, row):
     data = _tokenize(tok, [row], pairs=True)
-    batch = pd.collate(data, [0], tok.pad_token_id)
+    batch = batching.collate(data, [0], tok.pad_token_id)
     for side, answer in (("chosen_", row["chosen"]), ("rejected_", row["rejected"])):
         assert _decode_targets(tok, batch, 0, side) == answer + tok.eos_token
         ids, labels = batch[f"{side}input_ids"][0], batch[f"{side}labels"][0]
@@ -54,7 +60,7 @@ def test_labels_cover_exactly_the_final_answer_and_its_end_of_turn_token(tok, ro
 
 def test_sft_batches_use_the_chosen_answer_as_target(tok):
     data = _tokenize(tok, [MULTI, SINGLE])
-    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    batch = batching.collate(data, [0, 1], tok.pad_token_id)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert _decode_targets(tok, batch, 0) == "Banana." + tok.eos_token
     assert _decode_targets(tok, batch, 1) == "Two plus three is five." + tok.eos_token
@@ -63,27 +69,27 @@ def test_sft_batches_use_the_chosen_answer_as_target(tok):
 def test_truncation_keeps_the_end_of_the_prompt_its_bos_and_the_end_of_turn_token():
     prompt = list(range(100, 160))  # 60 prompt tokens, first one stands for bos
     answers = [list(range(1, 41)), list(range(1, 11))]
-    p, (a, b), flags = pd.truncate(prompt, answers, max_length=48, max_prompt_length=16, min_answer_tokens=8)
+    p, (a, b), flags = tokenization.truncate(prompt, answers, max_length=48, max_prompt_length=16, min_answer_tokens=8)
     assert p == [100] + list(range(145, 160))  # bos + the last 15 tokens
-    assert len(p) + max(len(a), len(b)) <= 48 and flags == pd.PROMPT_CUT | pd.ANSWER_CUT
+    assert len(p) + max(len(a), len(b)) <= 48 and flags == tokenization.PROMPT_CUT | tokenization.ANSWER_CUT
     # both answers cut to the same room, keeping their last (end-of-turn) token; b fits whole
     assert a == list(range(1, 32)) + [40] and b == answers[1]
     # nothing to cut: unchanged
-    assert pd.truncate([1, 2], [[3]], 10, 5, 4) == ([1, 2], [[3]], 0)
+    assert tokenization.truncate([1, 2], [[3]], 10, 5, 4) == ([1, 2], [[3]], 0)
 
 
 def test_a_prompt_as_long_as_max_length_is_cut_so_that_the_answers_keep_min_answer_tokens():
     prompt = list(range(100, 160))
     answers = [list(range(1, 41)), list(range(1, 11))]
     # max_prompt_length == max_length (the paper's 1024 / 1024): the prompt leaves min_answer_tokens
-    p, (a, b), flags = pd.truncate(prompt, answers, max_length=48, max_prompt_length=48, min_answer_tokens=8)
+    p, (a, b), flags = tokenization.truncate(prompt, answers, max_length=48, max_prompt_length=48, min_answer_tokens=8)
     assert p == [100] + list(range(121, 160)) and len(p) == 40  # bos + the last 39 prompt tokens
     assert a == list(range(1, 8)) + [40] and b == list(range(1, 8)) + [10]  # 8 each, end of turn kept
-    assert flags == pd.PROMPT_CUT | pd.ANSWER_CUT
+    assert flags == tokenization.PROMPT_CUT | tokenization.ANSWER_CUT
     # an answer shorter than min_answer_tokens only needs its own length; the reserve is at most max_length // 2
-    p, (a,), _ = pd.truncate(prompt, [[1, 2, 3]], 48, 48, 8)
+    p, (a,), _ = tokenization.truncate(prompt, [[1, 2, 3]], 48, 48, 8)
     assert len(p) == 45 and a == [1, 2, 3]
-    p, (a,), _ = pd.truncate(prompt, [list(range(1, 41))], 48, 48, 1000)
+    p, (a,), _ = tokenization.truncate(prompt, [list(range(1, 41))], 48, 48, 1000)
     assert len(p) == 24 and len(a) == 24 and a[-1] == 40
 
 
@@ -99,9 +105,9 @@ def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok
 
 def test_epoch_batches_are_deterministic_for_a_seed_and_length_grouped():
     lengths = np.random.default_rng(0).integers(5, 200, size=1000)
-    a = pd.epoch_batches(lengths, 32, seed=1, epoch=0)
-    b = pd.epoch_batches(lengths, 32, seed=1, epoch=0)
-    c = pd.epoch_batches(lengths, 32, seed=1, epoch=1)
+    a = batching.epoch_batches(lengths, 32, seed=1, epoch=0)
+    b = batching.epoch_batches(lengths, 32, seed=1, epoch=0)
+    c = batching.epoch_batches(lengths, 32, seed=1, epoch=1)
     assert all((x == y).all() for x, y in zip(a, b)) and len(a) == 1000 // 32
     assert any((x != y).any() for x, y in zip(a, c))
     flat = np.concatenate(a)
@@ -114,7 +120,7 @@ def test_batches_pad_only_to_their_longest_row(tok):
     rows = [dict(SINGLE, chosen="Five." * k) for k in (1, 3, 9)]
     data = _tokenize(tok, rows)
     for idx in ([0], [0, 1], [0, 1, 2]):
-        batch = pd.collate(data, idx, tok.pad_token_id)
+        batch = batching.collate(data, idx, tok.pad_token_id)
         longest = max(len(data.prompt_ids[i]) + len(data.chosen_ids[i]) for i in idx)
         assert batch["input_ids"].shape == (len(idx), longest)
         assert batch["attention_mask"].sum(1).tolist() == [len(data.prompt_ids[i]) + len(data.chosen_ids[i]) for i in idx]
@@ -124,7 +130,7 @@ def test_batches_pad_only_to_their_longest_row(tok):
 
 def test_preference_batches_share_one_width_for_chosen_and_rejected(tok):
     data = _tokenize(tok, [dict(SINGLE, rejected="No. " * 20), MULTI], pairs=True)
-    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    batch = batching.collate(data, [0, 1], tok.pad_token_id)
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
     assert batch["chosen_input_ids"].shape[1] == max(len(data.prompt_ids[i]) + max(len(data.chosen_ids[i]),
                                                      len(data.rejected_ids[i])) for i in (0, 1))
@@ -132,23 +138,23 @@ def test_preference_batches_share_one_width_for_chosen_and_rejected(tok):
 
 def test_micro_batches_partition_the_global_batch_by_length():
     lengths = np.array([5, 50, 7, 40, 9, 30, 11, 20])
-    parts = pd.micro_batches(np.arange(8), lengths, 4)
+    parts = batching.micro_batches(np.arange(8), lengths, 4)
     assert [p.tolist() for p in parts] == [[1, 3], [5, 7], [6, 4], [2, 0]]
 
 
 def test_every_sample_dataset_loads_in_both_splits(tok):
     for name in ("ultrachat", "ultrafeedback", "hh", "shp", "orca"):
         pairs = name != "ultrachat"
-        train = pd.load_split([name + "_sample"], "train", tok, 512, 256, pairs=pairs)
-        test = pd.load_split([name + "_sample"], "test", tok, 512, 256, pairs=pairs)
+        train = tokenization.load_split([name + "_sample"], "train", tok, 512, 256, pairs=pairs)
+        test = tokenization.load_split([name + "_sample"], "test", tok, 512, 256, pairs=pairs)
         assert len(train) > len(test) > 0
         assert not set(map(tuple, test.prompt_ids)) <= set(map(tuple, train.prompt_ids))
 
 
 def test_orca_has_no_test_split_so_its_tail_is_held_out():
-    train = pd.load_normalised("orca_sample", "train")
-    test = pd.load_normalised("orca_sample", "test")
-    rows = [row for _, row in pd._read_local_rows(REPO_DIR / "data/orca_dpo_pairs/train.jsonl")]
+    train = sources.load_normalised("orca_sample", "train")
+    test = sources.load_normalised("orca_sample", "test")
+    rows = [row for _, row in sources._read_local_rows(REPO_DIR / "data/orca_dpo_pairs/train.jsonl")]
     assert len(train) + len(test) == len(rows) and len(test) == max(1, int(len(rows) * 0.05))
     assert test[-1]["chosen"] == rows[-1]["chosen"]
 
@@ -170,7 +176,7 @@ def test_shp_prefers_the_labelled_comment():
 
 def test_a_preference_loss_on_data_without_rejected_answers_is_a_clear_error(tok):
     with pytest.raises(pd.DataError, match="ultrachat_sample.*no rejected answer"):
-        pd.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=True)
+        tokenization.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=True)
 
 
 # ---------------------------------------------------------------- bad input
@@ -198,7 +204,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
     path = _write(tmp_path, [GOOD, bad_row])
     with pytest.raises(pd.DataError, match=str(path).replace(".", r"\.") + ": " + message):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
 
 
 @pytest.mark.parametrize("bad_row, message", [
@@ -210,21 +216,21 @@ def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
 def test_bad_preference_rows_name_file_row_and_field(tmp_path, bad_row, message):
     path = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad_row])
     if message is None:
-        assert pd.load_normalised(str(path), "train")[0]["chosen"] == "a"
+        assert sources.load_normalised(str(path), "train")[0]["chosen"] == "a"
         return
     with pytest.raises(pd.DataError, match=message):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
 
 
 def test_invalid_json_names_the_file_and_line(tmp_path):
     path = _write(tmp_path, [GOOD, GOOD, '{"messages": [oops'])
     with pytest.raises(pd.DataError, match=r"bad\.jsonl: line 3: invalid JSON"):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
 
 
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(pd.DataError, match="unknown dataset '.*nope.jsonl'"):
-        pd.load_normalised(str(tmp_path / "nope.jsonl"), "train")
+        sources.load_normalised(str(tmp_path / "nope.jsonl"), "train")
     with pytest.raises(pd.DataError, match="dataset_paths.ultrachat = '/no/such/dir' does not exist"):
         pd.check_dataset_name("ultrachat", {"ultrachat": "/no/such/dir"})
 
@@ -233,20 +239,20 @@ def test_an_unreachable_hub_dataset_says_which_key_to_point_at_a_local_copy(monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(pd.DataError, match=r"dataset_paths\.ultrachat=/path/to/a/local/copy"):
-        pd.load_normalised("ultrachat", "train")
+        sources.load_normalised("ultrachat", "train")
 
 
 def test_a_hub_dataset_is_keyed_by_the_revision_the_hub_cache_resolved(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@unresolved"  # nothing cached
+    assert sources.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@unresolved"  # nothing cached
     ref = tmp_path / "datasets--HuggingFaceH4--ultrachat_200k" / "refs" / "main"
     ref.parent.mkdir(parents=True)
     ref.write_text("1111aaaa\n")
-    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@1111aaaa"
+    assert sources.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@1111aaaa"
     ref.write_text("2222bbbb")  # a newer snapshot downloaded: another key, so no stale tokens are reused
-    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@2222bbbb"
+    assert sources.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@2222bbbb"
 
 
 def test_online_a_hub_that_does_not_answer_in_time_falls_back_to_the_hub_caches_revision(tmp_path, monkeypatch):
@@ -265,20 +271,20 @@ def test_online_a_hub_that_does_not_answer_in_time_falls_back_to_the_hub_caches_
     ref = tmp_path / "datasets--HuggingFaceH4--ultrachat_200k" / "refs" / "main"
     ref.parent.mkdir(parents=True)
     ref.write_text("3333cccc")
-    assert pd.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@3333cccc"
-    assert asked == [("HuggingFaceH4/ultrachat_200k", pd.HUB_TIMEOUT_S)] and 0 < pd.HUB_TIMEOUT_S <= 30
+    assert sources.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@3333cccc"
+    assert asked == [("HuggingFaceH4/ultrachat_200k", sources.HUB_TIMEOUT_S)] and 0 < sources.HUB_TIMEOUT_S <= 30
 
 
 def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
     (tmp_path / "train_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "test_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
-    rows = pd.load_normalised("ultrachat", "test", {"ultrachat": str(tmp_path)})
+    rows = sources.load_normalised("ultrachat", "test", {"ultrachat": str(tmp_path)})
     assert rows == [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": None}]
 
 
 def test_collated_tensors_are_long_and_right_padded(tok):
     data = _tokenize(tok, [SINGLE, MULTI])
-    batch = pd.collate(data, [0, 1], tok.pad_token_id)
+    batch = batching.collate(data, [0, 1], tok.pad_token_id)
     assert all(v.dtype == torch.long for v in batch.values())
     mask = batch["attention_mask"]
     assert (mask[:, :-1] >= mask[:, 1:]).all()  # ones then zeros: right padding
@@ -305,11 +311,11 @@ def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([GOOD, GOOD, bad]))
     with pytest.raises(pd.DataError, match=r"bad\.json: row 2: field 'messages' has an empty final assistant turn"):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
     parquet = tmp_path / "bad.parquet"
     datasets.Dataset.from_list([GOOD, bad]).to_parquet(str(parquet))
     with pytest.raises(pd.DataError, match=r"bad\.parquet: row 1: field 'messages' has an empty"):
-        pd.load_normalised(str(parquet), "train")
+        sources.load_normalised(str(parquet), "train")
 
 
 def test_a_bad_row_deep_in_a_streamed_file_is_named_and_leaves_no_cache(tok, tmp_path, monkeypatch):
@@ -324,13 +330,13 @@ def test_a_bad_row_deep_in_a_streamed_file_is_named_and_leaves_no_cache(tok, tmp
     jsonl = _write(tmp_path, [GOOD] * 299 + [bad] + [GOOD] * 20)
     for path, where in ((parquet, r"train\.parquet: row 300"), (jsonl, r"bad\.jsonl: line 300")):
         with pytest.raises(pd.DataError, match=where + ": field 'messages' has an empty final assistant turn"):
-            pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+            tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False)
     assert not list((tmp_path / "cache" / "ift_tokenized").iterdir())
     # the same file without the bad row: every row streamed, in order, its last 5% held out
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(321)]
     datasets.Dataset.from_list(rows).to_parquet(str(parquet))
-    train, test = (pd.load_split([str(parquet)], split, tok, 64, 64, pairs=False) for split in ("train", "test"))
+    train, test = (tokenization.load_split([str(parquet)], split, tok, 64, 64, pairs=False) for split in ("train", "test"))
     assert (len(train), len(test)) == (305, 16)  # 5% of 321
     assert list(train.questions) + list(test.questions) == [f"q{i}" for i in range(321)]
 
@@ -339,11 +345,11 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')
     with pytest.raises(pd.DataError, match=r"bad\.jsonl: line 2: not valid UTF-8 \(byte 0xe9\)"):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
     whole = tmp_path / "bad.json"
     whole.write_bytes(b'[\n' + json.dumps(GOOD).encode() + b',\n{"messages": "\xff"}\n]')
     with pytest.raises(pd.DataError, match=r"bad\.json: line 3: not valid UTF-8 \(byte 0xff\)"):
-        pd.load_normalised(str(whole), "train")
+        sources.load_normalised(str(whole), "train")
 
 
 def test_a_corrupt_parquet_file_is_named(tmp_path):
@@ -352,14 +358,14 @@ def test_a_corrupt_parquet_file_is_named(tmp_path):
     datasets.Dataset.from_list([GOOD] * 4).to_parquet(str(path))
     path.write_bytes(path.read_bytes()[:-20])  # cut short, as an interrupted copy would be
     with pytest.raises(pd.DataError, match=r"broken\.parquet: not a readable parquet file \(ArrowInvalid"):
-        pd.load_normalised(str(path), "train")
+        sources.load_normalised(str(path), "train")
 
 
 # ---------------------------------------------------------------- the mask audit
 
 def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
     data = _tokenize(tok, [SINGLE, MULTI], pairs=True)
-    audit = pd.mask_audit(data, tok, "</s>")
+    audit = tokenization.mask_audit(data, tok, "</s>")
     # the counts, then the prompt as text and each target token in brackets (newlines escaped)
     n_targets = sum(map(len, list(data.chosen_ids) + list(data.rejected_ids)))
     assert audit.splitlines() == [
@@ -373,21 +379,21 @@ def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
 
 def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_trained(tok):
     import datasets
-    data = pd.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=False)
+    data = tokenization.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=False)
     columns = data.table.to_dict()
     columns["chosen_ids"][3] = []
-    empty = pd.TokenizedData(datasets.Dataset.from_dict(columns, features=data.table.features), False, data.parts,
+    empty = tokenization.TokenizedData(datasets.Dataset.from_dict(columns, features=data.table.features), False, data.parts,
                              "test")
     with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 3: the row has no target token"):
-        pd.mask_audit(empty, tok, "</s>")
+        tokenization.mask_audit(empty, tok, "</s>")
     with pytest.raises(pd.DataError, match=r"dataset 'ultrachat_sample' \(test\) row 0 .*end-of-turn token "
                                            r"'<pad>' is never a target; set model.eot_token"):
-        pd.mask_audit(data, tok, "<pad>")
+        tokenization.mask_audit(data, tok, "<pad>")
 
 
 def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
     lines = []
-    data = pd.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False, min_answer_tokens=4, log=lines.append)
+    data = tokenization.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False, min_answer_tokens=4, log=lines.append)
     prompts, answers = data.column_lengths("prompt_ids"), data.column_lengths("chosen_ids")
     assert (prompts + answers <= 16).all() and (answers >= 1).all()
     cut = int((prompts + answers == 16).sum())
@@ -395,7 +401,7 @@ def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
     assert f"{data.parts[0]['prompts_truncated']} prompts cut" in lines[0] and cut >= data.parts[0]["prompts_truncated"]
     assert all(a[-1] == tok.eos_token_id for a in data.chosen_ids)  # the end of turn is still the last target
     # an eval subset (n_eval_examples) reports the cuts of its own rows, not those of the whole split
-    full = pd.load_split(["ultrachat_sample"], "test", tok, 4096, 4096, pairs=False)
+    full = tokenization.load_split(["ultrachat_sample"], "test", tok, 4096, 4096, pairs=False)
     for n in (1, 3, len(data)):
         sub = data.first(n)
         assert sub.parts[0]["prompts_truncated"] == sum(len(data.prompt_ids[i]) < len(full.prompt_ids[i]) for i in range(n))
@@ -405,19 +411,19 @@ def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
 
 def test_a_template_without_the_end_of_turn_token_is_refused(tok):
     with pytest.raises(pd.DataError, match=r"emits no end-of-turn token '<pad>' after an assistant answer"):
-        pd.encode_chat(tok, SINGLE["prompt"], "Five.", "<pad>")
+        tokenization.encode_chat(tok, SINGLE["prompt"], "Five.", "<pad>")
     with pytest.raises(pd.DataError, match=r"model.eot_token must be a token string"):
-        pd.end_of_turn_token(tok, 5)
+        tokenization.end_of_turn_token(tok, 5)
     with pytest.raises(pd.DataError, match=r"^dataset 'hh_sample' \(test\) row 0: the chat template emits no "):
-        pd.load_split(["hh_sample"], "test", tok, 512, 256, pairs=True, eot_token="<pad>")  # names the row
+        tokenization.load_split(["hh_sample"], "test", tok, 512, 256, pairs=True, eot_token="<pad>")  # names the row
 
 
 # ---------------------------------------------------------------- runs refused before anything is written
 
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
-    import modeling
-    import pipeline
+    from training import modeling
+    from training import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -434,7 +440,7 @@ def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_model
     path.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(10)))  # 9 train rows, 1 held out
     assert _refused(tmp_path, monkeypatch, f"datasets=[{path}]", "batch_size=16") == (
         f"datasets=['{path}'] have 9 training rows, fewer than one batch (batch_size=16); lower batch_size or add rows")
-    import pipeline
+    from training import pipeline
     from conftest import make_cfg
     from utils import ConfigError
     with pytest.raises(ConfigError, match=r"^n_examples=8 is smaller than batch_size=16: no optimizer step to take; "
@@ -465,19 +471,19 @@ def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(to
     rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
             for i in range(200)]
     path = _write(tmp_path, rows, "rows.jsonl")
-    encode_row, calls, inner = pd.encode_row, [], []
+    encode_row, calls, inner = tokenization.encode_row, [], []
 
     def first_job_halfway(*args, **kwargs):
         calls.append(1)
         if len(calls) == 100:
             monkeypatch.setattr(pd, "encode_row", encode_row)  # the second job tokenises normally
-            inner.append(pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
+            inner.append(tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
         return encode_row(*args, **kwargs)
 
     monkeypatch.setattr(pd, "encode_row", first_job_halfway)
-    outer = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
+    outer = tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
     assert len(calls) == 100 and len(inner) == 1  # the second job ran while the first was tokenising
-    expected = [encode_row(tok, [m[0]], [m[1]["content"]], pd.end_of_turn_token(tok, None))
+    expected = [encode_row(tok, [m[0]], [m[1]["content"]], tokenization.end_of_turn_token(tok, None))
                 for m in (r["messages"] for r in rows[:len(outer)])]
     for data in (outer, inner[0]):
         assert len(data) == 190  # the last 5% are held out
@@ -491,13 +497,13 @@ def test_a_cache_folder_that_no_build_published_is_replaced(tok, tmp_path, monke
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     path = _write(tmp_path, [GOOD] * 40, "rows.jsonl")
-    first = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    first = tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False)
     (entry,) = (tmp_path / "cache" / "ift_tokenized").iterdir()
     (entry / "manifest.json").unlink()  # unfinished: nothing reads it
     import socket
     abandoned = entry.with_name(f"{entry.name}.building-{socket.gethostname()}-{2 ** 22 + 7}-0000")
     abandoned.mkdir()
     (abandoned / "tokens.arrow").write_bytes(b"partial")
-    again = pd.load_split([str(path)], "train", tok, 64, 64, pairs=False)
+    again = tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False)
     assert list(again.prompt_ids) == list(first.prompt_ids) and (entry / "manifest.json").is_file()
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 import conftest
 import forward
-import launch
+from training import launch
 import losses
-import modeling
-import pipeline
+from training import modeling
+from training import pipeline
 import trainers
 from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
 from forward import ModelCall

@@ -1,4 +1,4 @@
-"""The FLOPs count of flops.py against independent counts: the parameters by hand from the config,
+"""The FLOPs count of training/flops.py against independent counts: the parameters by hand from the config,
 causal pairs by brute force, and whole steps against torch's FlopCounterMode, which counts every
 matrix product the model's forward and backward actually run."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import flops
+from training import flops
 import losses
 from conftest import tiny_model
 from forward import ModelCall

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from experiments.frozen_lake import build_data, game
 from experiments.frozen_lake.evaluate_env import greedy_decode, write_results
-from preference_datasets import encode_chat, ensure_chat_template, load_split
+from training.tokenization import encode_chat, ensure_chat_template, load_split
 from utils import REPO_DIR
 
 TINY = REPO_DIR / "models" / "tiny-mistral"

@@ -15,7 +15,7 @@ import transformers
 
 from experiments.frozen_lake import game
 from experiments.frozen_lake_paper import build, lake
-from preference_datasets import encode_chat, end_of_turn_token
+from training.tokenization import encode_chat, end_of_turn_token
 from utils import REPO_DIR
 
 ALL_MAPS = lake.TEST_MAPS + lake.VALIDATION_MAPS

@@ -11,7 +11,7 @@ from utils import REPO_DIR
 
 def test_the_smoke_run_writes_a_report_with_throughput_mfu_memory_and_resume_rows(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)],
                           cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
     report = (tmp_path / "gpu_check.md").read_text()
     assert proc.returncode == 0, (report, proc.stdout[-3000:], proc.stderr[-3000:])

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
-import config_schema
-import lora
+from training import checkpoints
+from training import config_schema
+from training import lora
 import losses
-import modeling
-import run_data
-import pipeline
+from training import modeling
+from training import run_data
+from training import pipeline
 from conftest import launch_run, make_cfg
 from utils import REPO_DIR, ConfigError
 
@@ -163,7 +163,7 @@ def _without_adapters(model):
 
 
 def _dpo_batch():
-    from preference_datasets import collate
+    from training.batching import collate
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]")
     tokenizer = modeling.load_tokenizer(cfg)
     data, _ = run_data.load_data(cfg, tokenizer, pairs=True)
@@ -223,7 +223,7 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     adapters and their optimizer state only (the frozen base is read again from model.name_or_path).
     Without dropout (the ranks' dropout streams differ from one process's), a checkpoint of one
     process continues on two FSDP ranks like the uninterrupted run."""
-    import checkpoints
+    from training import checkpoints
     from test_resume import ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step, \
         start_cli
     run = [*LORA, "lora.dropout=0.1"]

@@ -14,7 +14,7 @@ import torch
 
 import forward
 import losses
-import scan
+from training import scan
 from conftest import ift_loss, sft_loss, tiny_model
 from forward import ModelCall
 

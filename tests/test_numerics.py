@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import checkpoints
-import launch as launcher
+from training import checkpoints
+from training import launch as launcher
 import losses
-import modeling
-import pipeline
+from training import modeling
+from training import pipeline
 import utils
 from conftest import launch_run, make_cfg, read_rows
 from forward import ModelCall

@@ -1,4 +1,4 @@
-"""The README's key tables say what the declarations say: every declared key (config_schema.py's Run,
+"""The README's key tables say what the declarations say: every declared key (training/config_schema.py's Run,
 Wandb, Lora and Model, each loss's fields in losses.py) is in its table with its declared default, and
 the tables name no key that is not declared. The YAML files are written from the same declarations
 (test_train.py checks them); the README keeps its own, longer explanations, so it is checked instead."""
@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-import config_schema
+from training import config_schema
 import losses
-from options import default_of
+from training.options import default_of
 from utils import REPO_DIR
 
 README = (REPO_DIR / "README.md").read_text(encoding="utf-8")

@@ -12,11 +12,11 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-import launch
+from training import launch
 import losses
-import modeling
-import reference_logps
-import pipeline
+from training import modeling
+from training import reference_logps
+from training import pipeline
 import trainers
 from conftest import make_cfg, read_rows, tiny_model
 from forward import ModelCall

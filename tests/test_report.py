@@ -98,9 +98,9 @@ def test_runs_group_by_the_keys_that_change_the_math_and_labels_name_what_differ
     assert sorted(groups) == ["ift, LoRA, datasets=[a, b]", "ift, datasets=[a, b]", "sft, datasets=[a], lr=0.0001",
                               "sft, datasets=[a], lr=0.01"]
     assert not {"save_every", "eval_every", "gradient_accumulation_steps", "wandb.name", "seed"} & set(differing)
-    import checkpoints  # the same declaration decides what a resume may change
+    from training import checkpoints  # the same declaration decides what a resume may change
     assert "save_every" not in checkpoints.config_fingerprint({"save_every": 32, "lr": 1e-3})
-    import config_schema  # and names keys that exist: a renamed key would otherwise count silently
+    from training import config_schema  # and names keys that exist: a renamed key would otherwise count silently
     from conftest import make_cfg
     cfg = make_cfg()
     assert all(OmegaConf.select(cfg, k, default="<none>") != "<none>" for k in config_schema.NOT_MATH if k != "hydra")
@@ -171,7 +171,7 @@ def test_relation_propagation_view_matches_a_float64_loop(tmp_path):
 def test_config_yaml_stores_the_paths_a_run_read_resolved(tmp_path, monkeypatch):
     """A dataset path relative to the directory train.py ran in still names the file when report.py
     (or anyone) reads config.yaml from elsewhere; registry names and hub ids stay as written."""
-    import config_schema
+    from training import config_schema
     from conftest import make_cfg
     (tmp_path / "mine.jsonl").write_text("")
     monkeypatch.chdir(tmp_path)

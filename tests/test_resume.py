@@ -14,13 +14,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-import checkpoints
-import launch as launcher
-import pipeline
+from training import checkpoints
+from training import launch as launcher
+from training import pipeline
 from conftest import launch_run, make_cfg, read_rows
-from preference_datasets import TokenizedData
+from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-import modeling
-import run_data
+from training import modeling
+from training import run_data
 import run_eval
 from conftest import run_inprocess
 from utils import REPO_DIR

@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-import modeling
-import pipeline
-from preference_datasets import load_split
+from training import modeling
+from training import pipeline
+from training.tokenization import load_split
 from conftest import make_cfg
 
 FAST = ["n_examples=32", "batch_size=16", "eval_batch_size=8", "n_eval_examples=12", "eval_every=16",
@@ -62,16 +62,17 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     """run_data.load_eval_split decides before it loads (one load, no error caught), and a genuinely
     missing split still raises the loader's message naming it."""
     import preference_datasets as pd
-    import run_data
+    from training import sources
+    from training import run_data
     from preference_datasets import DataError
 
     def unread(*args, **kwargs):
         raise AssertionError("a registered dataset was read to decide")
 
     monkeypatch.setattr(pd, "_split_rows", unread)
-    assert pd.has_rejected_answers("ultrafeedback_sample", "test") and pd.has_rejected_answers("hh", "test")
-    assert not pd.has_rejected_answers("ultrachat_sample", "test")
-    assert not pd.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
+    assert sources.has_rejected_answers("ultrafeedback_sample", "test") and sources.has_rejected_answers("hh", "test")
+    assert not sources.has_rejected_answers("ultrachat_sample", "test")
+    assert not sources.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
     monkeypatch.undo()
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
@@ -79,12 +80,12 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     own.mkdir()
     row = {"prompt": "q", "chosen": "a", "rejected": "b"}
     (own / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "rejected": None}) + "\n")
-    assert not pd.has_rejected_answers(str(own), "test")  # one row without: no pairs
+    assert not sources.has_rejected_answers(str(own), "test")  # one row without: no pairs
     (own / "test.jsonl").write_text(json.dumps(row) + "\n")
-    assert pd.has_rejected_answers(str(own), "test")
+    assert sources.has_rejected_answers(str(own), "test")
     with monkeypatch.context() as m:  # asked again (the next run, another rank): answered without a row read
         m.setattr(pd, "_split_rows", lambda *a, **k: pytest.fail("the file's rows were read again"))
-        assert pd.has_rejected_answers(str(own), "test")
+        assert sources.has_rejected_answers(str(own), "test")
 
     loads = []
     monkeypatch.setattr(run_data, "load_split", lambda names, split, **kw: loads.append((names, split, kw["pairs"])))

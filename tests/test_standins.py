@@ -14,6 +14,9 @@ import pytest
 
 import losses
 import preference_datasets as pd
+from training import batching
+from training import sources
+from training import tokenization
 from conftest import make_cfg, read_rows, run_inprocess
 from tokenizer_families import FAMILIES, build_tokenizer
 from utils import REPO_DIR
@@ -43,7 +46,7 @@ def closed_form_plan(cfg, data, no_grad_passes):
     tokens = total = 0
     for step in range(steps):
         epoch, i = divmod(step, steps_per_epoch)
-        rows = pd.epoch_batches(data.lengths(), cfg.batch_size, cfg.seed, epoch)[i]
+        rows = batching.epoch_batches(data.lengths(), cfg.batch_size, cfg.seed, epoch)[i]
         n = np.concatenate([prompt[rows] + a[rows] for a in answers]).astype(np.int64)
         m = np.concatenate([a[rows] for a in answers]).astype(np.int64)
         forward = (2 * body * n.sum() + 2 * head * m.sum()
@@ -57,8 +60,8 @@ def closed_form_plan(cfg, data, no_grad_passes):
 def standins(tmp_path_factory):
     """{name: folder} of stand-ins for the five datasets, ROWS training rows each."""
     out = tmp_path_factory.mktemp("standins")
-    subprocess.run([sys.executable, str(REPO_DIR / "scripts" / "make_standins.py"), str(out), "--rows", str(ROWS),
-                    "--test-rows", "8"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "scripts.make_standins", str(out), "--rows", str(ROWS),
+                    "--test-rows", "8"], check=True, capture_output=True, cwd=REPO_DIR)
     return {name: str(out / folder) for name, folder in FOLDERS.items()}
 
 
@@ -74,26 +77,26 @@ def test_every_hub_layout_is_written_and_loads_as_a_downloaded_copy(standins):
     expected = {"ultrachat": (ROWS, 8), "ultrafeedback": (ROWS, 8), "hh": (ROWS, 8), "shp": (ROWS, 8),
                 "orca": (ROWS + 8 - 5, 5)}
     for name, (n_train, n_test) in expected.items():
-        train = pd.load_normalised(name, "train", standins)
-        test = pd.load_normalised(name, "test", standins)
+        train = sources.load_normalised(name, "train", standins)
+        test = sources.load_normalised(name, "test", standins)
         assert (len(train), len(test)) == (n_train, n_test), name
         assert all(r["rejected"] is not None for r in train) == (name != "ultrachat")
     # ultrachat's conversations are multi-turn, 3.85 rounds on average (1 + Poisson(2.85))
-    rounds = [(len(r["prompt"]) + 1) / 2 for r in pd.load_normalised("ultrachat", "train", standins)]
+    rounds = [(len(r["prompt"]) + 1) / 2 for r in sources.load_normalised("ultrachat", "train", standins)]
     assert 3.2 < np.mean(rounds) < 4.5 and max(rounds) >= 6
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_long_multi_turn_rows_keep_the_invariants_through_every_tokenizer_family(standins, family):
-    tok = pd.ensure_chat_template(build_tokenizer(family))
-    eot = pd.end_of_turn_token(tok)
+    tok = tokenization.ensure_chat_template(build_tokenizer(family))
+    eot = tokenization.end_of_turn_token(tok)
     eot_id = tok.convert_tokens_to_ids(eot)
     max_length = 512
     for name in FOLDERS:
         pairs = name != "ultrachat"
-        full = pd.load_split([name], "train", tok, 10 ** 7, 10 ** 7, pairs, standins)
-        cut = pd.load_split([name], "train", tok, max_length, max_length, pairs, standins, min_answer_tokens=64)
-        rows = pd.load_normalised(name, "train", standins)
+        full = tokenization.load_split([name], "train", tok, 10 ** 7, 10 ** 7, pairs, standins)
+        cut = tokenization.load_split([name], "train", tok, max_length, max_length, pairs, standins, min_answer_tokens=64)
+        rows = sources.load_normalised(name, "train", standins)
         assert len(cut) == len(full) == len(rows)
         n_cut = 0
         for i, row in enumerate(rows[:40]):  # against the tokenizer's own call on the whole chat
@@ -117,11 +120,11 @@ def test_long_multi_turn_rows_keep_the_invariants_through_every_tokenizer_family
 
 
 def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
-    a, b = pd.sample_rows(1000, 61, 0, "ultrachat"), pd.sample_rows(1000, 61, 0, "ultrachat")
+    a, b = tokenization.sample_rows(1000, 61, 0, "ultrachat"), tokenization.sample_rows(1000, 61, 0, "ultrachat")
     assert (a == b).all() and len(set(a.tolist())) == 61 and (np.diff(a) > 0).all()
-    assert not (a == pd.sample_rows(1000, 61, 1, "ultrachat")).all()  # another seed, another sample
+    assert not (a == tokenization.sample_rows(1000, 61, 1, "ultrachat")).all()  # another seed, another sample
     assert not (a == np.arange(61)).all()  # random, not the first rows
-    assert (pd.sample_rows(50, 61, 0, "x") == np.arange(50)).all()  # fewer rows than asked: all of them
+    assert (tokenization.sample_rows(50, 61, 0, "x") == np.arange(50)).all()  # fewer rows than asked: all of them
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
@@ -141,8 +144,8 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     assert plan["rows_dropped"] == {"ultrachat": 0, "ultrafeedback": 0}
     # tokens: every row of each epoch's 7 batches, exactly (prompt + chosen answer for IFT); FLOPs: those
     # sequences by hand, 3 forwards' worth trained + IFT's no-grad forward (lambda = 0.2 at every step)
-    import modeling
-    import run_data
+    from training import modeling
+    from training import run_data
     cfg = make_cfg(*args)
     data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=False)
     tokens, total = closed_form_plan(cfg, data, no_grad_passes=1)
@@ -152,9 +155,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
 
 
 def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_as_long_as_the_row(standins, tmp_path):
-    import modeling
-    import planning
-    import run_data
+    from training import modeling
+    from training import planning
+    from training import run_data
     args = ["loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}", "max_length=192",
             "max_prompt_length=192", "min_answer_tokens=32", "batch_size=8", "eval_batch_size=8", "n_examples=32",
             "n_eval_examples=8", "eval_every=16", "warmup_steps=0", "n_samples=2", "max_new_tokens=4"]
@@ -172,9 +175,9 @@ def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_
 
 @pytest.mark.parametrize("reference_logps", ["live", "precompute"])
 def test_the_plan_counts_a_live_reference_forward_and_none_with_precompute(reference_logps):
-    import modeling
-    import planning
-    import run_data
+    from training import modeling
+    from training import planning
+    from training import run_data
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]", "n_examples=64", "batch_size=16",
                    f"reference_logps={reference_logps}")
     data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=True)
@@ -188,11 +191,11 @@ def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standin
     import datasets
     from transformers import AutoTokenizer
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
-    tok = pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
+    tok = tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
     kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
-    first = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
+    first = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
     monkeypatch.setattr(pd, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
-    again = pd.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
+    again = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
     assert again.fingerprint == first.fingerprint and len(again) == 100
     assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory
     rows = [again.origins[i] for i in (0, 99)]

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import report
-import sweeps
+from training import sweeps
 import utils
 from conftest import run_train_py
 from utils import REPO_DIR, ConfigError

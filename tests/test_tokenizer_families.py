@@ -10,9 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import modeling
+from training import modeling
 import preference_datasets as pd
-import pipeline
+from training import sources
+from training import tokenization
+from training import pipeline
 from conftest import make_cfg
 from tokenizer_families import FAMILIES, build_model_dir
 
@@ -29,23 +31,23 @@ def family_dirs(tmp_path_factory):
 
 def _tokenizer(family_dirs, family):
     from transformers import AutoTokenizer
-    return pd.ensure_chat_template(AutoTokenizer.from_pretrained(str(family_dirs[family][0])))
+    return tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(family_dirs[family][0])))
 
 
 def _sample_chats():
     """(prompt messages, answer) of every chosen and rejected answer of every sample dataset."""
     return [(row["prompt"], answer) for name in DATASETS for split in ("train", "test")
-            for row in pd.load_normalised(name + "_sample", split) for answer in (row["chosen"], row["rejected"])
+            for row in sources.load_normalised(name + "_sample", split) for answer in (row["chosen"], row["rejected"])
             if answer is not None]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_end_of_turn_token_is_what_the_template_emits_after_an_answer(family_dirs, family):
     tok = _tokenizer(family_dirs, family)
-    assert pd.end_of_turn_token(tok) == END_OF_TURN[family]
-    assert pd.end_of_turn_token(tok, tok.eos_token) == tok.eos_token  # model.eot_token overrides
+    assert tokenization.end_of_turn_token(tok) == END_OF_TURN[family]
+    assert tokenization.end_of_turn_token(tok, tok.eos_token) == tok.eos_token  # model.eot_token overrides
     with pytest.raises(pd.DataError, match="is not a single token"):
-        pd.end_of_turn_token(tok, "<not one token>")
+        tokenization.end_of_turn_token(tok, "<not one token>")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,7 +65,7 @@ def test_every_sample_row_splits_the_whole_chat_tokenisation_exactly(family_dirs
     wholes = [bos + ids for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     inference_prompts = [bos + ids for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
     for (prompt, answer), text, whole, inference_prompt in zip(chats, texts, wholes, inference_prompts):
-        prompt_ids, answer_ids = pd.encode_chat(tok, prompt, answer, eot)
+        prompt_ids, answer_ids = tokenization.encode_chat(tok, prompt, answer, eot)
         n = len(prompt_ids) + len(answer_ids)
         assert prompt_ids + answer_ids == whole[:n]                          # one tokenisation, cut
         assert prompt_ids == inference_prompt                                # no answer token in the prompt
@@ -79,8 +81,8 @@ def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_di
     cut_prompts = cut_answers = 0
     for name in DATASETS:
         pairs = name != "ultrachat"
-        full = pd.load_split([name + "_sample"], "test", tok, 4096, 4096, pairs)
-        cut = pd.load_split([name + "_sample"], "test", tok, 32, 28, pairs, min_answer_tokens=2)  # answers: <= 8 tokens
+        full = tokenization.load_split([name + "_sample"], "test", tok, 4096, 4096, pairs)
+        cut = tokenization.load_split([name + "_sample"], "test", tok, 32, 28, pairs, min_answer_tokens=2)  # answers: <= 8 tokens
         assert len(cut) == len(full)
         sides = [("chosen_ids", full.chosen_ids)] + ([("rejected_ids", full.rejected_ids)] if pairs else [])
         for i in range(len(full)):
@@ -129,7 +131,7 @@ def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
     tok = _tokenizer(family_dirs, family)
     model = AutoModelForCausalLM.from_pretrained(str(family_dirs[family][0]))
     modeling.stop_at_end_of_turn(model, tok, END_OF_TURN[family])
-    data = pd.tokenize_rows([{"prompt": [{"role": "user", "content": "Say x."}], "chosen": "x", "rejected": None}],
+    data = tokenization.tokenize_rows([{"prompt": [{"role": "user", "content": "Say x."}], "chosen": "x", "rejected": None}],
                             tok, 64, 32, pairs=False)
     last, x, eot = data.prompt_ids[0][-1], data.chosen_ids[0][0], tok.convert_tokens_to_ids(END_OF_TURN[family])
     with torch.no_grad():
@@ -155,18 +157,18 @@ def _straddling_tokenizer():
     vocab = {t: i for i, t in enumerate(["<s>", "</s>"] + chars + ["\nT"])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "T")]))
     backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
-    return pd.ensure_chat_template(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+    return tokenization.ensure_chat_template(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
                                                            eos_token="</s>"))
 
 
 def test_a_token_straddling_the_answer_boundary_is_a_target_and_pairs_share_the_common_prompt():
     tok = _straddling_tokenizer()
     prompt = [{"role": "user", "content": "Hi."}]
-    p, a = pd.encode_chat(tok, prompt, "The end.")
+    p, a = tokenization.encode_chat(tok, prompt, "The end.")
     assert tok.convert_ids_to_tokens(p)[-2:] == ["|", ">"]  # the prompt stops before the straddling token
     assert tok.convert_ids_to_tokens(a) == ["\nT", "h", "e", " ", "e", "n", "d", ".", "</s>"]
     # the rejected answer starts without the merge: the pair shares the common prefix of both prompts
     # and the rejected side's extra prompt token ('\n') becomes its first target
-    shared, (chosen, rejected) = pd.encode_row(tok, prompt, ["The end.", "No."], "</s>")
+    shared, (chosen, rejected) = tokenization.encode_row(tok, prompt, ["The end.", "No."], "</s>")
     assert shared == p and chosen == a
     assert tok.convert_ids_to_tokens(rejected) == ["\n", "N", "o", ".", "</s>"]

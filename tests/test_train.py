@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import config_schema
-import modeling
-import pipeline
+from training import config_schema
+from training import modeling
+from training import pipeline
 from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
 from utils import REPO_DIR, ConfigError, make_run_dir
 
@@ -31,12 +31,12 @@ def test_short_loss_keys_mean_the_same_as_long_ones():
 
 
 def test_the_yaml_files_are_written_from_the_declarations():
-    """config.yaml, loss/*.yaml and the keys and comments of model/*.yaml are what `python config_schema.py`
+    """config.yaml, loss/*.yaml and the keys and comments of model/*.yaml are what `python -m training.config_schema`
     writes (it also checks each model file's keys and values against the declaration)."""
     files = config_schema.yaml_files()
     assert set((config_schema.CONFIG_DIR / "loss").glob("*.yaml")) == {p for p in files if p.parent.name == "loss"}
     for path, text in files.items():
-        assert path.read_text(encoding="utf-8") == text, f"{path} differs from its declaration: run config_schema.py"
+        assert path.read_text(encoding="utf-8") == text, f"{path} differs from its declaration: run training/config_schema.py"
 
 
 def test_a_model_file_with_an_undeclared_key_or_value_is_refused(tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
             assert isinstance(r[key], float) and r[key] == r[key], key
         assert r["tokens_per_s"] > 0
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)  # peak_tflops given: mfu on the CPU too
-        # FLOPs per real token of an IFT step (flops.py): 2·N per forward's worth, 4 of them with the intuition
+        # FLOPs per real token of an IFT step (training/flops.py): 2·N per forward's worth, 4 of them with the intuition
         # pass (lambda > 0), 3 without; N = 4 blocks x (q, o 128², k, v 128·64, MLP 3·128·344); at most as much
         # again for the head (930·128) and attention (4 layers x 4·128·(n+1)/2, n <= 512) per forward's worth
         per_token = r["tflops"] * 1e12 / r["tokens_per_s"]
@@ -429,7 +429,7 @@ def _rank_fails_before_its_first_row(cfg, local_rank, world, port, checked):
 @pytest.mark.parametrize("how", ["killed", "raises"])
 def test_a_spawned_run_that_dies_before_its_first_row_leaves_its_run_dir_free(tmp_path, how):
     """The launcher gives back the run_dir that rank 0 reserved: the empty metrics.jsonl would refuse it."""
-    import launch
+    from training import launch
     import torch.multiprocessing as mp
     run_dir = tmp_path / "run"
     # preempt_signals=null: the launcher's clean-up (SIGTERM) then ends the surviving rank at once

@@ -93,7 +93,7 @@ def evaluate_run(run_dir, rows, max_new_tokens=40, picture_map=None, measures=Fa
     measures: also the next-move quality at every cell (move_quality) and the recovery test (recovery)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preference_datasets import encode_chat, end_of_turn_token, ensure_chat_template
+    from training.tokenization import encode_chat, end_of_turn_token, ensure_chat_template
 
     run_dir = Path(run_dir)
     tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(str(run_dir / "final")))
@@ -145,7 +145,7 @@ def score_answers(rows, texts):
 def prefix_prompts(tokenizer, row, prefixes, eot):
     """Token ids of the map's prompt followed by each prefix of moves, as training tokenised a chat whose
     answer starts with those moves (each move one token)."""
-    from preference_datasets import encode_chat
+    from training.tokenization import encode_chat
 
     messages = row["chosen"][:-1]
     prompt = encode_chat(tokenizer, messages, row["chosen"][-1]["content"], eot)[0]

@@ -61,8 +61,8 @@ def compose(method, setting, model_dir, data_dir, steps):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import config_schema
-    import pipeline
+    from training import config_schema
+    from training import pipeline
 
     overrides = [f"loss={method}", "model=tiny", f"model.name_or_path={model_dir}", "model.from_scratch=true",
                  "device=cpu", "optimizer=AdamW", "lr_schedule=constant", "warmup_steps=0",
@@ -98,7 +98,7 @@ def train_and_score(task):
     """One run (task: cfg dict, map, run_dir, data_dir): train, score, write scores.json; returns scores."""
     import torch
 
-    import pipeline
+    from training import pipeline
     from experiments.frozen_lake_paper import lake
 
     cfg, desc, run_dir, data_dir = task

@@ -3,7 +3,7 @@ target Linear W (out x in) gains a trainable low-rank update, W x + (alpha / r) 
 with A (r x in) random and B (out x r) zero at the start, so training starts from the base model.
 
 What the rest of the repository sees:
-- config_schema.py: the `lora` keys' declaration (`Lora`) and `check_run` before anything loads.
+- training/config_schema.py: the `lora` keys' declaration (`Lora`) and `check_run` before anything loads.
 - train.py: `load_kwargs` (QLoRA's 4-bit loading) and `apply`.
 - trainers.py: the policy is a peft model whose only trainable parameters are the adapters (and
   `lora.trainable_modules`); DPO/IPO's reference is `AdaptersDisabled(policy)`, the same weights with
@@ -195,7 +195,7 @@ def save_final(policy, tokenizer, state, tmp, dtype, cfg):
         policy.get_base_model().save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()},
                                                 safe_serialization=True)
     else:  # QLoRA: merge into the unquantised base weights, read again on the CPU
-        from modeling import load_model
+        from training.modeling import load_model
         base = load_model(cfg, cfg.model.policy_dtype)
         merged = merged_state_dict(state, c.alpha / c.r, base=base.state_dict())
         base.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in merged.items()}, safe_serialization=True)

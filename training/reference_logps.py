@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoints
-from preference_datasets import collate, eval_batches, micro_batches
+from training import checkpoints
+from training.batching import collate, eval_batches, micro_batches
 from utils import all_reduce_sum, broadcast_object, is_main
 
 VERSION = 1  # bump when what is computed changes

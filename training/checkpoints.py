@@ -26,7 +26,6 @@ asks `stop_requested()` after every optimizer step (an all-reduced flag, so all 
 same step), writes a checkpoint and exits with EXIT_PREEMPTED.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -42,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from launch import EXIT_PREEMPTED, SIGNALS, stop_signal
+from training.launch import EXIT_PREEMPTED, SIGNALS, stop_signal
 from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, holds_run, is_main, rank, \
     resolve_path, run_dir_taken, world_size
 
@@ -172,7 +171,7 @@ def config_fingerprint(cfg):
     (config_schema.NOT_MATH). Resharding (trainer, nproc) is among those on purpose."""
     from omegaconf import OmegaConf
 
-    from config_schema import changes_the_math
+    from training.config_schema import changes_the_math
 
     flat = {}
 

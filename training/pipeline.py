@@ -16,13 +16,13 @@ import json
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-import checkpoints
-import config_schema
-import launch as launcher
-import lora
+from training import checkpoints
+from training import config_schema
+from training import launch as launcher
+from training import lora
 import losses
-import modeling
-import run_data
+from training import modeling
+from training import run_data
 from utils import barrier, broadcast_object, is_main, make_run_dir, released_on_failure, set_seed
 
 
@@ -61,7 +61,7 @@ def build(cfg, device, checked=None):
     models, in that order, so bad data costs no model load and leaves no run directory. checked:
     validate_config's result, or None. Returns (trainer, fresh): fresh when the run directory was
     reserved for this run (not continued in place)."""
-    from preference_datasets import end_of_turn_token
+    from training.tokenization import end_of_turn_token
     from trainers import TRAINERS
 
     loss = checked.loss if checked is not None else losses.build(cfg.loss)
@@ -84,7 +84,7 @@ def build(cfg, device, checked=None):
             print(f"data: {len(train_data)} train / {len(eval_data)} eval rows\n{audit}")
         # float32 parameters in every trainer (policy_dtype is only the compute dtype): updates of lr x (Adam's ~1)
         # are far below bfloat16's resolution of a weight and would round away. Checkpoints hold them as trained.
-        # With LoRA only the adapters train (float32, lora.py); the frozen base stays in policy_dtype: the memory
+        # With LoRA only the adapters train (float32, training/lora.py); the frozen base stays in policy_dtype: the memory
         # saved. A resumed run (without LoRA) reads no base weights: each rank reads its shards of the checkpoint's.
         policy = modeling.load_model(cfg, cfg.model.policy_dtype if lora.enabled(cfg) else "float32",
                                      weights=plan.reads_weights, **lora.load_kwargs(cfg))

@@ -1,5 +1,5 @@
 """The plan of a run, from its config and its tokenised data: optimizer steps, warm-up, tokens and
-FLOPs (flops.py's count, the one behind the trainer's `tflops`); and `dry_run=true`, which prints it
+FLOPs (training/flops.py's count, the one behind the trainer's `tflops`); and `dry_run=true`, which prints it
 without loading a model.
 
 The schedule (`schedule`) is the one the trainer follows: an epoch is len(train rows) // batch_size
@@ -12,10 +12,11 @@ import json
 
 import numpy as np
 
-import flops
-import lora
-from launch import planned_world_size
-from preference_datasets import COUNTS, epoch_batches, micro_batches
+from training import flops
+from training import lora
+from training.launch import planned_world_size
+from training.tokenization import COUNTS
+from training.batching import epoch_batches, micro_batches
 
 
 def schedule(n_rows, cfg):
@@ -120,13 +121,13 @@ def dry_run(cfg, loss, load_tokenizer, load_data):
     and every dataset, tokenise, print the data and the plan, then return. No model is loaded, no run directory is made, wandb is not started.
     The last line printed is one JSON object (the plan and the data's counts)."""
     tokenizer = load_tokenizer(cfg)
-    from preference_datasets import end_of_turn_token
+    from training.tokenization import end_of_turn_token
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train, evals = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
     for line in describe(train, "train") + describe(evals, "eval"):
         print(line)
     p = plan(cfg, train, loss)
-    count = "unknown" if p["flops"] is None else f"{p['flops']:.3e} (flops.py: {p['flops_counted']})"
+    count = "unknown" if p["flops"] is None else f"{p['flops']:.3e} (training/flops.py: {p['flops_counted']})"
     print(f"plan: {len(train):,} training rows, {p['steps_per_epoch']:,} optimizer steps per epoch of "
           f"{cfg.batch_size} examples, {p['optimizer_steps']:,} steps in all ({p['examples']:,} examples), "
           f"{p['warmup_steps']:,} warm-up steps; {p['tokens']:,} tokens processed; FLOPs {count}")

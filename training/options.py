@@ -1,6 +1,6 @@
 """Config keys declared once, as dataclass fields: default, allowed values or range, and the comment
 the YAML file shows. `check` validates a config section against its dataclass and `unknown_key`
-names a key no declaration has; config_schema.py writes the YAML files from the same fields.
+names a key no declaration has; training/config_schema.py writes the YAML files from the same fields.
 
     @dataclass
     class Wandb:

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from preference_datasets import ensure_chat_template
+from training.tokenization import ensure_chat_template
 from utils import is_main, resolve_path
 
 

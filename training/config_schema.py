@@ -1,27 +1,26 @@
 """The config, declared once: every top-level, model and lora key here, every loss key beside its loss
 in losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
-and the YAML files users read and edit: `python config_schema.py` rewrites config/config.yaml,
+and the YAML files users read and edit: `python -m training.config_schema` rewrites config/config.yaml,
 config/loss/*.yaml, config/lora/default.yaml and the keys' comments of config/model/*.yaml from them
 (the tests fail while a file differs); a model file's values and header comment are its own.
 
-Adding a key: one `option(...)` line in the right dataclass, then `python config_schema.py`.
+Adding a key: one `option(...)` line in the right dataclass, then `python -m training.config_schema`.
 """
 
 import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
 import forward
-import lora
+from training import lora
 import losses
-from launch import use_cuda
-from options import check, default_of, option, unknown_key
+from training.launch import use_cuda
+from training.options import check, default_of, option, unknown_key
 from utils import REPO_DIR, ConfigError, resolve_path
 
 CONFIG_DIR = REPO_DIR / "config"
@@ -55,7 +54,7 @@ class Model:
 @dataclass
 class Lora:
     """LoRA through peft: `lora=default` (off unless chosen). The base model's weights are frozen and
-    only the low-rank adapters train (plus trainable_modules). See lora.py and the README's LoRA section."""
+    only the low-rank adapters train (plus trainable_modules). See training/lora.py and the README's LoRA section."""
     r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
     alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
     dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
@@ -182,7 +181,7 @@ class Run:
     save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
                                              "null = only final/\n(and a checkpoint when a preemption signal "
                                              "arrives)", low=1,
-                                       before='\n---- checkpoints and resume (checkpoints.py; README "Checkpoints, '
+                                       before='\n---- checkpoints and resume (training/checkpoints.py; README "Checkpoints, '
                                               'resume and preemption")')
     keep_last: Optional[int] = option(None, "keep only the newest K checkpoints (older ones go once a newer one is "
                                             "complete); null = all", low=1)
@@ -205,7 +204,7 @@ class Run:
 
 # The keys that do not change what a run computes: where it writes and runs, how its work is split
 # over ranks, micro-batches and kernels (the trainer makes these give the same numbers), how often it
-# evaluates, saves and logs, and how it resumes. The one declaration both resume (checkpoints.py's
+# evaluates, saves and logs, and how it resumes. The one declaration both resume (training/checkpoints.py's
 # fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
 # read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
 NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
@@ -410,8 +409,8 @@ CONFIG_HEADER = f"""\
 # Loss hyperparameters may be given short (`gamma=0.9`) or long (`loss.gamma=0.9`).
 # The defaults train IFT on the bundled tiny model and sample data on the CPU; the commands/ scripts
 # hold the paper's Mistral-7B recipes.
-# The keys, defaults and comments are declared in config_schema.py (loss keys: in losses.py), and
-# `python config_schema.py` writes this file, config/loss/*.yaml and config/lora/default.yaml from them.
+# The keys, defaults and comments are declared in training/config_schema.py (loss keys: in losses.py), and
+# `python -m training.config_schema` writes this file, config/loss/*.yaml and config/lora/default.yaml from them.
 defaults:
   - _self_
   - loss: {DEFAULTS['loss']}          # {' | '.join(losses.LOSSES)}   (config/loss/*.yaml)

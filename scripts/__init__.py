@@ -1,0 +1,10 @@
+"""Scripts that build the repository's assets (the sample data, the tiny model) and stand-ins. Run each from the repository root as a module, `python -m scripts.NAME --help`,
+so that the repository's modules import without any path set up.
+
+Importing this package sets the offline defaults before torch, transformers or datasets load (they read
+them once, at import): nothing here needs the network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
