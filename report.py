@@ -329,13 +329,13 @@ def relation_propagation_example(run, row_index=0):
     final undisturbed lambda, then losses.relation_propagation_weights with the run's settings."""
     import torch
     from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
 
     import losses
     from forward import ModelCall
     from training.batching import collate
-    from training.tokenization import load_split
     from training.modeling import load_tokenizer
-    from transformers import AutoModelForCausalLM
+    from training.tokenization import load_split
 
     cfg = OmegaConf.load(run["path"] / "config.yaml")
     cfg.model.tokenizer_name_or_path = str(run["path"] / "final")

@@ -17,14 +17,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from training import config_schema
-from training import modeling
-from training import planning
-from training import run_data
+from training import config_schema, modeling, planning, run_data
 from training.pipeline import launch, validate_config
 from training.sweeps import sweep_run_dir
 from utils import ConfigError, NonFiniteError
-
 
 # ---------------------------------------------------------------- compose and check
 

@@ -25,18 +25,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from training import checkpoints
-from training import flops
 import forward
-from training import lora
 import losses
-from training import modeling
-from training import planning
-from training import reference_logps
 from forward import ModelCall
+from training import checkpoints, flops, lora, modeling, planning, reference_logps
 from training.batching import collate, epoch_batches, eval_batches, micro_batches
-from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, \
-    world_size
+from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
 
 class BasicTrainer:
@@ -365,6 +359,7 @@ class BasicTrainer:
             print("wandb: no credentials (WANDB_API_KEY or `wandb login`), logging offline instead")
             mode = "offline"
         from omegaconf import OmegaConf
+
         # a run resumed in place continues its wandb run (wandb_run_id), else a new one
         self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                 name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,

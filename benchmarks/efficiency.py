@@ -38,11 +38,11 @@ import transformers
 
 import forward
 import losses
+from benchmarks.ift_cost import (LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes,
+                                 optimizer_bytes, tensor_bytes)
 from forward import ModelCall
-from benchmarks.ift_cost import LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes, \
-    optimizer_bytes, tensor_bytes
-from training.tokenization import TokenizedData
 from training.batching import collate, epoch_batches
+from training.tokenization import TokenizedData
 
 REPO = Path(__file__).resolve().parents[1]
 

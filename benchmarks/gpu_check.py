@@ -159,8 +159,10 @@ def write_synthetic_data(folder, n_train, n_test, seed=0):
 
 def compose(*overrides):
     """The run config for these overrides, as train.py composes it (short loss keys allowed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     from training import config_schema
-    from hydra import compose as hydra_compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):
         return hydra_compose("config", overrides=config_schema.expand_short_overrides(list(overrides)))
 
@@ -287,11 +289,9 @@ def peak_rss():
 
 def measure(cfg, config, device, run_dir):
     """One throughput row: train cfg's steps with a fresh random model; figures from metrics.jsonl."""
-    from training import modeling
-    from training import pipeline
-    from training import run_data
-    from training.tokenization import end_of_turn_token
     from trainers import TRAINERS
+    from training import modeling, pipeline, run_data
+    from training.tokenization import end_of_turn_token
 
     loss = pipeline.validate_config(cfg, world=1).loss
     tokenizer = modeling.load_tokenizer(cfg)
@@ -442,6 +442,7 @@ def resume(report, args, out, device):
 def main(argv=None):
     args = parse_args(argv)
     from transformers import MistralConfig
+
     from training import launch
 
     out = Path(args.out).resolve()

@@ -95,8 +95,8 @@ import transformers
 
 import forward
 import losses
-from training import scan
 from forward import ModelCall
+from training import scan
 
 REPO = Path(__file__).resolve().parents[1]
 

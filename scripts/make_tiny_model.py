@@ -29,17 +29,10 @@ import json
 import os
 import shutil
 
-
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 

@@ -18,10 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from training import config_schema
 import losses
-from training import pipeline
 from forward import ModelCall
+from training import config_schema, pipeline
 from utils import REPO_DIR
 
 # A few quick steps: 64 examples in batches of 16, evaluation on 32 rows every 2 steps.

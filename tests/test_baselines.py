@@ -22,14 +22,13 @@ import torch
 from omegaconf import OmegaConf
 
 import losses
-from training import modeling
-from training import run_data
-from training import pipeline
 import trainers
-from conftest import make_cfg, read_rows, run_inprocess, run_train_py
 from preference_datasets import SOURCES, DataError
+from training import modeling, pipeline, run_data
 from training.batching import micro_batches
 from utils import REPO_DIR
+
+from conftest import make_cfg, read_rows, run_inprocess, run_train_py
 
 FIT_ROWS = 64  # training pairs of the learning tests, also their eval set
 # AdamW at 1e-3 and no warm-up (the default 10 warm-up steps would cover the whole run); 2 epochs of

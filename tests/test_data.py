@@ -8,12 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import preference_datasets as pd
-
-from training import batching
-
-from training import sources
-
-from training import tokenization
+from training import batching, sources, tokenization
 from utils import REPO_DIR
 
 
@@ -295,7 +290,7 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     rows = [SINGLE, MULTI]
     first = _tokenize(tok, rows, pairs=True)
-    monkeypatch.setattr(pd, "encode_row", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    monkeypatch.setattr(tokenization, "encode_row", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
     again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_row is never called
     assert list(again.prompt_ids) == list(first.prompt_ids) and list(again.rejected_ids) == list(first.rejected_ids)
     assert again.fingerprint == first.fingerprint
@@ -422,10 +417,10 @@ def test_a_template_without_the_end_of_turn_token_is_refused(tok):
 
 def _refused(tmp_path, monkeypatch, *overrides):
     """The error of a run with these overrides; checks that no model loaded and no run dir was made."""
-    from training import modeling
-    from training import pipeline
-    from conftest import make_cfg
+    from training import modeling, pipeline
     from utils import ConfigError
+
+    from conftest import make_cfg
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(f"run_dir={tmp_path / 'run'}", *overrides)
     pipeline.validate_config(cfg)
@@ -441,8 +436,9 @@ def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_model
     assert _refused(tmp_path, monkeypatch, f"datasets=[{path}]", "batch_size=16") == (
         f"datasets=['{path}'] have 9 training rows, fewer than one batch (batch_size=16); lower batch_size or add rows")
     from training import pipeline
-    from conftest import make_cfg
     from utils import ConfigError
+
+    from conftest import make_cfg
     with pytest.raises(ConfigError, match=r"^n_examples=8 is smaller than batch_size=16: no optimizer step to take; "
                                           r"raise n_examples or lower batch_size$"):
         pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
@@ -476,11 +472,11 @@ def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(to
     def first_job_halfway(*args, **kwargs):
         calls.append(1)
         if len(calls) == 100:
-            monkeypatch.setattr(pd, "encode_row", encode_row)  # the second job tokenises normally
+            monkeypatch.setattr(tokenization, "encode_row", encode_row)  # the second job tokenises normally
             inner.append(tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
         return encode_row(*args, **kwargs)
 
-    monkeypatch.setattr(pd, "encode_row", first_job_halfway)
+    monkeypatch.setattr(tokenization, "encode_row", first_job_halfway)
     outer = tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
     assert len(calls) == 100 and len(inner) == 1  # the second job ran while the first was tokenising
     expected = [encode_row(tok, [m[0]], [m[1]["content"]], tokenization.end_of_turn_token(tok, None))

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import trainers
 from training import launch as launcher
 from training import modeling
-import trainers
 from utils import REPO_DIR
+
 from conftest import launch_run, make_cfg
 
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
@@ -110,7 +111,8 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
     mixed = launch(tmp_path / "bf16", *LOSSES["ift"], "trainer=FSDPTrainer", "nproc=2", "model.policy_dtype=bfloat16",
                    "save_every=16")
     assert all(w.dtype == torch.bfloat16 for w in mixed[1].values())
-    from training import checkpoints  # the sharded state the optimizer updated (both ranks' shards): float32 master weights
+    from training import \
+        checkpoints  # the sharded state the optimizer updated (both ranks' shards): float32 master weights
     state = checkpoints.read_checkpoint(tmp_path / "bf16" / "checkpoints" / "step-2")
     assert {v.dtype for v in state["model"].values()} == {torch.float32}
     moments = [v for per_param in state["optimizer"]["state"].values() for k, v in per_param.items() if k != "step"]

@@ -11,17 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import conftest
 import forward
-from training import launch
 import losses
-from training import modeling
-from training import pipeline
 import trainers
-from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
 from forward import ModelCall
+from training import launch, modeling, pipeline
 from utils import ConfigError
 
+import conftest
+from conftest import FAST, ift_loss, make_cfg, run_inprocess, sft_loss
 
 CONFIGS = {
     "sft": {"name": "sft"},

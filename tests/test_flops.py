@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training import flops
 import losses
-from conftest import tiny_model
 from forward import ModelCall
+from training import flops
+
+from conftest import tiny_model
 
 
 def test_the_shape_is_the_hand_counted_weight_matrices_of_the_config():

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 import transformers
+from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from experiments.frozen_lake import build_data, game

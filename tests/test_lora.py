@@ -10,15 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import checkpoints
-from training import config_schema
-from training import lora
 import losses
-from training import modeling
-from training import run_data
-from training import pipeline
-from conftest import launch_run, make_cfg
+from training import checkpoints, config_schema, lora, modeling, pipeline, run_data
 from utils import REPO_DIR, ConfigError
+
+from conftest import launch_run, make_cfg
 
 BASE = REPO_DIR / "models" / "tiny-mistral"
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
@@ -95,10 +91,11 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
     assert deltas == 4 * 7
 
     # run_eval.py reads the adapter-only final/ on top of its base: the same answers as peft's model
-    import run_eval
     from peft import PeftModel
     from test_run_eval import our_greedy_answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import run_eval
     run_eval.main([str(tmp_path / "adapter"), "--suite", "quick", "--limit", "3", "--batch-size", "1",
                    "--device", "cpu", "--log-samples"])
     samples = [json.loads(line) for line in open(tmp_path / "adapter" / "eval" / "samples_ift_quick.jsonl")]
@@ -224,8 +221,10 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     Without dropout (the ranks' dropout streams differ from one process's), a checkpoint of one
     process continues on two FSDP ranks like the uninterrupted run."""
     from training import checkpoints
-    from test_resume import ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step, \
-        start_cli
+
+    from test_resume import ACROSS_RANKS, ONE_PROCESS
+    from test_resume import STEPS as RESUME_STEPS
+    from test_resume import assert_continues, signal_after_step, start_cli
     run = [*LORA, "lora.dropout=0.1"]
     reference = launch_run(tmp_path / "reference", *RESUME_STEPS, *run)
 
@@ -256,6 +255,7 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp
     """policy_dtype=bfloat16: the base (the memory) stays bf16, the adapters are float32 master
     weights, and the forward computes in bf16 under autocast; final/ is merged and saved in bf16."""
     from transformers import AutoModelForCausalLM
+
     from trainers import BasicTrainer
     cfg = make_cfg(*LORA, "model.policy_dtype=bfloat16")
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
-import losses
-from conftest import tiny_model
 from test_losses_preference import log_sigmoid, pair_batch, sft_batch, summed_logps
 
+import losses
+
+from conftest import tiny_model
 
 C = [-1.0, -0.25, -3.0, -2.0]   # per-token mean log-probs of the chosen answers
 R = [-1.5, -0.20, -1.0, -2.0]   # and of the rejected ones

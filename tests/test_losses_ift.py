@@ -14,11 +14,10 @@ import torch
 
 import forward
 import losses
-from training import scan
-from conftest import ift_loss, sft_loss, tiny_model
 from forward import ModelCall
+from training import scan
 
-
+from conftest import ift_loss, sft_loss, tiny_model
 
 GAMMAS = (0.0, 0.5, 0.95, 1.0)
 COMBOS = list(itertools.product(losses.PROPAGATION_SIDES, losses.PROPAGATION_NORMS, losses.PROPAGATION_TYPES, GAMMAS))

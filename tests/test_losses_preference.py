@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 import losses
-from conftest import tiny_model
 from forward import ModelCall
 
+from conftest import tiny_model
 
 PC = [-10.0, -3.5, -40.0, -7.25]  # policy chosen (summed log-probs)
 PR = [-12.0, -3.0, -20.0, -7.25]  # policy rejected

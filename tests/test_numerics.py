@@ -15,15 +15,15 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+import losses
+import utils
+from forward import ModelCall
 from training import checkpoints
 from training import launch as launcher
-import losses
-from training import modeling
-from training import pipeline
-import utils
-from conftest import launch_run, make_cfg, read_rows
-from forward import ModelCall
+from training import modeling, pipeline
 from utils import REPO_DIR, ConfigError, NonFiniteError
+
+from conftest import launch_run, make_cfg, read_rows
 
 STEPS = ["batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000", "do_first_eval=false",
          "warmup_steps=0", "optimizer=AdamW", "lr=1e-3", "loss=sft"]

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from training import config_schema
 import losses
+from training import config_schema
 from training.options import default_of
 from utils import REPO_DIR
 

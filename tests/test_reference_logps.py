@@ -12,14 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from training import launch
 import losses
-from training import modeling
-from training import reference_logps
-from training import pipeline
 import trainers
-from conftest import make_cfg, read_rows, tiny_model
 from forward import ModelCall
+from training import launch, modeling, pipeline, reference_logps
+
+from conftest import make_cfg, read_rows, tiny_model
 
 # 4 optimizer steps of 8 DPO pairs, evaluation on 8 pairs at steps 0, 2 and 4; AdamW, so the
 # reference sums reach the weights through every update

@@ -101,6 +101,7 @@ def test_runs_group_by_the_keys_that_change_the_math_and_labels_name_what_differ
     from training import checkpoints  # the same declaration decides what a resume may change
     assert "save_every" not in checkpoints.config_fingerprint({"save_every": 32, "lr": 1e-3})
     from training import config_schema  # and names keys that exist: a renamed key would otherwise count silently
+
     from conftest import make_cfg
     cfg = make_cfg()
     assert all(OmegaConf.select(cfg, k, default="<none>") != "<none>" for k in config_schema.NOT_MATH if k != "hydra")
@@ -172,6 +173,7 @@ def test_config_yaml_stores_the_paths_a_run_read_resolved(tmp_path, monkeypatch)
     """A dataset path relative to the directory train.py ran in still names the file when report.py
     (or anyone) reads config.yaml from elsewhere; registry names and hub ids stay as written."""
     from training import config_schema
+
     from conftest import make_cfg
     (tmp_path / "mine.jsonl").write_text("")
     monkeypatch.chdir(tmp_path)

@@ -18,9 +18,10 @@ import torch
 from training import checkpoints
 from training import launch as launcher
 from training import pipeline
-from conftest import launch_run, make_cfg, read_rows
 from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
+
+from conftest import launch_run, make_cfg, read_rows
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
              "lambda_disturb=normal", "disturb_std=0.5"]

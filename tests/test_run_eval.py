@@ -12,15 +12,14 @@ import sys
 import pytest
 import torch
 
-from training import modeling
-from training import run_data
 import run_eval
-from conftest import run_inprocess
+from training import modeling, run_data
 from utils import REPO_DIR
+
+from conftest import run_inprocess
 
 sys.path.insert(0, str(REPO_DIR / "eval_tasks"))
 import ift_quick  # noqa: E402
-
 
 QUICK_ROWS = 16  # the quick task's first rows: the fixture's model learns them, the test evaluates them
 

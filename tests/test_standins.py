@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 import losses
-import preference_datasets as pd
-from training import batching
-from training import sources
-from training import tokenization
+from training import batching, sources, tokenization
+from utils import REPO_DIR
+
 from conftest import make_cfg, read_rows, run_inprocess
 from tokenizer_families import FAMILIES, build_tokenizer
-from utils import REPO_DIR
 
 ROWS = 100  # training rows per dataset; the test splits get 8
 FOLDERS = {"ultrachat": "ultrachat_200k", "ultrafeedback": "ultrafeedback_binarized", "hh": "hh-rlhf", "shp": "shp",
@@ -144,8 +142,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     assert plan["rows_dropped"] == {"ultrachat": 0, "ultrafeedback": 0}
     # tokens: every row of each epoch's 7 batches, exactly (prompt + chosen answer for IFT); FLOPs: those
     # sequences by hand, 3 forwards' worth trained + IFT's no-grad forward (lambda = 0.2 at every step)
-    from training import modeling
-    from training import run_data
+    from training import modeling, run_data
     cfg = make_cfg(*args)
     data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=False)
     tokens, total = closed_form_plan(cfg, data, no_grad_passes=1)
@@ -155,9 +152,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
 
 
 def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_as_long_as_the_row(standins, tmp_path):
-    from training import modeling
-    from training import planning
-    from training import run_data
+    from training import modeling, planning, run_data
     args = ["loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}", "max_length=192",
             "max_prompt_length=192", "min_answer_tokens=32", "batch_size=8", "eval_batch_size=8", "n_examples=32",
             "n_eval_examples=8", "eval_every=16", "warmup_steps=0", "n_samples=2", "max_new_tokens=4"]
@@ -175,9 +170,7 @@ def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_
 
 @pytest.mark.parametrize("reference_logps", ["live", "precompute"])
 def test_the_plan_counts_a_live_reference_forward_and_none_with_precompute(reference_logps):
-    from training import modeling
-    from training import planning
-    from training import run_data
+    from training import modeling, planning, run_data
     cfg = make_cfg("loss=dpo", "datasets=[ultrafeedback_sample]", "n_examples=64", "batch_size=16",
                    f"reference_logps={reference_logps}")
     data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=True)
@@ -194,7 +187,7 @@ def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standin
     tok = tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
     kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
     first = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
-    monkeypatch.setattr(pd, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    monkeypatch.setattr(sources, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
     again = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
     assert again.fingerprint == first.fingerprint and len(again) == 100
     assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory

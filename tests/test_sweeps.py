@@ -12,10 +12,11 @@ import pytest
 from omegaconf import OmegaConf
 
 import report
-from training import sweeps
 import utils
-from conftest import run_train_py
+from training import sweeps
 from utils import REPO_DIR, ConfigError
+
+from conftest import run_train_py
 
 TINY_RUN = ["n_examples=32", "batch_size=16", "eval_batch_size=16", "n_eval_examples=16", "eval_every=32",
             "warmup_steps=0", "datasets=[ultrafeedback_sample]", "max_length=96", "max_prompt_length=64"]

@@ -10,11 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from training import modeling
 import preference_datasets as pd
-from training import sources
-from training import tokenization
-from training import pipeline
+from training import modeling, pipeline, sources, tokenization
+
 from conftest import make_cfg
 from tokenizer_families import FAMILIES, build_model_dir
 

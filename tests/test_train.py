@@ -11,11 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from training import config_schema
-from training import modeling
-from training import pipeline
-from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
+from training import config_schema, modeling, pipeline
 from utils import REPO_DIR, ConfigError, make_run_dir
+
+from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
 
 
 def run_cli(*args, timeout=300):
@@ -368,6 +367,7 @@ echo >> {calls}
 
 def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_path, monkeypatch):
     import types
+
     import trainers
     calls = []
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=None, finish=None))
@@ -429,8 +429,9 @@ def _rank_fails_before_its_first_row(cfg, local_rank, world, port, checked):
 @pytest.mark.parametrize("how", ["killed", "raises"])
 def test_a_spawned_run_that_dies_before_its_first_row_leaves_its_run_dir_free(tmp_path, how):
     """The launcher gives back the run_dir that rank 0 reserved: the empty metrics.jsonl would refuse it."""
-    from training import launch
     import torch.multiprocessing as mp
+
+    from training import launch
     run_dir = tmp_path / "run"
     # preempt_signals=null: the launcher's clean-up (SIGTERM) then ends the surviving rank at once
     cfg = make_cfg(f"run_dir={run_dir}", *FAST, "trainer=FSDPTrainer", "nproc=2", "device=cpu", f"exp_name={how}",

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from training.launch import EXIT_PREEMPTED, SIGNALS, stop_signal
-from utils import ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, holds_run, is_main, rank, \
-    resolve_path, run_dir_taken, world_size
+from utils import (ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, holds_run, is_main, rank, resolve_path,
+                   run_dir_taken, world_size)
 
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1

@@ -17,8 +17,8 @@ from hydra._internal.utils import get_args_parser
 from omegaconf import OmegaConf
 
 import forward
-from training import lora
 import losses
+from training import lora
 from training.launch import use_cuda
 from training.options import check, default_of, option, unknown_key
 from utils import REPO_DIR, ConfigError, resolve_path
@@ -364,6 +364,7 @@ def check_run(cfg, world):
     """What no single key's declaration can say: combinations, the file system, the devices.
     world: the number of ranks the run will have. (What concerns resuming: checkpoints.plan_resume.)"""
     import torch
+
     from preference_datasets import DataError, check_dataset_name
 
     if cfg.device == "cuda" and not torch.cuda.is_available():

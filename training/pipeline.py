@@ -16,15 +16,11 @@ import json
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from training import checkpoints
-from training import config_schema
-from training import launch as launcher
-from training import lora
 import losses
-from training import modeling
-from training import run_data
+from training import checkpoints, config_schema
+from training import launch as launcher
+from training import lora, modeling, run_data
 from utils import barrier, broadcast_object, is_main, make_run_dir, released_on_failure, set_seed
-
 
 # ---------------------------------------------------------------- check and launch
 
@@ -61,8 +57,8 @@ def build(cfg, device, checked=None):
     models, in that order, so bad data costs no model load and leaves no run directory. checked:
     validate_config's result, or None. Returns (trainer, fresh): fresh when the run directory was
     reserved for this run (not continued in place)."""
-    from training.tokenization import end_of_turn_token
     from trainers import TRAINERS
+    from training.tokenization import end_of_turn_token
 
     loss = checked.loss if checked is not None else losses.build(cfg.loss)
     plan = checked.resume if checked is not None else None

@@ -12,11 +12,10 @@ import json
 
 import numpy as np
 
-from training import flops
-from training import lora
+from training import flops, lora
+from training.batching import epoch_batches, micro_batches
 from training.launch import planned_world_size
 from training.tokenization import COUNTS
-from training.batching import epoch_batches, micro_batches
 
 
 def schedule(n_rows, cfg):

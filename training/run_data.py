@@ -4,9 +4,7 @@ rows for one batch) before any model loads or any run directory exists."""
 from omegaconf import OmegaConf
 
 from preference_datasets import DataError
-
 from training.sources import has_rejected_answers
-
 from training.tokenization import load_split, mask_audit
 from utils import is_main, main_process_first
 

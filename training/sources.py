@@ -13,6 +13,7 @@ from preference_datasets import (HELD_OUT_FRACTION, HELD_OUT_MAX, LOCAL_SUFFIXES
                                  detect_schema, known_dataset_names)
 from utils import resolve_path
 
+
 def _read_local_rows(path):
     """(where, row) of a .parquet, .jsonl or .json file (optionally gzipped, as hh-rlhf's .jsonl.gz), one
     row at a time (parquet in record batches, JSON lines line by line), invalid JSON naming the file and

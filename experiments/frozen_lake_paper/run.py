@@ -58,11 +58,11 @@ def grids(quick=False):
 def compose(method, setting, model_dir, data_dir, steps):
     """The run config (a plain dict) as `python train.py loss=METHOD key=value ...` composes it, checked
     with data_dir as its dataset; datasets, seed and run_dir are filled in per run."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from training import config_schema
-    from training import pipeline
+    from training import config_schema, pipeline
 
     overrides = [f"loss={method}", "model=tiny", f"model.name_or_path={model_dir}", "model.from_scratch=true",
                  "device=cpu", "optimizer=AdamW", "lr_schedule=constant", "warmup_steps=0",
@@ -98,8 +98,8 @@ def train_and_score(task):
     """One run (task: cfg dict, map, run_dir, data_dir): train, score, write scores.json; returns scores."""
     import torch
 
-    from training import pipeline
     from experiments.frozen_lake_paper import lake
+    from training import pipeline
 
     cfg, desc, run_dir, data_dir = task
     done = Path(run_dir) / "scores.json"
