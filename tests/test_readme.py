@@ -110,3 +110,11 @@ def test_a_table_that_drifts_from_the_declarations_fails():
         assert_table_matches({"lr": "1e-3", "optimizer": "RMSprop"}, keys)
     with pytest.raises(AssertionError, match="missing"):
         assert_table_matches({"lr": "5e-4"}, keys)
+
+
+def test_the_configuration_page_is_written_from_the_declarations():
+    """docs/configuration.md is what `python config_schema.py` writes: every key with its declared default,
+    allowed values and comment, so no hand-kept key table can drift from the code."""
+    page = config_schema.CONFIGURATION_PAGE
+    assert page.read_text(encoding="utf-8") == config_schema.configuration_markdown(), \
+        f"{page} differs from the declarations: run config_schema.py"
