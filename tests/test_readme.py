@@ -18,6 +18,7 @@ def test_the_readme_is_at_most_300_lines():
     lines = (REPO_DIR / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move details to a page of docs/"
 
+
 def test_the_configuration_page_is_written_from_the_declarations():
     """docs/configuration.md is what `python config_schema.py` writes: every key with its declared default,
     allowed values and comment, so no hand-kept key table can drift from the code."""
