@@ -12,7 +12,7 @@ with their few-shot settings, and writes
     RUN_DIR/eval/samples_<task>.jsonl   per-row prompts, answers and scores (with --log-samples)
 
 Suites: `paper` is the paper's benchmark list with the Open LLM Leaderboard (v1) few-shot settings
-(see PAPER_SUITE and the README); it downloads the benchmarks from the hub. `quick` is the bundled
+(see PAPER_SUITE and docs/evaluation.md); it downloads the benchmarks from the hub. `quick` is the bundled
 task eval_tasks/ift_quick.yaml (greedy answers to the UltraChat test sample, exact match), which
 runs offline. lm-eval is installed from requirements-eval.txt.
 """

@@ -4,9 +4,9 @@ For each rank count R: a run of `train.py` writes checkpoints/step-2 and step-4 
 second run resumes from step-4 into a new run directory. Both print their timings ("saved ... in X s", "resumed ...
 in X s"); this script collects and prints them. It asserts nothing.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/checkpoint_io.py                   # the bundled tiny model
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/checkpoint_io.py --hidden 512 --layers 8   # a random Mistral
-    .venv/bin/python benchmarks/checkpoint_io.py --device cuda --ranks 1,8 --hidden 4096 --layers 32
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.checkpoint_io                   # the bundled tiny model
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.checkpoint_io --hidden 512 --layers 8   # a random Mistral
+    .venv/bin/python -m benchmarks.checkpoint_io --device cuda --ranks 1,8 --hidden 4096 --layers 32
 
 Save time is from the start of the save to the renamed, fsynced folder (all ranks); resume time is
 reading the shards into the model and optimizer plus the RNG and trainer state (not the model load).

@@ -1,7 +1,7 @@
 """How the data path scales: tokenisation speed, memory per rank, time to the first optimizer step.
 
-    nice -n 10 .venv/bin/python benchmarks/data_scale.py --rows 200000            # everything
-    .venv/bin/python benchmarks/data_scale.py --rows 10000 --parts tokenise --repo /path/to/another/checkout
+    nice -n 10 .venv/bin/python -m benchmarks.data_scale --rows 200000            # everything
+    .venv/bin/python -m benchmarks.data_scale --rows 10000 --parts tokenise --repo /path/to/another/checkout
 
 Writes --rows stand-in UltraChat rows (scripts/make_standins.py, the hub's parquet layout, real length
 shapes) once under --work, then measures, each in a fresh process with its own empty datasets cache:

@@ -1,8 +1,8 @@
 """What the efficiency options buy: the chunked loss head's memory, and padding-free packing's speed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/efficiency.py              # all parts (CPU: 20-40 min)
-    .venv/bin/python benchmarks/efficiency.py --parts head --vocabs 32000,128256
-    .venv/bin/python benchmarks/efficiency.py --device cuda --dtype bfloat16 --attn flash_attention_2
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.efficiency              # all parts (CPU: 20-40 min)
+    .venv/bin/python -m benchmarks.efficiency --parts head --vocabs 32000,128256
+    .venv/bin/python -m benchmarks.efficiency --device cuda --dtype bfloat16 --attn flash_attention_2
 
 It prints figures and asserts nothing. Three parts, each a comparison inside one run:
   head     the output head alone: N target positions of hidden size H -> log-probs, forward and backward

@@ -1,8 +1,8 @@
 """The GPU checks as one command: on a GPU machine it finishes in about 8 minutes and writes
 OUT/gpu_check.md, each check with its figures and PASS or FAIL.
 
-    .venv/bin/python benchmarks/gpu_check.py --out runs/gpu_check           # on a GPU machine
-    .venv/bin/python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke   # every step on the CPU, tiny
+    .venv/bin/python -m benchmarks.gpu_check --out runs/gpu_check           # on a GPU machine
+    .venv/bin/python -m benchmarks.gpu_check --smoke --out /tmp/gpu_smoke   # every step on the CPU, tiny
 
 The checks, in the order they run (the report is rewritten after each, so a machine taken away midway
 still leaves what was measured):
@@ -10,7 +10,7 @@ still leaves what was measured):
               so the whole script fits the budget; the GPU checks run meanwhile (the figures of a run
               are therefore taken beside the suite's CPU work and its brief, small GPU use).
   demo        commands/run_tiny_ift.sh on the device: eval loss before and after, greedy exact match,
-              tokens/s; on the CPU the README gives IFT's eval loss 6.81 -> 0.457 (-93%) and exact match
+              tokens/s; on the CPU docs/performance.md gives IFT's eval loss 6.81 -> 0.457 (-93%) and exact match
               0.57 (0.70 and 0.56 with seeds 1 and 2).
   throughput  a randomly initialised Mistral-shaped model of ~1B parameters (hidden 2048, 18 layers,
               16 heads, 8 kv heads, intermediate 5632, vocabulary 32000, untied: 0.98B) in bfloat16
@@ -232,7 +232,7 @@ def demo(report, args, out, device):
         tok_s = statistics.median(r["tokens_per_s"] for r in train_rows)
         drop = (evals[0] - evals[-1]) / evals[0]
         match = _exact_rate(run_dir)
-        lines += ["", "| figure | this run | CPU (README) |", "|---|---|---|",
+        lines += ["", "| figure | this run | CPU (docs/performance.md) |", "|---|---|---|",
                   f"| eval loss (IFT's) | {evals[0]:.2f} -> {evals[-1]:.3f} ({-drop:+.0%}) | 6.81 -> 0.457 (-93%) |",
                   f"| greedy exact match | {match:.2f} ({len(_samples(run_dir))} prompts) | 0.57 (100 prompts; "
                   f"seeds 1, 2: 0.70, 0.56) |",

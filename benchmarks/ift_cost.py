@@ -1,8 +1,8 @@
 """What does an IFT step cost next to SFT, DPO and ORPO? Step time and peak memory, measured in one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ift_cost.py            # defaults (4-6 min on a shared 2-core CPU)
-    .venv/bin/python benchmarks/ift_cost.py --device cuda --batch 8     # on a GPU (bfloat16 by default there)
-    .venv/bin/python benchmarks/ift_cost.py --losses sft,ift --reps 3 --skip-long
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.ift_cost            # defaults (4-6 min on a shared 2-core CPU)
+    .venv/bin/python -m benchmarks.ift_cost --device cuda --batch 8     # on a GPU (bfloat16 by default there)
+    .venv/bin/python -m benchmarks.ift_cost --losses sft,ift --reps 3 --skip-long
 
 This script prints figures; it asserts nothing about speed.
 

@@ -2,8 +2,8 @@
 # The paper's recipe on Mistral-7B: 61,136 rows from each dataset (a random sample of UltraChat-200k's
 # 207,865, and all 61,135 of UltraFeedback's chosen answers), 3 epochs over their union (122,271 rows:
 # 238 optimizer steps of 512 an epoch, 714 in all, 107 of them warm-up), lr 5e-7, max length 1,024 for
-# prompt and answer (longer prompts are cut from their start so answers keep 128 tokens; README
-# "Truncation"): first the SFT-equivalent run (lambda = 0, gamma = 0), then IFT (lambda = 0.2, gamma = 0.95,
+# prompt and answer (longer prompts are cut from their start so answers keep 128 tokens;
+# docs/data.md, "Truncation"): first the SFT-equivalent run (lambda = 0, gamma = 0), then IFT (lambda = 0.2, gamma = 0.95,
 # propagation loss / L1 / left). One node: FSDP2 starts one process per GPU.
 # Check the data and the plan first, without a model: bash commands/run_mistral_ift.sh dry_run=true
 # Several nodes: run on each node

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # IFT on the bundled tiny Mistral and UltraChat sample, on the CPU, offline: what `make demo` runs.
-# 1,000 steps of 16 examples (AdamW 2e-3, cosine after 30 warm-up steps, clip 1.0; README, "Quick start",
+# 1,000 steps of 16 examples (AdamW 2e-3, cosine after 30 warm-up steps, clip 1.0; docs/performance.md, "The demo",
 # gives the measured time); at the end 100 held-out prompts are answered greedily and scored by exact match.
 # Extra arguments override anything, e.g. `bash commands/run_tiny_ift.sh loss=sft run_dir=runs/tiny_sft`.
 set -euo pipefail

@@ -1,7 +1,7 @@
 """Fraction of the values of every weight matrix that differ between two model directories, compared
 in the dtype of the second (a bf16 final/ against the float32 initial model cast to bf16).
 
-    python scripts/changed_fraction.py models/tiny-mistral runs/<run>/final
+    python -m scripts.changed_fraction models/tiny-mistral runs/<run>/final
 Prints one line per tensor and the median / minimum over the 2-D tensors."""
 
 import statistics

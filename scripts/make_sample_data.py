@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate small synthetic sample datasets in the exact schemas of the hub datasets.
 
-Run from the repo root:  python scripts/make_sample_data.py
+Run from the repo root:  python -m scripts.make_sample_data
 
 Writes (all JSON Lines, one record per line, deterministic for a fixed --seed):
 

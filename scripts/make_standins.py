@@ -2,8 +2,8 @@
 """Write stand-ins for every registered dataset: the hub repository's file layout and columns, at any
 row count, with text of the real datasets' length shapes (the words are random; only sizes matter).
 
-    python scripts/make_standins.py OUT --rows 61136                 # all five datasets
-    python scripts/make_standins.py OUT --rows 200000 --datasets ultrachat
+    python -m scripts.make_standins OUT --rows 61136                 # all five datasets
+    python -m scripts.make_standins OUT --rows 200000 --datasets ultrachat
 
 Each dataset goes to OUT/<folder>/ laid out as a downloaded copy of its hub repository, so that
 `dataset_paths.<name>=OUT/<folder>` loads it exactly as it would load the real download:

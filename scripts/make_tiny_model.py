@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the tiny randomly initialised Mistral model + tokenizer in models/tiny-mistral/.
 
-Run from the repo root (after scripts/make_sample_data.py):  python scripts/make_tiny_model.py
+Run from the repo root (after scripts/make_sample_data.py):  python -m scripts.make_tiny_model
 
 Tokenizer (trained here with the `tokenizers` library on the text of data/, deterministic):
   * byte-level BPE, target vocab 1024 (smaller if the corpus runs out of merges);

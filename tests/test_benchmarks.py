@@ -1,10 +1,10 @@
-"""The benchmarks the README quotes still run on the current code.
+"""The benchmarks docs/performance.md quotes still run on the current code.
 
 Each benchmark runs in this process at toy sizes (a 1-layer Mistral of width 32, rows of 32 tokens): the
 figures are meaningless at that size and are not checked, but every part must run to its end and print
 its tables, and the properties that hold at any size are asserted. A benchmark that no longer runs
 (e.g. efficiency.py's packing part after TokenizedData moved to Arrow) would otherwise be found only when
-someone re-measures the README.
+someone re-measures docs/performance.md.
 """
 
 import re

@@ -1,112 +1,83 @@
-"""The README's key tables say what the declarations say: every declared key (training/config_schema.py's Run,
-Wandb, Lora and Model, each loss's fields in losses.py) is in its table with its declared default, and
-the tables name no key that is not declared. The YAML files are written from the same declarations
-(test_train.py checks them); the README keeps its own, longer explanations, so it is checked instead."""
+"""The README and docs/ stay true to the code and to each other: docs/configuration.md is what the
+declarations render (config_schema.py's Run, Wandb, Lora and Model, each loss's fields in losses.py), as
+the YAML files are (test_train.py checks those), so no hand-kept key table can drift; every relative link
+of the README, docs/ and the folders' READMEs reaches a file and, with a #anchor, a heading of it; and
+the README stays short enough to read top to bottom (at most README_MAX_LINES lines)."""
 
-import dataclasses
 import re
 
 import pytest
 
-import losses
 from training import config_schema
-from training.options import default_of
 from utils import REPO_DIR
 
-README = (REPO_DIR / "README.md").read_text(encoding="utf-8")
+README_MAX_LINES = 300
 
 
-def section(heading):
-    """The README text under `heading` (a whole heading line), up to the next heading of its level or above."""
-    level = heading.split()[0]
-    start = README.index("\n" + heading + "\n")
-    end = re.search(rf"\n#{{1,{len(level)}}} ", README[start + 1:])
-    return README[start:start + 1 + end.start()] if end else README[start:]
+def test_the_readme_is_at_most_300_lines():
+    lines = (REPO_DIR / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move details to a page of docs/"
 
 
-def table(text):
-    """{key: default cell} of the table rows whose first cell names keys in backticks (`a`, `b` share a row
-    whose default cell lists theirs in order, comma-separated)."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        keys = re.findall(r"`([^`]+)`", cells[0]) if line.startswith("| `") else []
-        if not keys:
-            continue
-        defaults = [cells[1]] if len(keys) == 1 else [d.strip() for d in cells[1].split(",")]
-        rows.update(zip(keys, defaults))
-    return rows
+def test_the_configuration_page_is_written_from_the_declarations():
+    """docs/configuration.md is what `python config_schema.py` writes: every key with its declared default,
+    allowed values and comment, so no hand-kept key table can drift from the code."""
+    page = config_schema.CONFIGURATION_PAGE
+    assert page.read_text(encoding="utf-8") == config_schema.configuration_markdown(), \
+        f"{page} differs from the declarations: run config_schema.py"
 
 
-def parse(cell):
-    """A README default cell as a value: null, true, false, numbers, [a, b] lists, else the text."""
-    cell = cell.strip("`")
-    if cell.startswith("[") and cell.endswith("]"):
-        return [parse(item.strip()) for item in cell[1:-1].split(",")]
-    words = {"null": None, "true": True, "false": False}
-    if cell in words:
-        return words[cell]
-    try:
-        return float(cell)
-    except ValueError:
-        return cell
+PAGES = [REPO_DIR / "README.md", *sorted((REPO_DIR / "docs").glob("*.md")),
+         *sorted((REPO_DIR / "benchmarks").glob("README.md")), *sorted((REPO_DIR / "experiments").rglob("README.md"))]
 
 
-def declared(declaration, prefix=""):
-    """{dotted key: default} of a declaration's fields, nested declarations flattened."""
-    out = {}
-    for field in dataclasses.fields(declaration):
-        default = default_of(field)
-        if dataclasses.is_dataclass(default) and dataclasses.fields(default):
-            out.update(declared(type(default), f"{prefix}{field.name}."))
-        else:
-            out[prefix + field.name] = default
+def anchors(text):
+    """The #anchors GitHub gives the headings of a Markdown text: lower case, punctuation dropped, spaces as
+    hyphens, a repeated heading numbered -1, -2, ..."""
+    seen, out = {}, set()
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", strip_code_blocks(text), flags=re.M):
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading: its text
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
     return out
 
 
-def assert_table_matches(rows, keys):
-    assert set(rows) == set(keys), f"README table: missing {set(keys) - set(rows)}, undeclared {set(rows) - set(keys)}"
-    for key, default in keys.items():
-        want = None if dataclasses.is_dataclass(default) else default  # an empty section: null in the YAML
-        assert parse(rows[key]) == want, f"README says {key} defaults to {rows[key]}, the declaration {want!r}"
+def strip_code_blocks(text):
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
 
 
-def test_the_config_yaml_table_lists_every_top_level_key_with_its_default():
-    keys = declared(config_schema.Run)
-    keys["lora"] = None  # the group: null unless lora=default
-    paths = {k: keys.pop(k) for k in list(keys) if k.startswith("dataset_paths.")}  # one per registry name
-    keys["dataset_paths.<name>"] = None if set(paths.values()) == {None} else paths
-    assert_table_matches(table(section("### `config/config.yaml`")), keys)
+def relative_links(text):
+    """The targets of the Markdown links and images of a text that point into the repository (not URLs),
+    outside code blocks and code spans."""
+    text = re.sub(r"`[^`\n]*`", "", strip_code_blocks(text))
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
 
 
-def test_the_ift_table_lists_every_ift_key_with_its_default():
-    assert_table_matches(table(section("### IFT settings (`config/loss/ift.yaml`)")), declared(losses.LOSSES["ift"]))
+def broken_links(page):
+    """'target: why' for each relative link of `page` (a Path) whose file or #anchor does not exist."""
+    broken = []
+    for target in relative_links(page.read_text(encoding="utf-8")):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text(encoding="utf-8")):
+            broken.append(f"{target}: no heading #{anchor} in {file.name}")
+    return broken
 
 
-def test_the_lora_table_lists_every_lora_key_with_its_default():
-    rows = table(section("## LoRA"))
-    keys = {f"lora.{k}": v for k, v in declared(config_schema.Lora).items()}
-    assert_table_matches({k: v for k, v in rows.items() if k != "lora"}, keys)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO_DIR)))
+def test_every_relative_link_resolves_to_a_file_and_heading(page):
+    assert broken_links(page) == []
 
 
-@pytest.mark.parametrize("name", [n for n in losses.LOSSES if n != "ift"])
-def test_the_baselines_table_gives_each_losss_keys_and_defaults(name):
-    (row,) = [line for line in section("## Baselines").splitlines() if line.startswith(f"| `{name}` |")]
-    keys_cell = row.strip().strip("|").split("|")[-1]
-    found = dict(re.findall(r"`(\w+)` \(([^,)]+)", keys_cell))
-    assert {k: parse(v) for k, v in found.items()} == declared(losses.LOSSES[name])
-
-
-def test_the_model_section_names_every_model_key():
-    text = section("### `config/model/*.yaml`")
-    named = set(re.findall(r"`(\w+)`", text[text.index("Keys:"):]))
-    assert set(declared(config_schema.Model)) <= named
-
-
-def test_a_table_that_drifts_from_the_declarations_fails():
-    keys = {"lr": 5e-4, "optimizer": "RMSprop"}
-    assert_table_matches({"lr": "5e-4", "optimizer": "RMSprop"}, keys)
-    with pytest.raises(AssertionError, match="lr defaults to 1e-3"):
-        assert_table_matches({"lr": "1e-3", "optimizer": "RMSprop"}, keys)
-    with pytest.raises(AssertionError, match="missing"):
-        assert_table_matches({"lr": "5e-4"}, keys)
+def test_a_broken_link_or_anchor_is_found(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## A `code` heading: λ = 0\n")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](other.md) [ok](other.md#a-code-heading-λ--0) [ok](#here) ![ok](other.md)\n"
+                    "# Here\n`[not a link](nowhere.md)` [web](https://example.com/x.md)\n"
+                    "[gone](missing.md) [bad anchor](other.md#nowhere)\n")
+    assert broken_links(page) == ["missing.md: no such file", "other.md#nowhere: no heading #nowhere in other.md"]

@@ -1,8 +1,9 @@
 """The config, declared once: every top-level, model and lora key here, every loss key beside its loss
 in losses.py. From these declarations come the checks (`check_keys`, `check_overrides`, `check_run`)
 and the YAML files users read and edit: `python -m training.config_schema` rewrites config/config.yaml,
-config/loss/*.yaml, config/lora/default.yaml and the keys' comments of config/model/*.yaml from them
-(the tests fail while a file differs); a model file's values and header comment are its own.
+config/loss/*.yaml, config/lora/default.yaml, the keys' comments of config/model/*.yaml and the key tables
+of docs/configuration.md from them (the tests fail while a file differs); a model file's values and
+header comment are its own.
 
 Adding a key: one `option(...)` line in the right dataclass, then `python -m training.config_schema`.
 """
@@ -10,6 +11,7 @@ Adding a key: one `option(...)` line in the right dataclass, then `python -m tra
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +22,7 @@ import forward
 import losses
 from training import lora
 from training.launch import use_cuda
-from training.options import check, default_of, option, unknown_key
+from training.options import _kind, check, default_of, option, unknown_key
 from utils import REPO_DIR, ConfigError, resolve_path
 
 CONFIG_DIR = REPO_DIR / "config"
@@ -54,7 +56,7 @@ class Model:
 @dataclass
 class Lora:
     """LoRA through peft: `lora=default` (off unless chosen). The base model's weights are frozen and
-    only the low-rank adapters train (plus trainable_modules). See training/lora.py and the README's LoRA section."""
+    only the low-rank adapters train (plus trainable_modules). See training/lora.py and docs/lora.md."""
     r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
     alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
     dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
@@ -134,7 +136,7 @@ class Run:
                                          "end-of-turn token); counted per dataset", low=1, high="max_length")
     min_answer_tokens: int = option(128, "a prompt is cut further than max_prompt_length when needed so that every "
                                          "answer keeps at least\nmin(its length, this, max_length // 2) tokens: no "
-                                         "row is ever dropped (README \"Truncation\")", low=1)
+                                         "row is ever dropped (docs/data.md, \"Truncation\")", low=1)
     rows_per_dataset: Optional[int] = option(None, "training rows each dataset contributes: a random sample drawn "
                                                    "from (seed, dataset name)\nbefore tokenisation, the same on every "
                                                    "rank and resume; null = all rows", low=1)
@@ -154,8 +156,8 @@ class Run:
                               "is first", low=1)
     n_examples: Optional[int] = option(None, "stop after this many training examples; null = no limit", low=1)
     optimizer: str = option("RMSprop", "RMSprop (the reference's) | AdamW", choices=("RMSprop", "AdamW"))
-    lr: float = option(5.0e-4, "peak learning rate. The paper's Mistral-7B runs use 5e-7 (see commands/)", low=0,
-                       low_open=True)
+    lr: float = option(5.0e-4, "peak learning rate (suits the tiny model); the paper's Mistral-7B runs use 5e-7 "
+                               "(see commands/)", low=0, low_open=True)
     weight_decay: float = option(0.0, "AdamW only", low=0)
     lr_schedule: str = option("constant", "constant | cosine; both after a linear warm-up",
                               choices=("constant", "cosine"))
@@ -181,8 +183,7 @@ class Run:
     save_every: Optional[int] = option(None, "also write checkpoints/step-N/ every this many training examples; "
                                              "null = only final/\n(and a checkpoint when a preemption signal "
                                              "arrives)", low=1,
-                                       before='\n---- checkpoints and resume (training/checkpoints.py; README "Checkpoints, '
-                                              'resume and preemption")')
+                                       before="\n---- checkpoints and resume (training/checkpoints.py; docs/distributed.md)")
     keep_last: Optional[int] = option(None, "keep only the newest K checkpoints (older ones go once a newer one is "
                                             "complete); null = all", low=1)
     save_async: bool = option(False, "write checkpoint shards in a background thread while training goes on "
@@ -488,8 +489,128 @@ def yaml_files():
     return files
 
 
+# ---------------------------------------------------------------- docs/configuration.md, from the same declarations
+
+CONFIGURATION_PAGE = REPO_DIR / "docs" / "configuration.md"
+CONFIGURATION_PREAMBLE = """\
+# Configuration
+
+<!-- Written by `python -m training.config_schema` from the declarations; edit those, not this page. -->
+
+Everything lives in `config/`: `config.yaml` (run, data, optimisation, logging), `loss/*.yaml` (one per
+loss), `model/*.yaml` (one per model) and `lora/default.yaml`. Every key is commented there. Override
+any key on the command line (`lr=1e-4`, `model=mistral7b`, `loss.gamma=0.9`); loss keys also work in
+the short form (`gamma=0.9`).
+
+**What is refused, before anything loads.** Unknown keys (named with the allowed ones and the closest
+match, with or without a `+`), a loss key given to a loss that lacks it (`loss=sft gamma=0.9` names
+`loss=ift`, which has it) and impossible values (a negative lr, a λ outside [0, 1], a batch size that
+does not divide, an unknown dataset) stop the run with the allowed values in the message. Names from
+other trainers get the key to use here (`learning_rate`, `lr_rate` -> `lr`; `num_train_epochs` ->
+`n_epochs`; `per_device_train_batch_size` -> `batch_size`, which is the global batch; `max_steps` ->
+`n_examples`; `output_dir` -> `run_dir`; ... `ALIASES` in `training/options.py`), and an unknown group
+choice (`loss=foo`, `model=foo`) is one line naming the files of `config/loss/` or `config/model/`.
+
+**Hydra's own flags** work as Hydra documents them: `-cn`/`--config-name`, `-cd`/`--config-dir`,
+`--cfg job`, `-m`/`--multirun` (e.g. `-m lr=1e-4,1e-3 'run_dir=runs/lr_${lr}'`) and `hydra.*` overrides.
+
+**Declared once.** Each key is a dataclass field with its default, allowed values or range and its
+comment: top-level, model and lora keys in `training/config_schema.py`, each loss's keys on its class in
+`losses.py`. The checks come from those declarations, and `python -m training.config_schema` writes
+`config/config.yaml`, `config/loss/*.yaml`, `config/lora/default.yaml`, the keys and comments of
+`config/model/*.yaml`, and this page from them (a test fails while a file differs). So a new option is
+one `option(...)` line plus its test; a new model is a new `config/model/*.yaml` file.
+
+The tables below are those declarations. The longer explanations are on each subject's page:
+[data](data.md), [training runs and precision](training.md), [multi-GPU, checkpoints and
+resume](distributed.md), [LoRA](lora.md), [memory and speed](performance.md), [the losses](losses.md)
+and, for IFT's keys, [the IFT contract](ift_spec.md).
+"""
+
+
+def _md(text):
+    """Text for a Markdown table cell: what a table or emphasis would take is escaped."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _allowed(field, annotation):
+    """A field's allowed values in words: its choices, or its kind and range, and whether null is allowed."""
+    meta = field.metadata
+    base, optional = _kind(annotation)
+    if meta["choices"] is not None:
+        return ", ".join(_yaml_value(c) for c in meta["choices"])
+    if base is bool:
+        return "true, false"
+    word = {int: "integer", float: "number", str: "text", list: "list"}.get(base, "")
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        word += f" in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+    elif low is not None:
+        word += f" {'>' if meta['low_open'] else '≥'} {low}"
+    elif high is not None:
+        word += f" {'<' if meta['high_open'] else '≤'} {high}"
+    return word + (", or null" if optional else "")
+
+
+def markdown_tables(declaration, prefix=""):
+    """Markdown lines of a declaration's keys: tables of key, default, allowed values and comment. A key's
+    `before` comment starts a new table under it (`---- title` as a heading, other text as a paragraph); a
+    nested declaration's keys follow their section's row."""
+    hints = typing.get_type_hints(declaration)
+    lines, header = [], ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(declaration):
+        meta = field.metadata
+        if meta["before"] or not lines:
+            before = (meta["before"] or "").strip()
+            title = f"### {before.lstrip('- ')[:1].upper()}{before.lstrip('- ')[1:]}" if before.startswith("--") \
+                else _md(before)
+            lines += ([""] if lines else []) + ([title, ""] if title else []) + header
+        comment = _md(" ".join(part.strip() for part in meta["comment"].split("\n"))) or "—"
+        if dataclasses.is_dataclass(field.type):
+            lines.append(f"| `{prefix}{field.name}` | | the keys below | {comment} |")
+            lines += markdown_tables(field.type, f"{prefix}{field.name}.")[2:]  # its rows, under this header
+            continue
+        default = _md(_yaml_value(default_of(field)))
+        lines.append(f"| `{prefix}{field.name}` | `{default}` | {_md(_allowed(field, hints[field.name]))} | {comment} |")
+    return lines
+
+
+def configuration_markdown():
+    """The text of docs/configuration.md: the preamble, then every declared key in tables (config.yaml's top
+    level, the model files and their keys, LoRA, each loss), written as `python -m training.config_schema`
+    writes the YAML files."""
+    out = [CONFIGURATION_PREAMBLE, "## `config/config.yaml`", "",
+           "The top-level keys; the `loss`, `model` and `lora` groups are chosen on the command line "
+           f"(`loss={DEFAULTS['loss']}`, `model={DEFAULTS['model']}` and no LoRA by default) and have their "
+           "own keys below.", ""]
+    out += markdown_tables(Run)
+    out += ["", "## `config/model/*.yaml`", "",
+            "One file per model (`model=NAME`); a new model is a new file, or set `model.name_or_path`. "
+            "The files:", "", "| `model=` | `name_or_path` | `policy_dtype` | `block_name` | about it |",
+            "|---|---|---|---|---|"]
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
+        values = OmegaConf.load(path)
+        about = " ".join(line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                         if line.startswith("#"))
+        out.append(f"| `{path.stem}` | `{values.name_or_path}` | {values.policy_dtype} | {values.block_name} | "
+                   f"{_md(about)} |")
+    out += ["", "Their keys (the defaults are `tiny.yaml`'s):", ""] + markdown_tables(Model, "model.")
+    out += ["", "## `config/lora/default.yaml`", "", _md(" ".join(Lora.__doc__.split())),
+            "Its keys exist when `lora=default` is on the command line; `lora` is null (full fine-tuning) "
+            "otherwise.", ""] + markdown_tables(Lora, "lora.")
+    out += ["", "## `config/loss/*.yaml`", "", f"One file per loss (`loss=NAME`): {', '.join(losses.LOSSES)}.",
+            "`name` is the loss's own; the other keys are its options."]
+    for name, cls in losses.LOSSES.items():
+        out += ["", f"### `loss={name}`", "", _md(" ".join(cls.__doc__.split())), ""]
+        out += markdown_tables(cls, "loss.") if dataclasses.fields(cls) else ["No keys."]
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
     for path, text in yaml_files().items():
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path.relative_to(REPO_DIR)}", file=sys.stderr)
+    if not CONFIGURATION_PAGE.exists() or CONFIGURATION_PAGE.read_text(encoding="utf-8") != configuration_markdown():
+        CONFIGURATION_PAGE.write_text(configuration_markdown(), encoding="utf-8")
+        print(f"wrote {CONFIGURATION_PAGE.relative_to(REPO_DIR)}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """FLOPs of a training step, and MFU: one formula, used by the trainer's `tflops` / `mfu` metrics
-and by anything that plans a run's cost (README, "Hardware use: tflops and MFU").
+and by anything that plans a run's cost (docs/performance.md, "Hardware use: tflops and MFU").
 
 What is counted: 2 FLOPs per multiply-accumulate of the matrix products, nothing else (norms,
 activations, softmax, the embedding lookup and IFT's embedding blend are elementwise and left out,

@@ -22,7 +22,7 @@ def discounted_cumsum(x, gamma, reverse=False):
     the correct limit. Why float64: at T = 32k the float32 results are then within 6e-8 relative of a
     float64 loop (their own rounding), while the same scan accumulated in float32 measured 2.5e-6
     relative on positive inputs and 4e-2 on signed ones (cancellation). The scan is O(T*C) flops,
-    negligible next to the model's forward (README, "Cost", has the measured figures).
+    negligible next to the model's forward (docs/performance.md, "Cost", has the measured figures).
     """
     if reverse:
         return discounted_cumsum(x.flip(-1), gamma, reverse=False).flip(-1)
