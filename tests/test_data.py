@@ -295,7 +295,7 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     rows = [SINGLE, MULTI]
     first = _tokenize(tok, rows, pairs=True)
-    monkeypatch.setattr(pd, "encode_row", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    monkeypatch.setattr(tokenization, "encode_row", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
     again = _tokenize(tok, rows, pairs=True)  # read from the cache: encode_row is never called
     assert list(again.prompt_ids) == list(first.prompt_ids) and list(again.rejected_ids) == list(first.rejected_ids)
     assert again.fingerprint == first.fingerprint
@@ -476,11 +476,11 @@ def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(to
     def first_job_halfway(*args, **kwargs):
         calls.append(1)
         if len(calls) == 100:
-            monkeypatch.setattr(pd, "encode_row", encode_row)  # the second job tokenises normally
+            monkeypatch.setattr(tokenization, "encode_row", encode_row)  # the second job tokenises normally
             inner.append(tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1))
         return encode_row(*args, **kwargs)
 
-    monkeypatch.setattr(pd, "encode_row", first_job_halfway)
+    monkeypatch.setattr(tokenization, "encode_row", first_job_halfway)
     outer = tokenization.load_split([str(path)], "train", tok, 64, 64, pairs=False, num_proc=1)
     assert len(calls) == 100 and len(inner) == 1  # the second job ran while the first was tokenising
     expected = [encode_row(tok, [m[0]], [m[1]["content"]], tokenization.end_of_turn_token(tok, None))

@@ -61,7 +61,6 @@ def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
 def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_without_trying(tmp_path, monkeypatch):
     """run_data.load_eval_split decides before it loads (one load, no error caught), and a genuinely
     missing split still raises the loader's message naming it."""
-    import preference_datasets as pd
     from training import sources
     from training import run_data
     from preference_datasets import DataError
@@ -69,7 +68,7 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     def unread(*args, **kwargs):
         raise AssertionError("a registered dataset was read to decide")
 
-    monkeypatch.setattr(pd, "_split_rows", unread)
+    monkeypatch.setattr(sources, "_split_rows", unread)
     assert sources.has_rejected_answers("ultrafeedback_sample", "test") and sources.has_rejected_answers("hh", "test")
     assert not sources.has_rejected_answers("ultrachat_sample", "test")
     assert not sources.has_rejected_answers("ultrachat", "test", {"ultrachat": str(tmp_path)})  # a copy: its schema
@@ -84,7 +83,7 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
     (own / "test.jsonl").write_text(json.dumps(row) + "\n")
     assert sources.has_rejected_answers(str(own), "test")
     with monkeypatch.context() as m:  # asked again (the next run, another rank): answered without a row read
-        m.setattr(pd, "_split_rows", lambda *a, **k: pytest.fail("the file's rows were read again"))
+        m.setattr(sources, "_split_rows", lambda *a, **k: pytest.fail("the file's rows were read again"))
         assert sources.has_rejected_answers(str(own), "test")
 
     loads = []

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import losses
-import preference_datasets as pd
 from training import batching
 from training import sources
 from training import tokenization
@@ -194,7 +193,7 @@ def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standin
     tok = tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models" / "tiny-mistral")))
     kw = dict(dataset_paths=standins, rows_per_dataset=50, seed=3, num_proc=2)
     first = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 0"
-    monkeypatch.setattr(pd, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
+    monkeypatch.setattr(sources, "_split_rows", lambda *a: (_ for _ in ()).throw(AssertionError("read the rows")))
     again = tokenization.load_split(["ultrachat", "ultrafeedback"], "train", tok, 512, 512, False, **kw)  # "rank 1"
     assert again.fingerprint == first.fingerprint and len(again) == 100
     assert again.parts == first.parts and again.table.cache_files  # memory-mapped from the cache, not in memory
