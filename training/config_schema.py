@@ -366,7 +366,7 @@ def check_run(cfg, world):
     world: the number of ranks the run will have. (What concerns resuming: checkpoints.plan_resume.)"""
     import torch
 
-    from preference_datasets import DataError, check_dataset_name
+    from preference_datasets import DataError, check_dataset_names
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
@@ -392,11 +392,10 @@ def check_run(cfg, world):
     if cfg.eval_batch_size % world:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be divisible by the {world} ranks")
     lora.check_run(cfg, cuda=use_cuda(cfg))
-    for d in cfg.datasets:
-        try:
-            check_dataset_name(str(d), cfg.dataset_paths)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        check_dataset_names(cfg.datasets, cfg.dataset_paths)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     for key in ("model.name_or_path", "model.tokenizer_name_or_path"):
         value = cfg.model[key.partition(".")[2]]
         if value is not None and resolve_path(value) is None and os.environ.get("HF_HUB_OFFLINE") == "1":

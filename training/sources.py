@@ -3,6 +3,7 @@ your own (.jsonl, .json, .parquet, optionally gzipped), read a record batch or a
 normalised (preference_datasets.py's normalisers) into an Arrow file in the datasets cache. Nothing
 here holds a whole dataset's text in Python; bad rows raise DataError naming the file and line or row."""
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -75,7 +76,10 @@ def _stem_suffix(path):
 
 def _utf8(data, path, first_line=1):
     """bytes (of `path`, starting at line first_line) -> str, or DataError naming the file and the
-    line of the first byte that is not UTF-8."""
+    line of the first byte that is not UTF-8. The file's first line may start with a UTF-8 byte-order
+    mark (Windows editors and Excel write one), which is dropped."""
+    if first_line == 1:
+        data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

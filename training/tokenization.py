@@ -13,6 +13,7 @@ import numpy as np
 
 from preference_datasets import DataError
 from training.sources import cache_folder, normalised_arrow, normalised_features, plain_row, source_identity
+from utils import is_main
 
 # ---------------------------------------------------------------- tokenisation
 
@@ -28,9 +29,14 @@ ZEPHYR_CHAT_TEMPLATE = (
 
 
 def ensure_chat_template(tokenizer):
-    """Base models (Mistral-7B-v0.1, Llama) ship no chat template: give them the Zephyr one."""
+    """Base models (Mistral-7B-v0.1, Llama) ship no chat template: give them the Zephyr one, and say so
+    (rank 0, one line): a model fine-tuned in a format its tokenizer does not know should not be a surprise."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+        if is_main():
+            print(f"chat template: the tokenizer of {tokenizer.name_or_path or '(unnamed)'} has none; using the Zephyr "
+                  "template (<|system|>, <|user|>, <|assistant|> turns, each ending with eos); for another, give the "
+                  "tokenizer a chat_template or set model.tokenizer_name_or_path")
     if tokenizer.pad_token_id is None:  # right-padded positions are masked out, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
