@@ -30,6 +30,7 @@ import losses
 from forward import ModelCall
 from training import checkpoints, flops, lora, modeling, planning, reference_logps
 from training.batching import collate, epoch_batches, eval_batches, micro_batches
+from training.reference_logps import fingerprint as _fingerprint
 from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
 
@@ -46,12 +47,15 @@ class BasicTrainer:
         device: torch.device where this rank computes.
         plan: the run's checkpoints.ResumePlan (how the policy was built; resume() continues its checkpoint).
         loss: the run's losses.Loss, as validate_config built it (None: built here from cfg.loss).
+        reference_sums: reference_logps=precompute, the reference's summed log-probs that pipeline.build
+            computed before the trainer: {"train": (N, 2), "eval": (M, 2)} float64 arrays (reference_logps.py);
+            `reference` is then None. (With LoRA the reference is the policy's own base, precomputed here.)
     """
 
     recomputes_blocks = False  # activation checkpointing (FSDPTrainer sets it): blocks run forward twice
 
     def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                 plan=checkpoints.ResumePlan(), loss=None):
+                 plan=checkpoints.ResumePlan(), loss=None, reference_sums=None):
         self.cfg, self.tokenizer, self.run_dir, self.device, self.plan = cfg, tokenizer, run_dir, device, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.train_lengths, self.eval_lengths = train_data.lengths(), eval_data.lengths()
@@ -61,7 +65,7 @@ class BasicTrainer:
         self.compute_dtype = getattr(torch, cfg.model.policy_dtype)
         # float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
-        self.skipped_steps = self.consecutive_skips = 0  # updates not applied: non-finite loss or gradient
+        self.state = checkpoints.TrainerState()  # the counters (step, tokens, skipped updates, ...) a checkpoint keeps
         self.n_micro = cfg.gradient_accumulation_steps * self.world
         schedule = planning.schedule(len(train_data), cfg)  # what dry_run=true prints
         self.steps_per_epoch, self.total_steps = schedule["steps_per_epoch"], schedule["optimizer_steps"]
@@ -84,20 +88,19 @@ class BasicTrainer:
         elif lora.enabled(cfg) and self.loss.needs_reference:
             self.reference = lora.AdaptersDisabled(self.policy)  # the frozen base itself: no second copy
             self.reference_fingerprint = _fingerprint(self.reference)
-        self.reference_logps = None  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
-        if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":
-            self.reference_logps = reference_logps.load_or_compute(self, self.reference_fingerprint)
-            self.reference = None  # freed (once pipeline.build returns): training runs with the policy alone
+        self.reference_logps = reference_sums  # reference_logps=precompute: {"train": (N, 2), "eval": (M, 2)} sums
+        if self.reference is not None and cfg.get("reference_logps", "live") == "precompute":  # LoRA's base
+            self.reference_logps = reference_logps.load_or_compute(
+                self.reference, self.reference_fingerprint, train_data, eval_data, cfg, tokenizer.pad_token_id,
+                self.call, device)
+            self.reference = None  # training runs with the policy alone (adapters on)
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
         self._epoch_cache = {}
         self.metrics_file = JsonlWriter(run_dir / "metrics.jsonl") if is_main() else None
         self.wandb = None
-        self.checkpointer = checkpoints.Checkpointer(cfg, run_dir)
+        self.checkpointer = checkpoints.Checkpointer(cfg, run_dir, checkpoints.data_fingerprint(train_data))
         self.preempted = False  # set when train() stopped early after a preemption signal
-        self.tokens_seen = self.slots_seen = 0  # non-padding tokens / padded tokens processed (all ranks)
-        self.start_step = 0
-        self.wandb_run_id = None  # the wandb run a run resumed in place continues
 
     # ------------------------------------------------------------ what FSDPTrainer overrides
 
@@ -106,19 +109,31 @@ class BasicTrainer:
         float32 (the optimizer's master copy) and its forward runs under autocast to policy_dtype; the
         frozen reference keeps the dtype it was loaded in (reference_dtype) and computes in it. With
         LoRA only the trainable parameters are made float32: the frozen base keeps policy_dtype."""
-        if trainable and not self.plan.reads_weights:
+        if not trainable:
+            return self.place_frozen(self.cfg, model, self.device)
+        if not self.plan.reads_weights:
             modeling.materialize(model, self.device)  # built without weights: the checkpoint fills them
             model.tie_weights()
         model = model if lora.is_quantized(model) else model.to(self.device)  # a 4-bit base loads on its GPU
-        if trainable:
-            if lora.enabled(self.cfg):
-                lora.trainable_float32(model)
-            else:
-                model.float()
-            if self.compute_dtype != torch.float32:
-                _autocast_forward(model, self.device.type, self.compute_dtype)
+        if lora.enabled(self.cfg):
+            lora.trainable_float32(model)
+        else:
+            model.float()
+        if self.compute_dtype != torch.float32:
+            _autocast_forward(model, self.device.type, self.compute_dtype)
         if self.cfg.compile:
             compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
+        return model
+
+    @staticmethod
+    def place_frozen(cfg, model, device):
+        """A frozen model (the reference) placed where and as this trainer computes with it: on `device`,
+        in the dtype it was loaded in, its blocks compiled with compile=true. A function of the config
+        alone, so that pipeline.build can place a reference whose log-probs it precomputes before any
+        trainer exists (reference_logps=precompute)."""
+        model = model if lora.is_quantized(model) else model.to(device)
+        if cfg.compile:
+            compile_blocks(model, cfg.model.block_name, cfg.compile_backend)
         return model
 
     def gradient_sync(self, enabled):
@@ -141,11 +156,16 @@ class BasicTrainer:
             return torch.optim.RMSprop(params, lr=self.cfg.lr)
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def build_scheduler(self):
+    def build_scheduler(self, done=0):
+        """The config's learning-rate schedule over the optimizer's lr (its param groups' `initial_lr`),
+        positioned after `done` applied updates: the optimizer's lr is set to that of update done + 1.
+        A resumed run rebuilds it from the config rather than loading the checkpoint's scheduler, whose
+        state_dict would bring back the checkpoint's base lr (resume_force=true may change lr)."""
         import transformers
         if self.cfg.lr_schedule == "cosine":
-            return transformers.get_cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
-        return transformers.get_constant_schedule_with_warmup(self.optimizer, self.warmup_steps)
+            return transformers.get_cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps,
+                                                                last_epoch=done - 1)
+        return transformers.get_constant_schedule_with_warmup(self.optimizer, self.warmup_steps, last_epoch=done - 1)
 
     def global_batch(self, step):
         """Row indices of the global batch of optimizer step `step` (0-based): a function of (seed, epoch)."""
@@ -216,15 +236,15 @@ class BasicTrainer:
     def train(self):
         cfg = self.cfg
         if self.checkpointer.stop_requested(self.device):  # signalled while the models loaded: nothing to save
-            self.checkpointer.report_preempted(self.start_step, saved=False)
+            self.checkpointer.report_preempted(self.state.step, saved=False)
             self.preempted = True
             self.finish_logging()
             return
         self.start_logging()
-        if cfg.do_first_eval and self.start_step == 0:
+        if cfg.do_first_eval and self.state.step == 0:
             self.evaluate(step=0)
-        progress = Progress(self.start_step, self.total_steps, cfg.progress_every)
-        for step in range(self.start_step, self.total_steps):
+        progress = Progress(self.state.step, self.total_steps, cfg.progress_every)
+        for step in range(self.state.step, self.total_steps):
             t0 = time.perf_counter()
             self.policy.train()
             batch = self.global_batch(step)
@@ -238,13 +258,14 @@ class BasicTrainer:
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
             dt = self.last_step_s = time.perf_counter() - t0
             tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
-            self.tokens_seen += tokens
-            self.slots_seen += slots
+            self.state.step = step + 1
+            self.state.tokens_seen += tokens
+            self.state.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
                    **{k: v / len(batch) for k, v in sums.items()}}
             if lam is not None:
                 row["lambda"] = lam
-            row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.skipped_steps, step_time_s=dt,
+            row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.state.skipped_steps, step_time_s=dt,
                        tokens_per_s=tokens / dt, tflops=tflops)
             if self.peak_tflops is not None:
                 row["mfu"] = tflops / self.peak_tflops
@@ -295,11 +316,11 @@ class BasicTrainer:
                 self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.consecutive_skips = 0
+            self.state.consecutive_skips = 0
             return None
         self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
         if self.scaler is not None:
             # The scaler's own update() reads each rank's local overflow flag, which differs between the
             # shards of one gradient; the new scale is set from the global decision instead, so every
@@ -310,12 +331,13 @@ class BasicTrainer:
         if self.cfg.on_nonfinite == "error" and not (self.scaler is not None and name == "grad_norm"):
             return (f"{what}; the update was not applied and the run stopped (on_nonfinite=error). Checkpoints "
                     f"and metrics.jsonl up to here are in {self.run_dir}; lower lr or set max_grad_norm")
-        if self.consecutive_skips >= self.cfg.max_skipped_steps:
-            return (f"{what}: {self.consecutive_skips} skipped updates in a row (max_skipped_steps="
+        if self.state.consecutive_skips >= self.cfg.max_skipped_steps:
+            return (f"{what}: {self.state.consecutive_skips} skipped updates in a row (max_skipped_steps="
                     f"{self.cfg.max_skipped_steps}); the run stopped. Checkpoints and metrics.jsonl up to here "
                     f"are in {self.run_dir}")
         if is_main():
-            tqdm.write(f"{what}: update skipped ({self.consecutive_skips} in a row, {self.skipped_steps} in all)")
+            counts = self.state
+            tqdm.write(f"{what}: update skipped ({counts.consecutive_skips} in a row, {counts.skipped_steps} in all)")
         return None
 
     @torch.no_grad()
@@ -364,7 +386,8 @@ class BasicTrainer:
         self.wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                 name=self.cfg.wandb.name or self.cfg.exp_name, dir=str(self.run_dir), mode=mode,
                                 config=OmegaConf.to_container(self.cfg, resolve=True),
-                                id=self.wandb_run_id, resume="allow")
+                                id=self.state.wandb_run_id, resume="allow")
+        self.state.wandb_run_id = self.wandb.id  # checkpoints keep it: a resume in place logs to the same run
 
     def log(self, row):
         if not is_main():
@@ -403,37 +426,30 @@ class BasicTrainer:
     def save_checkpoint(self, step):
         """checkpoints/step-<step>/: sharded model and optimizer state plus everything resume needs
         (training/checkpoints.py); every rank writes its own shards."""
-        self.checkpointer.save(self, step)
+        self.state.scheduler = self.scheduler.state_dict()  # the schedule's position goes with the counters
+        self.checkpointer.save(step, model=self.policy, optimizer=self.optimizer, state=self.state, scaler=self.scaler,
+                               export=self.save)
 
     def resume(self, plan):
         """Continue exactly where plan.checkpoint stopped: the Checkpointer reads the weights, optimizer
-        state and RNG states; the scheduler, counters and step come back as its TrainerState, applied here.
-        Data order and lambda noise are functions of (seed, epoch) and (seed, step)."""
-        state = self.checkpointer.load(self.policy, self.optimizer, plan)
-        # the schedule continues from the checkpoint's step, with the config's base lr (equal unless forced)
-        base_lrs = list(self.scheduler.base_lrs)
-        self.scheduler.load_state_dict(state.scheduler)
-        self.scheduler.base_lrs = base_lrs
-        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        if self.scaler is not None and state.scaler is not None:  # float16's loss scale goes on from where it was
-            self.scaler.load_state_dict(state.scaler)
-        self.start_step = state.step
-        self.tokens_seen, self.slots_seen = state.tokens_seen, state.slots_seen
-        self.skipped_steps, self.consecutive_skips = state.skipped_steps, state.consecutive_skips
-        if plan.in_place:
-            self.wandb_run_id = state.wandb_run_id
+        state, float16 loss scale, RNG states and this trainer's counters (self.state); the learning-rate
+        schedule is rebuilt from the config at the checkpoint's position. Data order and lambda noise
+        are functions of (seed, epoch) and (seed, step)."""
+        saved_world = self.checkpointer.load(plan.checkpoint, model=self.policy, optimizer=self.optimizer,
+                                             state=self.state, scaler=self.scaler)
+        self.scheduler = self.build_scheduler(done=self.state.scheduler["last_epoch"])
+        if not plan.in_place:  # a new run dir is a new wandb run
+            self.state.wandb_run_id = None
         if is_main():
-            self.metrics_file.write({"split": "resume", "step": state.step, "checkpoint": str(plan.checkpoint),
-                                     "ranks": [state.world_size, self.world], "forced": bool(plan.differences),
+            self.metrics_file.write({"split": "resume", "step": self.state.step, "checkpoint": str(plan.checkpoint),
+                                     "ranks": [saved_world, self.world], "forced": bool(plan.differences),
                                      "differences": {k: [a, b] for k, (a, b) in plan.differences.items()}})
             if plan.differences:
                 print(f"resume_force=true: continuing despite differences in {', '.join(plan.differences)}")
 
     def padding_stats(self):
         """Fraction of the processed training tensor slots that held real tokens (not padding)."""
-        return self.tokens_seen / max(1, self.slots_seen)
+        return self.state.tokens_seen / max(1, self.state.slots_seen)
 
 
 def tokenizer_as_trained(tokenizer):
@@ -511,14 +527,6 @@ def _crossed(step, batch_size, every):
     return (step + 1) * batch_size // every > step * batch_size // every
 
 
-def _fingerprint(model):
-    """(2 * params,) float64 sums and sums of squares of every parameter (of this rank's shards, summed
-    over ranks): any change to the weights changes it."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    sums = torch.stack([t.detach().double().sum() for t in local] + [t.detach().double().square().sum() for t in local])
-    return all_reduce_sum(sums)
-
-
 def _netrc_has_wandb():
     path = os.path.expanduser("~/.netrc")
     return os.path.exists(path) and "api.wandb.ai" in open(path).read()
@@ -529,37 +537,23 @@ class FSDPTrainer(BasicTrainer):
     the default process group (NCCL on GPUs, gloo on the CPU)."""
 
     def wrap(self, model, trainable):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        dtype = getattr(torch, self.cfg.model.policy_dtype if trainable else self.cfg.model.reference_dtype)
-        # Parameters stay float32 (the optimizer's master copy); compute runs in the configured dtype and
-        # gradients are reduced in float32 so summing over ranks loses nothing.
-        mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
-        if trainable:  # LoRA: only the trainable parameters; the frozen base keeps its dtype
-            model = lora.trainable_float32(model) if lora.enabled(self.cfg) else model.float()
-        blocks = [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]
-        if not blocks:
-            raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
-                             f"{type(model).__name__}; set it to its decoder layer class")
-        if trainable and self.cfg.activation_checkpointing:
+        if not trainable:
+            return self.place_frozen(self.cfg, model, self.device)
+        # Parameters stay float32 (the optimizer's master copy); LoRA: only the trainable ones, the frozen base
+        # keeps its dtype
+        model = lora.trainable_float32(model) if lora.enabled(self.cfg) else model.float()
+        if self.cfg.activation_checkpointing:
             self.recomputes_blocks = True  # counted in the step's FLOPs
             # recompute each block's activations in backward instead of storing them
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if self.cfg.compile:
-            compile_blocks(model, self.cfg.model.block_name, self.cfg.compile_backend)
-        # Only rank 0 read the weights (modeling.load_model); the others built the model on the meta device.
-        # Rank 0 keeps its full tensors until every rank has copied its shard from them.
-        full = model.state_dict() if is_main() else None
-        for block in blocks:
-            fully_shard(block, mp_policy=mp, reshard_after_forward=True)
-        # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
-        # the reference has no backward, so everything is resharded after its forward.
-        fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
-        if trainable and not self.plan.reads_weights:
-            modeling.materialize(model, self.device)  # no rank read weights: the checkpoint fills them
-        elif self.world > 1:
-            _broadcast_weights_from_rank0(model, full, self.device)
-        return model.to(self.device)
+        # no rank read weights (a resume): the checkpoint fills them
+        return _shard(model, self.cfg, self.device, trainable=True, materialize=not self.plan.reads_weights)
+
+    @staticmethod
+    def place_frozen(cfg, model, device):
+        """A frozen model (the reference) sharded over the ranks, computing in reference_dtype (see
+        BasicTrainer.place_frozen)."""
+        return _shard(model, cfg, device, trainable=False, materialize=False)
 
     def gradient_sync(self, enabled):
         # Accumulation steps before the last one keep local gradients; the last reduce-scatters them all.
@@ -575,6 +569,36 @@ class FSDPTrainer(BasicTrainer):
 
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.to(dtype) for k, v in state.items()} if is_main() else None
+
+
+def _shard(model, cfg, device, trainable, materialize):
+    """FSDP2: each decoder block, then the root, sharded across the ranks of the default process group,
+    computing in policy_dtype (trainable) or reference_dtype. materialize: no rank read weights (a
+    resume fills them); otherwise rank 0's are broadcast to the others."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = getattr(torch, cfg.model.policy_dtype if trainable else cfg.model.reference_dtype)
+    # Compute runs in the configured dtype and gradients are reduced in float32 so summing over ranks loses nothing.
+    mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
+    blocks = [m for m in model.modules() if type(m).__name__ == cfg.model.block_name]
+    if not blocks:
+        raise ValueError(f"model.block_name={cfg.model.block_name} matches no module of "
+                         f"{type(model).__name__}; set it to its decoder layer class")
+    if cfg.compile:
+        compile_blocks(model, cfg.model.block_name, cfg.compile_backend)
+    # Only rank 0 read the weights (modeling.load_model); the others built the model on the meta device.
+    # Rank 0 keeps its full tensors until every rank has copied its shard from them.
+    full = model.state_dict() if is_main() else None
+    for block in blocks:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=True)
+    # The policy's root parameters (embeddings, head) stay gathered between forward and backward;
+    # the reference has no backward, so everything is resharded after its forward.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    if materialize:
+        modeling.materialize(model, device)
+    elif world_size() > 1:
+        _broadcast_weights_from_rank0(model, full, device)
+    return model.to(device)
 
 
 def compile_blocks(model, block_name, backend="inductor"):

@@ -159,8 +159,7 @@ def write_synthetic_data(folder, n_train, n_test, seed=0):
 
 def compose(*overrides):
     """The run config for these overrides, as train.py composes it (short loss keys allowed)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
 
     from training import config_schema
     with initialize_config_dir(config_dir=str(config_schema.CONFIG_DIR), version_base=None):

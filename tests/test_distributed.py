@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainers
-from training import launch as launcher
-from training import modeling
+from training import launch as launcher, modeling
 from utils import REPO_DIR
 
 from conftest import launch_run, make_cfg

@@ -222,9 +222,8 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     process continues on two FSDP ranks like the uninterrupted run."""
     from training import checkpoints
 
-    from test_resume import ACROSS_RANKS, ONE_PROCESS
-    from test_resume import STEPS as RESUME_STEPS
-    from test_resume import assert_continues, signal_after_step, start_cli
+    from test_resume import (ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step,
+                             start_cli)
     run = [*LORA, "lora.dropout=0.1"]
     reference = launch_run(tmp_path / "reference", *RESUME_STEPS, *run)
 

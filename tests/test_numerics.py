@@ -18,9 +18,7 @@ from safetensors.torch import load_file
 import losses
 import utils
 from forward import ModelCall
-from training import checkpoints
-from training import launch as launcher
-from training import modeling, pipeline
+from training import checkpoints, launch as launcher, modeling, pipeline
 from utils import REPO_DIR, ConfigError, NonFiniteError
 
 from conftest import launch_run, make_cfg, read_rows

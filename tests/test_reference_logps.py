@@ -140,18 +140,14 @@ def test_the_cache_key_changes_with_the_reference_the_data_and_the_settings():
         def __init__(self, rows):
             self.fingerprint = repr(rows)
 
-    class Trainer:
-        def __init__(self, cfg, model, rows):
-            self.cfg, self.reference, self.world, self.device = cfg, model, 1, torch.device("cpu")
-            self.train_data = self.eval_data = Data(rows)
+    cfg, model, rows, cpu = make_cfg(*DPO), tiny_model(), [[1, 2], [3]], torch.device("cpu")
+    fingerprint = reference_logps.fingerprint(model)
 
-    cfg, model, rows = make_cfg(*DPO), tiny_model(), [[1, 2], [3]]
-    fingerprint = trainers._fingerprint(model)
-    key = reference_logps.cache_key(Trainer(cfg, model, rows), fingerprint)
-    assert key == reference_logps.cache_key(Trainer(cfg, model, rows), fingerprint)
-    changed = [reference_logps.cache_key(Trainer(cfg, model, [[1, 2], [4]]), fingerprint),
-               reference_logps.cache_key(Trainer(make_cfg(*DPO, "packing=true"), model, rows), fingerprint),
-               reference_logps.cache_key(Trainer(make_cfg(*DPO, "model.reference_dtype=bfloat16"), model, rows),
-                                         fingerprint),
-               reference_logps.cache_key(Trainer(cfg, model, rows), fingerprint + 1e-9)]
-    assert key not in changed and len(set(changed)) == len(changed)
+    def key(cfg=cfg, rows=rows, fingerprint=fingerprint, world=1):
+        return reference_logps.cache_key(model, fingerprint, Data(rows), Data(rows), cfg, world, cpu)
+
+    assert key() == key()
+    changed = [key(rows=[[1, 2], [4]]), key(cfg=make_cfg(*DPO, "packing=true")),
+               key(cfg=make_cfg(*DPO, "model.reference_dtype=bfloat16")), key(fingerprint=fingerprint + 1e-9),
+               key(world=2)]
+    assert key() not in changed and len(set(changed)) == len(changed)

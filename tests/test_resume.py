@@ -5,6 +5,7 @@ config changes the math is refused. One uninterrupted run (the module's `referen
 Exactness rests on data order being a function of (seed, epoch), lambda noise of (seed, step), and on
 the checkpoint holding everything else (weights, optimizer, scheduler, step, RNG states)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,9 +16,7 @@ import time
 import pytest
 import torch
 
-from training import checkpoints
-from training import launch as launcher
-from training import pipeline
+from training import checkpoints, launch as launcher, pipeline
 from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
@@ -307,3 +306,100 @@ def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
 def test_impossible_checkpoint_settings_fail_early(overrides, message):
     with pytest.raises(ConfigError, match=message):
         pipeline.validate_config(make_cfg(*overrides))
+
+
+# ---------------------------------------------------------------- the state object and the Checkpointer's API
+
+class OnlyStateDict:
+    """A state object that refuses every attribute but state_dict/load_state_dict: the Checkpointer must
+    take what it saves from state_dict() alone, never from attributes (as it once read a trainer's)."""
+
+    def __init__(self, state):
+        object.__setattr__(self, "wrapped", state)
+
+    def state_dict(self):
+        return self.wrapped.state_dict()
+
+    def load_state_dict(self, saved):
+        self.wrapped.load_state_dict(saved)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the Checkpointer read state.{name}")
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"the Checkpointer wrote state.{name}")
+
+
+def _counters(**changes):
+    state = checkpoints.TrainerState(step=3, scheduler={"last_epoch": 2, "base_lrs": [1e-3]}, tokens_seen=411,
+                                     slots_seen=512, skipped_steps=1, consecutive_skips=1, wandb_run_id="run-one")
+    return dataclasses.replace(state, **changes)
+
+
+def test_the_trainer_state_round_trips_through_its_state_dict():
+    state, other = _counters(), checkpoints.TrainerState()
+    saved = state.state_dict()
+    other.load_state_dict(saved)
+    assert other == state
+    saved["scheduler"]["last_epoch"] = 7  # a copy both ways: an asynchronous save's snapshot stays as taken
+    assert state.scheduler["last_epoch"] == other.scheduler["last_epoch"] == 2
+    with pytest.raises(KeyError, match="tokens_seen"):
+        other.load_state_dict({k: v for k, v in state.state_dict().items() if k != "tokens_seen"})
+
+
+def _plain_run(seed):
+    """A model, an AdamW optimizer one step in (so it has moments) and a float16 loss scaler, without any trainer."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** (10 + seed))
+    return model, optimizer, scaler
+
+
+@pytest.mark.parametrize("save_async", [False, True])
+def test_the_checkpointer_saves_and_loads_plain_objects_without_a_trainer(save_async, tmp_path):
+    """Model, optimizer, TrainerState (behind OnlyStateDict, which fails on any attribute read or write)
+    and scaler come back equal in a fresh set of objects, with the RNG states as they were at the save."""
+    cfg = make_cfg(f"save_async={str(save_async).lower()}")
+    model, optimizer, scaler = _plain_run(seed=0)
+    saver = checkpoints.Checkpointer(cfg, tmp_path, data_fingerprint="rows-sha")
+    saver.save(3, model=model, optimizer=optimizer, state=OnlyStateDict(_counters()), scaler=scaler)
+    saver.wait()
+    after_save = torch.rand(3)
+    assert checkpoints.read_trainer_state(tmp_path / "checkpoints" / "step-3")["fingerprint"]["data"] == "rows-sha"
+
+    fresh_model, fresh_optimizer, fresh_scaler = _plain_run(seed=1)  # other weights, moments and scale
+    fresh = checkpoints.TrainerState()
+    world = checkpoints.Checkpointer(cfg, tmp_path, "rows-sha").load(
+        tmp_path / "checkpoints" / "step-3", model=fresh_model, optimizer=fresh_optimizer, state=OnlyStateDict(fresh),
+        scaler=fresh_scaler)
+    assert world == 1 and fresh == _counters()
+    assert torch.equal(torch.rand(3), after_save)  # the RNG continues from the save
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[a][key], fresh_optimizer.state[b][key])
+    assert fresh_scaler.get_scale() == scaler.get_scale() == 2.0 ** 10
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_rebuilt_schedule_gives_the_lr_of_one_stepped_as_far(schedule):
+    """build_scheduler(done=k) (a resume) sets the lr a fresh schedule has after k updates, exactly."""
+    import types
+
+    import trainers
+    cfg = make_cfg(f"lr_schedule={schedule}", "lr=1e-3")
+    owner = lambda optimizer: types.SimpleNamespace(cfg=cfg, optimizer=optimizer, warmup_steps=2,  # noqa: E731
+                                                    total_steps=6)
+    stepped = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = trainers.BasicTrainer.build_scheduler(owner(stepped))
+    for done in range(6):
+        rebuilt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        trainers.BasicTrainer.build_scheduler(owner(rebuilt))  # at construction, as the trainer does before a resume
+        resumed = trainers.BasicTrainer.build_scheduler(owner(rebuilt), done=done)
+        assert rebuilt.param_groups[0]["lr"] == stepped.param_groups[0]["lr"], done
+        assert resumed.get_last_lr() == scheduler.get_last_lr() and resumed.last_epoch == done
+        stepped.step()
+        scheduler.step()

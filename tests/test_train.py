@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from training import config_schema, modeling, pipeline
+from training import checkpoints, config_schema, modeling, pipeline
 from utils import REPO_DIR, ConfigError, make_run_dir
 
 from conftest import FAST, make_cfg, read_rows, run_inprocess, run_train_py
@@ -370,12 +370,13 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
 
     import trainers
     calls = []
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=None, finish=None))
+    run = types.SimpleNamespace(id="run-id", log=None, finish=None)
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or run)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = make_cfg("wandb.enabled=true", "wandb.mode=online")
-    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None, wandb_run_id=None)
+    trainer = types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, wandb=None, state=checkpoints.TrainerState())
     trainers.BasicTrainer.start_logging(trainer)
     assert calls[-1]["mode"] == "offline" and calls[-1]["name"] == cfg.exp_name
     assert calls[-1]["config"]["loss"]["gamma"] == 0.95  # the resolved config travels with the run

@@ -7,9 +7,10 @@ A checkpoint is a folder `RUN/checkpoints/step-N/`:
                                    every rank writes (and on resume reads) only its own shards, and a
                                    checkpoint written by R ranks loads on any R' (DCP reshards)
     rng-rank<r>.pt                 the RNG states (python, numpy, torch CPU and CUDA) of rank r
-    trainer_state.pt               step, scheduler, float16 loss scale, token and skipped-step counters,
-                                   world size, wandb run id, and the fingerprint of everything that
-                                   changes the math (rank 0)
+    trainer_state.pt               the trainer's TrainerState (step, scheduler position, token and
+                                   skipped-step counters, wandb run id), the float16 loss scale, the
+                                   world size, and the fingerprint of everything that changes the math
+                                   (rank 0)
     hf/                            a Hugging Face copy of the weights, as final/, only with save_hf_checkpoints
 
 It is written into `step-N.tmp/`, every file and the folder are fsynced, and only then is it renamed to
@@ -26,6 +27,7 @@ asks `stop_requested()` after every optimizer step (an all-reduced flag, so all 
 same step), writes a checkpoint and exits with EXIT_PREEMPTED.
 """
 
+import copy
 import json
 import os
 import random
@@ -34,7 +36,7 @@ import shutil
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -314,26 +316,56 @@ def _numpy_state(state):
 
 @dataclass
 class TrainerState:
-    """What a checkpoint's trainer_state.pt gives back to the trainer (Checkpointer.load): the step it
-    stopped after, the scheduler's and float16 loss scaler's state dicts, the token and skipped-update
-    counters, the wandb run id, and how many ranks wrote it."""
-    step: int
-    scheduler: dict
-    scaler: Optional[dict]
-    tokens_seen: int
-    slots_seen: int
-    skipped_steps: int
-    consecutive_skips: int
-    wandb_run_id: Optional[str]
-    world_size: int
+    """The trainer's counters: everything a resume needs besides the model, the optimizer, the float16
+    loss scaler and the RNG states (which the Checkpointer takes as objects of their own). The trainer
+    owns one and updates it as it trains; the Checkpointer saves `state_dict()` and gives a checkpoint's
+    values back through `load_state_dict()`, never touching the trainer itself.
+
+    step: optimizer steps done, the data position (batches are a function of (seed, epoch, step)).
+    scheduler: the learning-rate scheduler's state_dict, refreshed by the trainer before each save; a
+        resume reads only its step count (`last_epoch`: updates applied) and rebuilds the schedule from
+        the config (trainers.BasicTrainer.build_scheduler).
+    tokens_seen, slots_seen: non-padding tokens and padded tensor slots processed, over all ranks.
+    skipped_steps, consecutive_skips: updates not applied (non-finite loss or gradient), in all and in a row.
+    wandb_run_id: the wandb run this one logs to; a run resumed in place continues it.
+    """
+    step: int = 0
+    scheduler: dict = field(default_factory=dict)
+    tokens_seen: int = 0
+    slots_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    wandb_run_id: Optional[str] = None
+
+    def state_dict(self):
+        """{field: value}, a copy (an asynchronous save writes it while training moves on)."""
+        return copy.deepcopy(asdict(self))
+
+    def load_state_dict(self, saved):
+        """Take every field's value from `saved` (a state_dict()); a missing or unknown key is an error."""
+        names = {f.name for f in fields(self)}
+        if set(saved) != names:
+            raise KeyError(f"a TrainerState needs exactly the keys {sorted(names)}; got {sorted(saved)}")
+        for name in names:
+            setattr(self, name, copy.deepcopy(saved[name]))
+
+
+# what trainer_state.pt holds besides the TrainerState's own keys (total_steps: written by checkpoints before
+# the TrainerState object, read by nothing)
+OWN_KEYS = ("format", "world_size", "scaler", "fingerprint", "total_steps")
 
 
 class Checkpointer:
-    """Writes and reads the checkpoints of one trainer. Collective: every rank calls save() and load()."""
+    """Writes and reads the checkpoints of one run: model, optimizer, the trainer's TrainerState, the float16
+    loss scaler and this process's RNG states, each handed over as an object (no trainer is ever read).
+    Collective: every rank calls save() and load().
 
-    def __init__(self, cfg, run_dir):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.pending = None  # an asynchronous save still being written: (future, tmp, folder, trainer state)
+    data_fingerprint: the tokenised training rows' fingerprint (data_fingerprint(train_data)), which every
+    checkpoint records so that a resume on other data is refused."""
+
+    def __init__(self, cfg, run_dir, data_fingerprint):
+        self.cfg, self.run_dir, self.data_fingerprint = cfg, Path(run_dir), data_fingerprint
+        self.pending = None  # an asynchronous save still being written: (future, tmp, folder, step, meta, start)
         self.group = None
         if cfg.save_async and torch.distributed.is_initialized():
             # the background writer runs collectives; they must not share a group with training's
@@ -349,8 +381,11 @@ class Checkpointer:
         adapters_only = self.cfg.get("lora") is not None
         return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
 
-    def save(self, trainer, step):
-        """checkpoints/step-<step>/ of the trainer's state, from every rank's own shards."""
+    def save(self, step, *, model, optimizer, state, scaler=None, export=None):
+        """checkpoints/step-<step>/ from every rank's own shards of `model` and `optimizer`, plus
+        `state.state_dict()` (a TrainerState, or anything with state_dict()), `scaler`'s (float16's
+        GradScaler, or None) and this rank's RNG states. export: a function that writes a Hugging Face
+        model directory into the folder it is given (save_hf_checkpoints), collective like save()."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -363,56 +398,53 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         torch.save(rng_state(), tmp / f"rng-rank{rank()}.pt")
-        if self.cfg.save_hf_checkpoints:  # gathered on rank 0, like final/: for evaluation, not for resuming
-            trainer.save(tmp / "hf")
-        model_state, optimizer_state = get_state_dict(trainer.policy, trainer.optimizer, options=self.options())
-        state = {"model": model_state, "optimizer": optimizer_state}
-        meta = self._trainer_state(trainer, step)  # taken now: training moves on during an async save
+        if self.cfg.save_hf_checkpoints and export is not None:  # gathered on rank 0: for evaluation, not resuming
+            export(tmp / "hf")
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=self.options())
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        meta = self._meta(state, scaler) if is_main() else None  # taken now: training moves on during an async save
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         if self.cfg.save_async:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=_no_dist())
-            self.pending = (future, tmp, folder, meta, start)
+            future = dcp.async_save(shards, storage_writer=writer, process_group=self.group, no_dist=_no_dist())
+            self.pending = (future, tmp, folder, step, meta, start)
             _report(f"checkpoint step-{step}: training resumes after {time.perf_counter() - start:.2f} s; "
                     "the shards are written in the background")
         else:
-            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+            dcp.save(shards, storage_writer=writer, no_dist=_no_dist())
             barrier()  # every rank's shards are written before rank 0 publishes the folder
-            self._publish(tmp, folder, meta, start)
+            self._publish(tmp, folder, step, meta, start)
             barrier()
 
     def wait(self):
         """Finish an asynchronous save (rank 0 publishes it once every rank's shards are written)."""
         if self.pending is None:
             return
-        future, tmp, folder, meta, start = self.pending
+        future, tmp, folder, step, meta, start = self.pending
         self.pending = None
         future.result()
         # DCP's coordinator (rank 0) finishes only after gathering every rank's write results, so the
         # folder is complete when rank 0 publishes it; the other ranks have nothing left to do
-        self._publish(tmp, folder, meta, start)
+        self._publish(tmp, folder, step, meta, start)
 
     def poll(self):
         """Publish a finished asynchronous save without waiting for one still being written."""
         if self.pending is not None and self.pending[0].done():
             self.wait()
 
-    def _trainer_state(self, trainer, step):
-        if not is_main():
-            return None
-        wandb = getattr(trainer, "wandb", None)
-        return {"format": FORMAT_VERSION, "step": step, "total_steps": trainer.total_steps,
-                "scheduler": trainer.scheduler.state_dict(), "tokens_seen": trainer.tokens_seen,
-                "slots_seen": trainer.slots_seen, "world_size": world_size(),
-                "skipped_steps": trainer.skipped_steps, "consecutive_skips": trainer.consecutive_skips,
-                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                "wandb_run_id": wandb.id if wandb is not None else trainer.wandb_run_id,
-                "fingerprint": {"config": config_fingerprint(self.cfg), "data": data_fingerprint(trainer.train_data)}}
+    def _meta(self, state, scaler):
+        """trainer_state.pt's contents: the state's own keys beside OWN_KEYS (the file's format of old)."""
+        saved = state.state_dict()
+        clash = set(saved) & set(OWN_KEYS)
+        if clash:
+            raise KeyError(f"the trainer state's keys {sorted(clash)} are the checkpoint's own")
+        return {"format": FORMAT_VERSION, **saved, "world_size": world_size(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "fingerprint": {"config": config_fingerprint(self.cfg), "data": self.data_fingerprint}}
 
-    def _publish(self, tmp, folder, meta, start):
+    def _publish(self, tmp, folder, step, meta, start):
         """Rank 0: trainer_state.pt, fsync everything, rename into place, then apply keep_last."""
         if not is_main():
             return
-        step = meta["step"]
         _crash_point("state", step)
         torch.save(meta, tmp / TRAINER_STATE)
         fsync_tree(tmp)
@@ -424,29 +456,34 @@ class Checkpointer:
         _crash_point("retention", step)
         prune(self.run_dir, self.cfg.keep_last)
 
-    def load(self, policy, optimizer, plan):
-        """Read plan.checkpoint into `policy` and `optimizer` (each rank its own shards; the optimizer
-        keeps the config's hyperparameters, equal to the checkpoint's unless resume_force=true) and
-        restore this rank's RNG states. Returns the checkpoint's TrainerState, for the trainer to apply."""
+    def load(self, checkpoint, *, model, optimizer, state, scaler=None):
+        """Read the checkpoint folder into `model` and `optimizer` (each rank its own shards; the optimizer
+        keeps its hyperparameters as they are, the config's, equal to the checkpoint's unless
+        resume_force=true), `state` (load_state_dict of what save() took from it) and `scaler` (float16's
+        loss scale goes on from where it was), and restore this rank's RNG states. Returns the number of
+        ranks that wrote the checkpoint."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        directory = Path(plan.checkpoint)
+        directory = Path(checkpoint)
         start = time.perf_counter()
         saved = read_trainer_state(directory)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        model_state, optimizer_state = get_state_dict(policy, optimizer, options=self.options())
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())  # each rank reads what its shards hold
-        set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=self.options())
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(shards, checkpoint_id=directory, no_dist=_no_dist())  # each rank reads what its shards hold
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
                        options=self.options())
         for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
+        state.load_state_dict({k: v for k, v in saved.items() if k not in OWN_KEYS})
+        if scaler is not None and saved["scaler"] is not None:
+            scaler.load_state_dict(saved["scaler"])
         # with a different number of ranks, rank r continues the random streams of saved rank r mod R
         set_rng_state(torch.load(directory / f"rng-rank{rank() % saved['world_size']}.pt", weights_only=True))
         _report(f"resumed from {directory} (step {saved['step']}, written by {saved['world_size']} rank(s), read by "
                 f"{world_size()}) in {time.perf_counter() - start:.2f} s")
-        return TrainerState(**{f.name: saved[f.name] for f in fields(TrainerState)})
+        return saved["world_size"]
 
     # ------------------------------------------------------------ preemption
 

@@ -17,9 +17,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import losses
-from training import checkpoints, config_schema
-from training import launch as launcher
-from training import lora, modeling, run_data
+from training import checkpoints, config_schema, launch as launcher, lora, modeling, reference_logps, run_data
 from utils import barrier, broadcast_object, is_main, make_run_dir, released_on_failure, set_seed
 
 # ---------------------------------------------------------------- check and launch
@@ -89,11 +87,29 @@ def build(cfg, device, checked=None):
             policy, reference = lora.apply(cfg, policy), None
         else:  # the original model
             reference = modeling.load_model(cfg, cfg.model.reference_dtype) if loss.needs_reference else None
+        reference_sums = None
+        if reference is not None and cfg.get("reference_logps", "live") == "precompute":
+            reference_sums = precompute_reference(cfg, TRAINERS[cfg.trainer], reference, tokenizer, train_data,
+                                                  eval_data, device)
+            reference = None  # freed once build returns: the trainer holds the policy alone
         trainer = TRAINERS[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir, device,
-                                        plan, loss)
+                                        plan, loss, reference_sums)
         if plan.checkpoint is not None:
             trainer.resume(plan)
     return trainer, not plan.in_place
+
+
+def precompute_reference(cfg, trainer_class, reference, tokenizer, train_data, eval_data, device):
+    """reference_logps=precompute: the reference's summed log-probs of every train and eval row,
+    {"train": (N, 2), "eval": (M, 2)} float64 arrays, read from the cache or computed with the
+    reference placed as `trainer_class` places it (on `device`, or sharded over the ranks)."""
+    from forward import ModelCall
+
+    reference.requires_grad_(False)
+    reference = trainer_class.place_frozen(cfg, reference, device).eval()
+    call = ModelCall(loss_chunk_tokens=cfg.loss_chunk_tokens, packing=cfg.packing)  # as the trainer calls models
+    return reference_logps.load_or_compute(reference, reference_logps.fingerprint(reference), train_data, eval_data,
+                                           cfg, tokenizer.pad_token_id, call, device)
 
 
 # ---------------------------------------------------------------- train and report (one process of a run)

@@ -58,8 +58,7 @@ def grids(quick=False):
 def compose(method, setting, model_dir, data_dir, steps):
     """The run config (a plain dict) as `python train.py loss=METHOD key=value ...` composes it, checked
     with data_dir as its dataset; datasets, seed and run_dir are filled in per run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from training import config_schema, pipeline
