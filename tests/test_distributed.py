@@ -134,3 +134,34 @@ def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     plain = make_cfg()  # BasicTrainer: always real weights
     monkeypatch.setattr(modeling, "is_main", lambda: False)
     assert not any(p.is_meta for p in modeling.load_model(plain, "float32").parameters())
+
+
+@pytest.mark.parametrize("device, torchrun", [("cuda", False), ("cuda", True), ("cpu", False)])
+def test_the_process_group_gets_the_timeout_and_each_rank_its_gpu(device, torchrun, monkeypatch):
+    """init_process_group gets dist_timeout_minutes (NCCL's own 10 minutes would kill the waiting ranks
+    while rank 0 downloads and loads alone) and, on CUDA, device_id = this rank's GPU. A mock records
+    the call: no GPU or process group is needed."""
+    import datetime
+
+    from training import launch
+    calls = []
+    monkeypatch.setattr(launch.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(launch.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # leave this process's thread count alone
+    if torchrun:
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = make_cfg(f"device={device}", "dist_timeout_minutes=45")
+    with launch.process_group(cfg, 1, 2, None if torchrun else 29500) as got:
+        pass
+    (args, kwargs), cuda = calls[-1], device == "cuda"
+    assert args == ("nccl" if cuda else "gloo",) and got == torch.device("cuda:1" if cuda else "cpu")
+    assert kwargs["timeout"] == datetime.timedelta(minutes=45)
+    assert kwargs["device_id"] == (torch.device("cuda:1") if cuda else None)
+    assert (("set_device", 1) in calls) == cuda
+
+
+def test_the_default_timeout_is_an_hour():
+    assert make_cfg().dist_timeout_minutes == 60

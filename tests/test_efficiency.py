@@ -315,11 +315,17 @@ def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
     (["compile=fast"], "compile"),
     (["compile_backend=tvm"], "compile_backend"),
     (["model.attn_implementation=flash"], "attn_implementation"),
-    (["model.attn_implementation=flash_attention_2", "device=cpu"], "needs a CUDA device"),
+    (["model.attn_implementation=flash_attention_2", "device=cpu", "model.policy_dtype=bfloat16"],
+     "needs a CUDA device"),
+    (["model.attn_implementation=flash_attention_2"], "^model.attn_implementation=flash_attention_2 needs "
+                                                       "model.policy_dtype=bfloat16 or float16"),
+    (["model.attn_implementation=flash_attention_2", "model.policy_dtype=bfloat16", "loss=dpo"],
+     "^model.attn_implementation=flash_attention_2 needs model.reference_dtype=bfloat16 or float16 for loss=dpo"),
 ])
 def test_bad_efficiency_options_fail_with_the_key_named(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as e:
         pipeline.validate_config(make_cfg(*overrides))
+    assert "\n" not in str(e.value)
 
 
 def test_defaults_are_a_chunked_head_without_packing_or_compile_on_sdpa():

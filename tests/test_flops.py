@@ -27,6 +27,25 @@ def test_the_shape_is_the_hand_counted_weight_matrices_of_the_config():
         assert shape.windows == (c.sliding_window,) * 2 == (4096, 4096)  # MistralConfig's default window
 
 
+def test_a_4bit_packed_weight_counts_as_the_matrix_it_stands_for():
+    """QLoRA: bitsandbytes' Params4bit holds two 4-bit values a byte, (out*in/2, 1), with the real shape
+    in its quant_state; counted by its storage, the body (and MFU) would be half."""
+    import types
+
+    class Params4bit(torch.nn.Parameter):  # the attributes flops reads, as bitsandbytes 0.50.2 has them
+        pass
+
+    model = tiny_model()
+    plain = flops.shape_of(model).body
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            shape = linear.weight.shape
+            packed = Params4bit(torch.zeros(shape.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+            packed.quant_state = types.SimpleNamespace(shape=shape)
+            linear.weight = packed
+    assert flops.shape_of(model).body == plain == 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64)
+
+
 @pytest.mark.parametrize("window", [None, 1, 3, 7, 50])
 def test_attention_pairs_count_every_visible_query_key_pair(window):
     for n in range(0, 20):

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.py --smoke: every step of the GPU checks on the CPU with the tiny model, so
-the one command a GPU session runs cannot rot. One run, several assertions on its report."""
+"""benchmarks/gpu_check.py --smoke: every check of the GPU window on the CPU with tiny sizes, so the one
+command a GPU session runs cannot rot. One run, with one row's model deliberately perturbed (--perturb
+packed): that row must FAIL, its siblings PASS, what cannot run here SKIPPED with its reason, never PASS."""
 
 import os
 import re
@@ -9,26 +10,47 @@ import sys
 from utils import REPO_DIR
 
 
-def test_the_smoke_run_writes_a_report_with_throughput_mfu_memory_and_resume_rows(tmp_path):
+def rows(report):
+    """{check: (verdict, wall seconds, note)} from the report's table."""
+    found = re.findall(r"^\| (.+?) \| (PASS|FAIL|SKIPPED) \| (\d+) \| (.*) \|$", report, re.M)
+    return {check: (verdict, int(wall), note) for check, verdict, wall, note in found}
+
+
+def test_the_smoke_run_passes_compares_every_row_fails_the_perturbed_one_and_skips_with_reasons(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--perturb", "packed",
+                           "--out", str(tmp_path)], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
     report = (tmp_path / "gpu_check.md").read_text()
-    assert proc.returncode == 0, (report, proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "torch " in report and "transformers " in report and "flash-attn " in report
-    for check in ("demo on cpu", "throughput, MFU and memory", "save, SIGTERM and resume_from=latest on cpu",
-                  "test suite"):
-        assert re.search(rf"\| {re.escape(check)}[^|]* \| PASS \|", report), check
-    table = [line for line in report.splitlines() if line.startswith("| BasicTrainer") or line.startswith("| FSDPTrainer")]
-    labels = [line.split(" | ")[0][2:] for line in table]
-    for label in ("BasicTrainer sft", "BasicTrainer ift", "BasicTrainer dpo", "FSDPTrainer sft", "FSDPTrainer ift",
-                  "FSDPTrainer dpo", "BasicTrainer dpo, reference_logps=precompute", "BasicTrainer sft, sdpa, packed",
-                  "BasicTrainer sft, compile (eager)"):
-        assert label in labels, label
-    for line in table:  # tokens/s, step s, TFLOP/s, MFU and peak memory (the process's peak RSS on the CPU)
-        cells = line.split(" | ")
-        assert float(cells[1].replace(",", "")) > 0 and float(cells[3]) > 0 and cells[4].endswith("%"), line
-        assert float(cells[5]) > 0, line
-        assert cells[-1] == "yes |", line
-    assert "IFT/SFT: time" in report and "DPO precompute/live: time" in report
-    assert "largest relative loss difference from the uninterrupted run" in report
+    got = rows(report)
+    assert proc.returncode == 1, (report, proc.stderr[-3000:])  # the perturbed row's FAIL, nothing else
+    assert [c for c, (v, _, _) in got.items() if v == FAIL] == ["throughput: sft packed (sdpa)"], report
+    assert "differs from `sft`" in got["throughput: sft packed (sdpa)"][2]
+    for check in ("throughput: FSDPTrainer x1 sft", "throughput: dpo reference_logps=precompute",
+                  "throughput: sft compile (eager)", "throughput: FSDPTrainer x1 ift", "throughput: FSDPTrainer x1 dpo"):
+        verdict, _, note = got[check]
+        assert verdict == PASS and note.startswith("agrees with"), (check, note)
+    for check in ("throughput: BasicTrainer sft (plain: sdpa, padded, eager)", "FSDP2 x1 save, SIGTERM, resume; async save",
+                  "demo (commands/run_tiny_ift.sh)", "CPU suite, CUDA hidden"):
+        assert got[check][0] == PASS, (check, got[check])
+    skipped = {"CUDA tests (pytest -m cuda)": "no CUDA device", "throughput: sft flash_attention_2, padded": "CUDA",
+               "throughput: sft flash_attention_2, packed": "CUDA", "throughput: sft float16 + gradient scaler": "CUDA",
+               "QLoRA 4-bit: checkpoints and merged final/": "CUDA"}
+    for check, reason in skipped.items():
+        assert got[check][0] == SKIPPED and reason in got[check][2], (check, got[check])
+    assert "| run | tokens/s | step s | TFLOP/s | MFU |" in report
+    assert "largest relative difference" in report and "wall s" in report
+
+
+def test_a_check_that_does_not_fit_the_budget_is_skipped_not_run(tmp_path):
+    from benchmarks import gpu_check
+    report = gpu_check.Report(tmp_path / "r.md", ["# r"])
+    budget = gpu_check.Budget(10)
+    assert gpu_check.run_check(report, budget, "fits", 5, lambda: (PASS, ["ran"])) == PASS
+    assert gpu_check.run_check(report, budget, "too long", 60, lambda: 1 / 0) is None
+    assert gpu_check.run_check(report, budget, "raises", 1, lambda: 1 / 0) == FAIL
+    got = rows((tmp_path / "r.md").read_text())
+    assert got["too long"][0] == SKIPPED and "needs about 60 s" in got["too long"][2]
+    assert got["raises"][0] == FAIL and "ZeroDivisionError" in got["raises"][2]
+
+
+PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"

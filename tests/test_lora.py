@@ -199,6 +199,120 @@ def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     torch.testing.assert_close(merged["norm.weight"], base["norm.weight"])
 
 
+# NF4's 16 code values (bitsandbytes' get_4bit_type("nf4"), the QLoRA paper's normal-float quantiles)
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def bnb_4bit_state(prefix, weight, blocksize=8, nested_blocksize=4):
+    """(the state dict keys bitsandbytes 0.50.2's Linear4bit writes for `weight` (NF4, double
+    quantisation), the float64 weight they stand for), built by float64 loops: each block's values
+    divided by its absmax, rounded to the nearest NF4 code, two codes a byte (first in the high
+    nibble); absmax less its mean, rounded blockwise to a 256-value code. The key names, dtypes and
+    shapes are those of a real Linear4bit(96, 40).state_dict() (printed with bitsandbytes 0.50.2):
+    weight uint8 (n/2, 1), weight.absmax uint8, weight.quant_map float32 (16,), weight.nested_absmax
+    float32, weight.nested_quant_map float32 (256,), weight.quant_state.bitsandbytes__nf4 uint8 (JSON)."""
+    import json
+    flat = [float(x) for x in weight.double().reshape(-1)]
+    blocks = [flat[i:i + blocksize] for i in range(0, len(flat), blocksize)]
+    absmax = [max(abs(x) for x in b) for b in blocks]
+    codes = [min(range(16), key=lambda c: abs(NF4[c] - x / m)) for b, m in zip(blocks, absmax) for x in b]
+    offset = sum(absmax) / len(absmax)
+    code8 = [-1 + 2 * i / 255 for i in range(256)]
+    centred = [m - offset for m in absmax]
+    groups = [centred[i:i + nested_blocksize] for i in range(0, len(centred), nested_blocksize)]
+    nested_absmax = [max(abs(x) for x in g) for g in groups]
+    absmax8 = [min(range(256), key=lambda c: abs(code8[c] - x / s)) for g, s in zip(groups, nested_absmax) for x in g]
+    # what the stored numbers mean: code * (dequantised absmax), in float64
+    absmax_back = [code8[q] * nested_absmax[i // nested_blocksize] + offset for i, q in enumerate(absmax8)]
+    value = torch.tensor([NF4[c] * absmax_back[i // blocksize] for i, c in enumerate(codes)],
+                         dtype=torch.float64).view(weight.shape)
+    meta = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "bfloat16", "shape": list(weight.shape),
+            "nested_blocksize": nested_blocksize, "nested_dtype": "float32", "nested_offset": offset}
+    state = {f"{prefix}weight": torch.tensor([c0 << 4 | c1 for c0, c1 in zip(codes[::2], codes[1::2])],
+                                             dtype=torch.uint8).view(-1, 1),
+             f"{prefix}weight.absmax": torch.tensor(absmax8, dtype=torch.uint8),
+             f"{prefix}weight.quant_map": torch.tensor(NF4, dtype=torch.float32),
+             f"{prefix}weight.nested_absmax": torch.tensor(nested_absmax, dtype=torch.float32),
+             f"{prefix}weight.nested_quant_map": torch.tensor(code8, dtype=torch.float32),
+             f"{prefix}weight.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(meta).encode()),
+                                                                           dtype=torch.uint8)}
+    return state, value
+
+
+def qlora_state():
+    """A QLoRA peft state dict: q targeted (base_layer + adapters), k a 4-bit layer left untargeted,
+    the norm unquantised. Returns (state, {name: float64 frozen weight})."""
+    torch.manual_seed(0)
+    q, q_value = bnb_4bit_state("base_model.model.l.q.base_layer.", torch.randn(3, 16))
+    k, k_value = bnb_4bit_state("base_model.model.l.k.", torch.randn(2, 16))
+    state = {**q, **k, "base_model.model.l.q.lora_A.default.weight": torch.randn(1, 16),
+             "base_model.model.l.q.lora_B.default.weight": torch.tensor([[1.0], [0.0], [-1.0]]),
+             "base_model.model.norm.weight": torch.full((16,), 7.0)}
+    return state, {"l.q.weight": q_value, "l.k.weight": k_value, "norm.weight": state["base_model.model.norm.weight"]}
+
+
+def test_qlora_merges_bitsandbytes_state_dict_into_the_unquantised_base():
+    """QLoRA's final/ (and save_hf_checkpoints): the quant-state keys bitsandbytes adds are no weights
+    of the base model; the frozen weights come from the unquantised copy, the adapters from training."""
+    state, _ = qlora_state()
+    base = {"l.q.weight": torch.ones(3, 16), "l.k.weight": torch.full((2, 16), 2.0), "norm.weight": torch.ones(16)}
+    merged = lora.merged_state_dict(state, 0.5, base=base)
+    assert merged.keys() == base.keys()
+    a, b = state["base_model.model.l.q.lora_A.default.weight"], state["base_model.model.l.q.lora_B.default.weight"]
+    torch.testing.assert_close(merged["l.q.weight"], (1 + 0.5 * b.double() @ a.double()).float())
+    assert torch.equal(merged["l.k.weight"], base["l.k.weight"])
+
+
+def test_qlora_without_a_base_dequantises_the_4bit_weights_before_merging():
+    """Without the unquantised base, each 4-bit weight is read back to float from its quant state
+    (against the float64 loops of bnb_4bit_state): final/ holds plain float weights only."""
+    state, frozen = qlora_state()
+    merged = lora.merged_state_dict(state, 0.5)
+    assert merged.keys() == frozen.keys()
+    assert all(v.is_floating_point() for v in merged.values())
+    a, b = state["base_model.model.l.q.lora_A.default.weight"], state["base_model.model.l.q.lora_B.default.weight"]
+    # float32 arithmetic on values of magnitude <= ~3: a few ulps of float32 (1.2e-7 relative)
+    torch.testing.assert_close(merged["l.q.weight"].double(), frozen["l.q.weight"] + 0.5 * b.double() @ a.double(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged["l.k.weight"].double(), frozen["l.k.weight"], rtol=1e-6, atol=1e-6)
+
+
+def test_dequantisation_equals_bitsandbytes_own():
+    """Where bitsandbytes installs (its CPU backend suffices): a real Linear4bit's state dict, read back
+    by dequantize_4bit, equals bitsandbytes.functional.dequantize_4bit bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(96, 40, bias=False, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(40, 96), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")._quantize("cpu")
+    state = layer.state_dict()
+    quant = {k.removeprefix("weight."): v for k, v in state.items() if k != "weight"}
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert torch.equal(lora.dequantize_4bit(state["weight"], quant), expected)
+
+
+def test_qlora_refuses_a_bitsandbytes_whose_4bit_weights_dcp_cannot_save(monkeypatch):
+    """DCP's get_state_dict resolves each state-dict key by getattr, e.g. Params4bit.absmax; bitsandbytes
+    before its fix of issue #1405 (PR #1866) has no such attribute and the first checkpoint fails."""
+    import sys
+    import types
+
+    class OldParams4bit(torch.nn.Parameter):
+        pass
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.__version__ = "0.45.0"
+    fake.nn = types.SimpleNamespace(Params4bit=OldParams4bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    cfg = make_cfg("lora=default", "lora.quantize=4bit")
+    with pytest.raises(ConfigError, match=r"^bitsandbytes 0.45.0 cannot checkpoint 4-bit weights"):
+        lora.check_run(cfg, cuda=True)
+    OldParams4bit.absmax = property(lambda self: None)  # what the fixed versions have
+    lora.check_run(cfg, cuda=True)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lora.quantize=4bit", "device=cpu"], "lora.quantize=4bit (QLoRA) needs a CUDA GPU"),
     (["lora.r=0"], "lora.r=0 is out of range: allowed [1, inf)"),

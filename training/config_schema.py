@@ -105,6 +105,10 @@ class Run:
                                           "device; joins torchrun)", choices=("BasicTrainer", "FSDPTrainer"))
     nproc: Optional[int] = option(None, "FSDPTrainer outside torchrun: processes to start; null = one per GPU "
                                         "(2 on the CPU)", low=1)
+    dist_timeout_minutes: float = option(60, "how long a rank waits in a collective before the process group "
+                                              "aborts the run (NCCL's\nown default is 10 minutes): rank 0 downloads, "
+                                              "tokenises and loads models alone while the\nothers wait at a barrier, "
+                                              "longer than that on a cold hub cache", low=0, low_open=True)
     activation_checkpointing: bool = option(False, "FSDPTrainer: recompute each decoder block in backward (less "
                                                    "memory, more compute)")
     loss_chunk_tokens: Optional[int] = option(
@@ -208,7 +212,7 @@ class Run:
 # evaluates, saves and logs, and how it resumes. The one declaration both resume (training/checkpoints.py's
 # fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
 # read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
-NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
+NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "dist_timeout_minutes", "activation_checkpointing",
             "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
             "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
             "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
@@ -375,6 +379,15 @@ def check_run(cfg, world):
                           "no loss scaling needed) or float32, or run on a GPU")
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
+        # flash-attn's kernels take float16/bfloat16 only; a float32 forward fails at its first call
+        if cfg.model.policy_dtype == "float32":
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs model.policy_dtype=bfloat16 or "
+                              "float16 (flash-attn has no float32 kernels); or use sdpa")
+        if (cfg.model.reference_dtype == "float32" and losses.build(cfg.loss).needs_reference
+                and not lora.enabled(cfg)):  # LoRA's reference is the policy itself
+            raise ConfigError(f"model.attn_implementation=flash_attention_2 needs model.reference_dtype=bfloat16 "
+                              f"or float16 for loss={cfg.loss.name}'s reference (flash-attn has no float32 "
+                              f"kernels); or use sdpa")
         if not use_cuda(cfg):
             raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; use sdpa on the CPU")
         if importlib.util.find_spec("flash_attn") is None:

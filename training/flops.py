@@ -28,6 +28,7 @@ strictly a hardware-FLOPs utilisation; without it the two agree.
 
 import collections
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -106,8 +107,8 @@ def shape_of(model):
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     skip = {id(embedding), id(head)}
-    # DTensor.numel() is the full (unsharded) size, so a sharded model counts as the whole model.
-    body = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in skip)
+    shapes = [logical_shape(p) for p in model.parameters() if id(p) not in skip]
+    body = sum(math.prod(s) for s in shapes if len(s) >= 2)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = config.num_hidden_layers
@@ -115,6 +116,15 @@ def shape_of(model):
     kinds = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * layers
     windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
     return Shape(body=int(body), head=int(head.numel()), attn_width=int(heads * head_dim), windows=windows)
+
+
+def logical_shape(p):
+    """The shape of the weight `p` stands for. A bitsandbytes 4-bit weight (QLoRA's Params4bit) is stored
+    packed, two values a byte, as (numel/2, 1); its quant_state keeps the real (out, in). DTensor's shape
+    is the full (unsharded) one, so a sharded model counts as the whole model."""
+    quant = getattr(p, "quant_state", None)
+    shape = getattr(quant, "shape", None)
+    return tuple(shape) if shape is not None else tuple(p.shape)
 
 
 def attention_pairs(n, window=None):

@@ -7,6 +7,7 @@ because OpenMP threads that spin while waiting stall every step on a CPU shared 
 """
 
 import contextlib
+import datetime
 import os
 import signal
 import socket
@@ -76,18 +77,21 @@ def process_group(cfg, local_rank=0, world=1, port=None):
     port: given for the processes launch() started; None for one plain process or a torchrun rank."""
     cuda = use_cuda(cfg)
     backend = "nccl" if cuda else "gloo"
-    if port is not None:
+    torchrun = port is None and launched_by_torchrun()  # torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+    if torchrun:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    if port is not None or torchrun:
         if cuda:
             torch.cuda.set_device(local_rank)
-        elif "OMP_NUM_THREADS" not in os.environ:
+        elif port is not None and "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks share the cores: more threads than cores make OpenMP barriers stall
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=local_rank, world_size=world)
-    elif launched_by_torchrun():  # torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        where = {} if torchrun else {"init_method": f"tcp://127.0.0.1:{port}", "rank": local_rank, "world_size": world}
+        # the timeout covers rank 0 downloading, tokenising and loading alone while the others wait in a
+        # collective (NCCL's default: 10 minutes); device_id binds the group to this rank's GPU, which
+        # barrier() would otherwise guess
+        dist.init_process_group(backend, **where, timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes),
+                                device_id=torch.device(f"cuda:{local_rank}") if cuda else None)
     try:
         yield torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     finally:

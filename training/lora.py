@@ -48,9 +48,14 @@ def check_run(cfg, cuda):
             raise ConfigError("lora.quantize=4bit runs with trainer=BasicTrainer (one GPU); "
                               "FSDP2 over a 4-bit base is not supported")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes
         except ImportError:
             raise ConfigError(f"lora.quantize=4bit needs bitsandbytes: pip install {BITSANDBYTES}") from None
+        # DCP's get_state_dict resolves every state-dict key by getattr, so `...weight.absmax` needs
+        # Params4bit.absmax: added by bitsandbytes' fix of its issue #1405 (PR #1866, 2026), in our pin
+        if not hasattr(bitsandbytes.nn.Params4bit, "absmax"):
+            raise ConfigError(f"bitsandbytes {bitsandbytes.__version__} cannot checkpoint 4-bit weights "
+                              f"(torch.distributed.checkpoint fails on Params4bit.absmax): pip install {BITSANDBYTES}")
 
 
 def load_kwargs(cfg):
@@ -149,30 +154,79 @@ class AdaptersDisabled:
 # ---------------------------------------------------------------- final/
 
 _PREFIX = "base_model.model."
+# What bitsandbytes' Linear4bit._save_to_state_dict (0.50.2) writes after "<module>.weight" (packed 4-bit
+# codes, uint8 (numel/2, 1)): its QuantState.as_dict(packed=True), i.e. weight.absmax (per block; uint8
+# with double quantisation), weight.quant_map (the 16 code values), with double quantisation
+# weight.nested_absmax and weight.nested_quant_map (absmax's own 8-bit code), and the non-tensor fields
+# (quant_type, blocksize, dtype, shape, nested_blocksize, nested_dtype, nested_offset) as JSON bytes in
+# weight.quant_state.bitsandbytes__nf4 (or __fp4).
+_QUANT_STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                "quant_state.bitsandbytes__fp4")
+
+
+def _quant_state_of(key):
+    """(the weight's key, the component) for a bitsandbytes quant-state key, else None."""
+    for part in _QUANT_STATE:
+        if key.endswith(".weight." + part):
+            return key[:-len(part) - 1], part
+    return None
+
+
+def dequantize_4bit(packed, quant):
+    """The float weight of bitsandbytes' packed 4-bit format, read from the state dict alone (no
+    bitsandbytes needed, so final/ can be written on any machine). packed: uint8 (numel/2, 1), two codes
+    per byte, the first in the high nibble. quant: {component: tensor} of _QUANT_STATE. Each block of
+    `blocksize` values is quant_map[code] * absmax[block]; with double quantisation absmax is itself
+    nested_quant_map[absmax] * nested_absmax[block of nested_blocksize] + nested_offset.
+    Returns the weight (shape from the quant state) in float32."""
+    import json
+    meta = json.loads(bytes(next(v for k, v in quant.items() if k.startswith("quant_state.")).tolist()))
+    absmax = quant["absmax"]
+    if "nested_absmax" in quant:
+        nested = quant["nested_quant_map"].float()[absmax.long()].view(-1)
+        scale = quant["nested_absmax"].float().repeat_interleave(meta["nested_blocksize"])[:nested.numel()]
+        absmax = nested * scale + meta["nested_offset"]
+    codes = packed.view(torch.uint8).reshape(-1)
+    codes = torch.stack([codes >> 4, codes & 0xF], dim=1).view(-1).long()
+    n = 1
+    for d in meta["shape"]:
+        n *= d
+    values = quant["quant_map"].float()[codes[:n]]
+    scale = absmax.float().repeat_interleave(meta["blocksize"])[:n]
+    return (values * scale).view(meta["shape"])
 
 
 def merged_state_dict(state, scaling, base=None):
     """The base model's state dict with every adapter merged in: W + scaling * B @ A (computed in
     float32 or better, then cast back to W's dtype), trainable_modules' trained copies in place of
-    their originals, and peft's names turned back into the base model's.
+    their originals, and peft's names turned back into the base model's: plain float weights only.
 
     state: the peft model's full state dict (base_model.model.<name>.base_layer.weight,
     ...lora_A.default.weight (r, in), ...lora_B.default.weight (out, r), ...original_module.weight,
-    ...modules_to_save.default.weight, and plain base keys). scaling: alpha / r.
+    ...modules_to_save.default.weight, and plain base keys; QLoRA: each 4-bit weight is packed codes
+    followed by bitsandbytes' quant-state keys, _QUANT_STATE). scaling: alpha / r.
     base: the base model's own state dict, to take the frozen weights from instead of `state`
-    (QLoRA: `state` then holds them in 4 bits).
+    (QLoRA: the unquantised weights). Without it a 4-bit weight is dequantised (dequantize_4bit).
     """
+    quant = {}  # the 4-bit weights' keys -> their quant state
+    for key in state:
+        found = _quant_state_of(key)
+        if found is not None:
+            quant.setdefault(found[0], {})[found[1]] = state[key]
     merged = {}
     for key, value in state.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name or _quant_state_of(key):
             continue
         if ".modules_to_save.default." in name:
             merged[name.replace(".modules_to_save.default.", ".")] = value
             continue
         module, _, param = name.rpartition(".base_layer.") if ".base_layer." in name else ("", "", name)
         name = f"{module}.{param}" if module else name
-        value = base[name] if base is not None else value
+        if base is not None:
+            value = base[name]
+        elif key in quant:
+            value = dequantize_4bit(value, quant[key])
         if module and param == "weight":
             a = state[f"{_PREFIX}{module}.lora_A.default.weight"]
             b = state[f"{_PREFIX}{module}.lora_B.default.weight"]
