@@ -245,7 +245,7 @@ class BasicTrainer:
             self.evaluate(step=0)
         progress = Progress(self.state.step, self.total_steps, cfg.progress_every)
         for step in range(self.state.step, self.total_steps):
-            t0 = time.perf_counter()
+            t0 = synced_clock(self.device)
             self.policy.train()
             batch = self.global_batch(step)
             lam = self.lam(step, disturb=True)
@@ -256,7 +256,7 @@ class BasicTrainer:
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
-            dt = self.last_step_s = time.perf_counter() - t0
+            dt = self.last_step_s = synced_clock(self.device) - t0
             tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
             self.state.step = step + 1
             self.state.tokens_seen += tokens
@@ -520,6 +520,15 @@ def _autocast_forward(model, device_type, dtype):
             return forward(*args, **kwargs)
 
     model.forward = autocast_forward
+
+
+def synced_clock(device):
+    """time.perf_counter() once `device` has finished the work queued on it. CUDA runs kernels
+    asynchronously: read without a sync, the clock stops while optimizer.step() is still running, and
+    its time lands in the next step's step_time_s, tokens_per_s, tflops and mfu."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _crossed(step, batch_size, every):

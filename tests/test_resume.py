@@ -403,3 +403,38 @@ def test_a_rebuilt_schedule_gives_the_lr_of_one_stepped_as_far(schedule):
         assert resumed.get_last_lr() == scheduler.get_last_lr() and resumed.last_epoch == done
         stepped.step()
         scheduler.step()
+
+
+def test_a_rank_saves_its_own_cuda_generator_and_a_resume_gives_it_to_the_loading_ranks_device(monkeypatch):
+    """CUDA RNG on a resume with another rank count: the saving rank's own device generator (device 1 of
+    rank 1) goes to whatever device the loading rank drives (device 0), never a stale entry of a device
+    the saving rank did not use. CUDA is faked: the calls are recorded."""
+    generators = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([11], dtype=torch.uint8)}
+    current, restored = {"device": 1}, []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device].clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [g.clone() for g in generators.values()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(
+        (int(s[0]), d) for d, s in enumerate(states)))
+    state = checkpoints.rng_state()  # rank 1 of 2, on device 1
+    current["device"] = 0  # resumed as rank 0 of 1 (or any rank on device 0)
+    checkpoints.set_rng_state(state)
+    assert restored == [(11, 0)]
+
+
+def test_the_step_clock_waits_for_the_device_and_the_loop_reads_time_only_through_it(monkeypatch):
+    """CUDA kernels run asynchronously: the step's time is read after a synchronize of its device, so the
+    optimizer's time is not billed to the next step. On the CPU nothing is synchronised."""
+    import inspect
+
+    import trainers
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    trainers.synced_clock(torch.device("cuda", 0))
+    trainers.synced_clock(torch.device("cpu"))
+    assert calls == [torch.device("cuda", 0)]
+    source = inspect.getsource(trainers.BasicTrainer.train)
+    assert "perf_counter" not in source and source.count("synced_clock(self.device)") == 2

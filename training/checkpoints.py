@@ -285,10 +285,13 @@ def prepare_run_dir(plan, run_dir, keep_last):
 # ---------------------------------------------------------------- RNG states
 
 def rng_state():
+    """This process's RNG states. On CUDA only the generator of this rank's own device (the current one):
+    a rank draws from no other, and a resume with another rank count gives this state to the device of
+    the rank that loads it (see set_rng_state)."""
     state = {"python": _python_state(random.getstate()), "numpy": _numpy_state(np.random.get_state()),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -298,8 +301,11 @@ def set_rng_state(state):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available() and "cuda_device" in state:  # the saving rank's device -> this rank's device
+        torch.cuda.set_rng_state(state["cuda_device"], torch.cuda.current_device())
+    elif torch.cuda.is_available() and "cuda" in state:  # older checkpoints: every device's generator
+        saved = state["cuda"]
+        torch.cuda.set_rng_state(saved[torch.cuda.current_device() % len(saved)], torch.cuda.current_device())
 
 
 def _python_state(state):  # lists and tensors only, so torch.load(weights_only=True) reads it
