@@ -322,8 +322,8 @@ class BasicTrainer:
 
     @torch.no_grad()
     def evaluate(self, step):
-        """Mean loss and metrics over the eval rows after `step` optimizer steps; the loss sees the facts of
-        the next step (the last one after training), as an evaluation (IFT: λ undisturbed)."""
+        """Mean loss and metrics over the eval rows after `step` optimizer steps. The loss is told it evaluates
+        step `step` (0-based: the next one to train; the last one after training): IFT's λ of it, undisturbed."""
         self.policy.eval()
         info = self.step_info(min(step, self.total_steps - 1), training=False)
         totals, n = {}, 0
