@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from forward import ModelCall
+from training.batching import is_pairs, loss_view
 from training.options import check, default_of, option
 from training.scan import discounted_cumsum
 from utils import ConfigError
@@ -45,8 +46,42 @@ def register(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What a loss may know about the optimizer step it is computed for: the same for every micro-batch,
+    rank and row of the step. step: 0-based optimizer step (an evaluation after k steps: step k, at most
+    total_steps - 1). total_steps, warmup_steps: the run's schedule. seed: the run's seed. training:
+    True for a training step, False for an evaluation."""
+
+    step: int
+    total_steps: int
+    warmup_steps: int
+    seed: int
+    training: bool
+
+
+# A loss called outside a run (a benchmark, a test): the only step of a one-step run, training.
+ONE_STEP = StepInfo(step=0, total_steps=1, warmup_steps=0, seed=0, training=True)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """One micro-batch's loss, per row. row_losses: (B,) with gradient. valid: (B,) bool, the rows the
+    loss is defined on (n > 0; both answers have targets for pair losses). metrics: name -> (B,) detached
+    float tensor, always including "loss"; the trainer sums each over the valid rows."""
+
+    row_losses: torch.Tensor
+    valid: torch.Tensor
+    metrics: dict
+
+    def with_metrics(self, more):
+        """The same output with the (B,) tensors of `more` added to its metrics."""
+        return dataclasses.replace(self, metrics={**self.metrics, **more})
+
+
 class Loss:
-    """A loss and its options. Subclasses set `name`, `needs_pairs` and implement `rows`."""
+    """A loss and its options. Subclasses set `name`, `needs_pairs` and implement `rows`; a loss whose
+    computation depends on the step (IFT's λ) reads it from the StepInfo it is given."""
 
     name: ClassVar[str]
     needs_pairs: ClassVar[bool] = False  # trains on (chosen, rejected) pairs
@@ -56,20 +91,20 @@ class Loss:
         """Whether `rows` needs a frozen reference model."""
         return False
 
-    def lam(self, step, total_steps, warmup_steps, seed, disturb):
-        """IFT's lambda for optimizer step `step`; None for losses without one."""
-        return None
-
-    def no_grad_passes(self, lam):
-        """Forwards of the policy without gradient that `rows` makes per micro-batch besides the trained
-        one (the FLOPs count, training/flops.py); a reference model's forward is counted by the trainer."""
+    def no_grad_passes(self, info):
+        """Forwards of the policy without gradient that `rows` makes per micro-batch of step `info` (a
+        StepInfo) besides the trained one (the FLOPs count, training/flops.py); a reference model's forward
+        is counted by the trainer."""
         return 0
 
-    def rows(self, call, policy, reference, batch, lam):
+    def scalars(self, info):
+        """Values of step `info` the loss logs once per step, not per row (IFT: its λ): name -> float."""
+        return {}
+
+    def rows(self, call, policy, reference, batch, info):
         """Per-row losses of one micro-batch. call: the forward.ModelCall that scores the models.
-        batch: dict of (B, T) tensors (chosen_/rejected_ ones when needs_pairs). Returns (row_losses
-        (B,) with gradient; valid (B,) bool; metrics: dict of (B,) detached float tensors, always
-        including "loss")."""
+        batch: dict of (B, T) tensors (chosen_/rejected_ ones when needs_pairs). info: the StepInfo.
+        Returns a LossOutput."""
         raise NotImplementedError
 
 
@@ -89,22 +124,24 @@ def build(loss_cfg):
     return cls(**values)
 
 
-def batch_loss(loss_cfg, policy, reference, batch, lam, call=ModelCall()):
+def batch_loss(loss, policy, reference, batch, info, call=ModelCall()):
     """Per-row loss of one micro-batch, for any registered loss.
 
-    loss_cfg: a Loss, or a mapping with `name` and that loss's keys. policy: the model being trained.
-    reference: frozen model or None (used only when needs_reference). batch: dict of (B, T) tensors.
-    lam: IFT's lambda for this step (ignored by the other losses). call: how the models are called
-    (forward.ModelCall: chunked head, packing; an immutable value, the defaults unless given).
-    Returns (row_losses (B,) with gradient, 0 on invalid rows; valid (B,) bool; row_metrics: dict of
-    (B,) detached float tensors, 0 on invalid rows). reduce_rows sums them. Valid: n > 0 for sft / ift;
-    both responses have targets for dpo / ipo / orpo.
+    loss: a Loss (losses.build makes one from a config). policy: the model being trained.
+    reference: frozen model or None (used only when needs_reference). batch: dict of (B, T) tensors as
+    training/batching.collate makes them; a pair batch given to a loss that trains on single answers is
+    read as its chosen half (batching.loss_view). info: the StepInfo of this step. call: how the models
+    are called (forward.ModelCall: chunked head, packing; an immutable value, the defaults unless given).
+    Returns a LossOutput whose invalid rows hold exactly 0 (row losses and metrics). reduce_rows sums
+    them. Valid: n > 0 for sft / ift; both responses have targets for dpo / ipo / orpo.
     """
-    row_losses, valid, metrics = build(loss_cfg).rows(call, policy, reference, batch, lam)
+    if not isinstance(loss, Loss):
+        raise TypeError(f"batch_loss takes a losses.Loss (losses.build(config) makes one), got {type(loss).__name__}")
+    out = loss.rows(call, policy, reference, loss_view(batch, loss.needs_pairs), info)
     # Invalid rows: exactly 0, so that (row_losses * valid) can never meet a NaN or inf.
-    row_losses = torch.where(valid, row_losses, torch.zeros_like(row_losses))
-    metrics = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in metrics.items()}
-    return row_losses, valid, metrics
+    valid = out.valid
+    return LossOutput(torch.where(valid, out.row_losses, torch.zeros_like(out.row_losses)), valid,
+                      {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.metrics.items()})
 
 
 def reduce_rows(row_losses, valid, row_metrics):
@@ -144,8 +181,8 @@ class SFT(Loss):
 
     name: ClassVar[str] = "sft"
 
-    def rows(self, call, policy, reference, batch, lam):
-        return sft_rows(call, policy, *_unpack(batch))
+    def rows(self, call, policy, reference, batch, info):
+        return LossOutput(*sft_rows(call, policy, *_unpack(batch)))
 
 
 def sft_rows(call, model, input_ids, attention_mask, labels):
@@ -191,18 +228,24 @@ class IFT(Loss):
     propagation_norm: str = option("L1", "L1 | L2 | softmax | log: how the propagated sums become weights",
                                    choices=PROPAGATION_NORMS)
 
-    def lam(self, step, total_steps, warmup_steps, seed, disturb):
-        """Scheduled lambda (spec §1), disturbed in training (disturb=True), never in evaluation."""
-        lam = scheduled_lambda(step, total_steps, warmup_steps, self.min_lambda, self.max_lambda,
+    def lambda_of(self, info):
+        """λ of step `info` (a StepInfo, spec §1): scheduled, then disturbed in training, never in evaluation.
+        Returns a float in [0, 1]."""
+        lam = scheduled_lambda(info.step, info.total_steps, info.warmup_steps, self.min_lambda, self.max_lambda,
                                self.lambda_schedule)
-        return disturbed_lambda(lam, seed, step, self.lambda_disturb, self.disturb_std) if disturb else lam
+        if not info.training:
+            return lam
+        return disturbed_lambda(lam, info.seed, info.step, self.lambda_disturb, self.disturb_std)
 
-    def no_grad_passes(self, lam):
-        return 1 if float(lam) > 0 else 0  # the intuition pass; lambda = 0 skips it (ift_rows)
+    def no_grad_passes(self, info):
+        return 1 if self.lambda_of(info) > 0 else 0  # the intuition pass; lambda = 0 skips it (ift_rows)
 
-    def rows(self, call, policy, reference, batch, lam):
-        return ift_rows(call, policy, *_unpack(batch), lam, self.gamma, self.propagation_type, self.propagation_side,
-                        self.propagation_norm)
+    def scalars(self, info):
+        return {"lambda": self.lambda_of(info)}
+
+    def rows(self, call, policy, reference, batch, info):
+        return LossOutput(*ift_rows(call, policy, *_unpack(batch), self.lambda_of(info), self.gamma,
+                                    self.propagation_type, self.propagation_side, self.propagation_norm))
 
 
 def ift_rows(call, model, input_ids, attention_mask, labels, lam, gamma=0.95, propagation_type="loss",
@@ -383,7 +426,7 @@ class DPO(Loss):
     def needs_reference(self):
         return not self.reference_free
 
-    def rows(self, call, policy, reference, batch, lam):
+    def rows(self, call, policy, reference, batch, info):
         return _preference_rows(call, policy, reference, batch, "dpo", self.beta, self.label_smoothing,
                                 self.reference_free)
 
@@ -401,7 +444,7 @@ class IPO(Loss):
     def needs_reference(self):
         return not self.reference_free
 
-    def rows(self, call, policy, reference, batch, lam):
+    def rows(self, call, policy, reference, batch, info):
         # IPO has no label smoothing
         return _preference_rows(call, policy, reference, batch, "ipo", self.beta, 0.0, self.reference_free)
 
@@ -422,7 +465,7 @@ def _preference_rows(call, policy, reference, batch, loss_type, beta, label_smoo
     row_losses, chosen_rewards, rejected_rewards = preference_loss(
         pol.chosen, pol.rejected, ref_chosen, ref_rejected,
         beta, label_smoothing=label_smoothing, loss_type=loss_type, reference_free=reference_free)
-    return row_losses, pol.valid, {
+    return LossOutput(row_losses, pol.valid, {
         "loss": row_losses.detach(),
         "rewards_chosen": chosen_rewards,
         "rewards_rejected": rejected_rewards,
@@ -430,7 +473,7 @@ def _preference_rows(call, policy, reference, batch, loss_type, beta, label_smoo
         "rewards_margin": chosen_rewards - rejected_rewards,
         "logps_chosen": pol.chosen.detach(),
         "logps_rejected": pol.rejected.detach(),
-    }
+    })
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -470,18 +513,18 @@ class ORPO(Loss):
     needs_pairs: ClassVar[bool] = True
     beta: float = option(0.1, "weight of the odds-ratio term (lambda in the paper); >= 0", low=0)
 
-    def rows(self, call, policy, reference, batch, lam):
+    def rows(self, call, policy, reference, batch, info):
         pol = call.pair_logps(policy, batch)
         # ORPO works on per-token mean log-probs (odds of a whole response would vanish with length).
         chosen, rejected = pol.means()
         row_losses = orpo_loss(chosen, rejected, self.beta)
-        return row_losses, pol.valid, {
+        return LossOutput(row_losses, pol.valid, {
             "loss": row_losses.detach(),
             "nll": -chosen.detach(),
             "log_odds_ratio": orpo_log_odds(chosen, rejected).detach(),
             "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
-        }
+        })
 
 
 def _log1mexp(x):
@@ -521,8 +564,8 @@ class DFT(Loss):
 
     name: ClassVar[str] = "dft"
 
-    def rows(self, call, policy, reference, batch, lam):
-        return dft_rows(call, policy, *_unpack(batch))
+    def rows(self, call, policy, reference, batch, info):
+        return LossOutput(*dft_rows(call, policy, *_unpack(batch)))
 
 
 def dft_rows(call, model, input_ids, attention_mask, labels):
@@ -553,16 +596,16 @@ class SimPO(Loss):
                          low_open=True)
     gamma_margin: float = option(1.0, "target reward margin; >= 0 (the paper's gamma / beta is about 0.5)", low=0)
 
-    def rows(self, call, policy, reference, batch, lam):
+    def rows(self, call, policy, reference, batch, info):
         chosen, rejected = (pol := call.pair_logps(policy, batch)).means()
         row_losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.gamma_margin)
-        return row_losses, pol.valid, {
+        return LossOutput(row_losses, pol.valid, {
             "loss": row_losses.detach(),
             "rewards_margin": chosen_rewards - rejected_rewards,
             "rewards_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
             "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
-        }
+        })
 
 
 def simpo_loss(chosen_logps, rejected_logps, beta, gamma_margin):
@@ -587,14 +630,9 @@ def shared_eval_metrics(call, model, batch):
     also `margin`, mean log p(chosen) − mean log p(rejected) (per-token means, as ORPO and SimPO use), and
     `pref_accuracy`, 1.0 where the chosen answer is the more likely one by that measure, else 0.0.
     """
-    if "chosen_input_ids" not in batch:
+    if not is_pairs(batch):
         logps, mask = call.logps(model, *_unpack(batch))
         return {"nll": row_mean(-logps, mask)}
     chosen, rejected = call.pair_logps(model, batch).means()
     return {"nll": -chosen, "margin": chosen - rejected, "pref_accuracy": (chosen > rejected).to(chosen.dtype)}
 
-
-def chosen_view(batch):
-    """The chosen half of a pair batch under the SFT keys (input_ids, attention_mask, labels), for
-    evaluating a loss that trains on single answers on preference data."""
-    return {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}

@@ -15,7 +15,6 @@ is only the compute dtype (autocast here, FSDP2's MixedPrecisionPolicy in FSDPTr
 is applied only when the step's loss and global gradient norm are finite (`apply_update`).
 """
 
-import contextlib
 import functools
 import math
 import os
@@ -29,7 +28,7 @@ import forward
 import losses
 from forward import ModelCall
 from training import checkpoints, flops, lora, modeling, planning, reference_logps
-from training.batching import collate, epoch_batches, eval_batches, micro_batches
+from training.batching import collate, epoch_batches, eval_batches, micro_batches, token_counts
 from training.reference_logps import fingerprint as _fingerprint
 from utils import JsonlWriter, NonFiniteError, all_reduce_sum, atomic_directory, barrier, is_main, rank, world_size
 
@@ -174,64 +173,63 @@ class BasicTrainer:
             self._epoch_cache = {epoch: epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
         return self._epoch_cache[epoch][i]
 
-    def lam(self, step, disturb):
-        """IFT's lambda for optimizer step `step`: scheduled, then disturbed in training (spec §1);
-        None for a loss without one."""
-        return self.loss.lam(step, self.total_steps, self.warmup_steps, self.cfg.seed, disturb)
+    def step_info(self, step, training):
+        """The losses.StepInfo of optimizer step `step` (0-based): what a loss may know about it."""
+        return losses.StepInfo(step, self.total_steps, self.warmup_steps, self.cfg.seed, training)
 
     # ------------------------------------------------------------ the loop
 
-    def step_flops(self, micro, lam):
+    def step_flops(self, micro, info):
         """Matrix-product FLOPs of one optimizer step over all ranks (training/flops.py). micro: the global
-        batch's micro-batches (arrays of row indices)."""
-        passes = self.loss.no_grad_passes(lam) + (self.reference is not None)  # + a live reference's forward
+        batch's micro-batches (arrays of row indices). info: the step's losses.StepInfo."""
+        passes = self.loss.no_grad_passes(info) + (self.reference is not None)  # + a live reference's forward
         return flops.step_flops(self.shape, self.train_sizes, micro, passes, lora=lora.enabled(self.cfg),
                                 head_chunk=self.head_chunk, recompute_blocks=self.recomputes_blocks)
 
-    def run_micro_batches(self, micro, n_rows, lam, train):
-        """Forward (and backward when training) this rank's micro-batches of one global batch.
+    def train_micro_batches(self, micro, n_rows, info):
+        """Forward and backward of this rank's micro-batches of one training batch; the gradients of the
+        global batch's mean loss accumulate in the policy.
         micro: the global batch's micro-batches (arrays of row indices); this rank takes j % R == rank.
         n_rows: rows in the global batch, the loss's denominator (every tokenised row has a target:
             tokenize_rows drops the others, so all of them are valid rows of the spec's mean).
+        info: the step's losses.StepInfo (training).
         Returns (sum over ranks of each row metric, tokens, padded slots)."""
-        data = self.train_data if train else self.eval_data
         mine = micro[self.rank::self.world]
-        sums, tokens, slots = {}, 0, 0
         # a step of more than a few seconds shows its micro-batches (this rank's), so a long step is seen to move
-        slow = train and self.last_step_s > SLOW_STEP_S and len(mine) > 1 and _bars()
-        for j, rows in enumerate(tqdm(mine, desc="micro-batches", leave=False, disable=not slow)):
-            # A short last eval batch can leave a rank without rows; it still runs one (ignored) row,
-            # because every rank of an FSDP model must take part in every forward.
-            ignore = len(rows) == 0
-            rows = micro[0][:1] if ignore else rows
+        slow = self.last_step_s > SLOW_STEP_S and len(mine) > 1 and _bars()
+        step = _StepSums(self.cfg.packing)
+        prepared = self.prepared_micro_batches(micro, self.train_data, "train")
+        for j, (batch, counted) in enumerate(tqdm(prepared, total=len(mine), desc="micro-batches", leave=False,
+                                                  disable=not slow)):
+            self.gradient_sync(j == len(mine) - 1)
+            out = losses.batch_loss(self.loss, self.policy, self.reference, batch, info, self.call)
+            loss = step.add(batch, out, counted) * (self.world / n_rows)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return step.all_reduced(self.device)
+
+    @torch.no_grad()
+    def eval_micro_batches(self, micro, info):
+        """The loss and metrics of this rank's micro-batches of one eval batch, with the metrics every method
+        logs the same way (losses.shared_eval_metrics). micro, as in train_micro_batches; info: the step's
+        losses.StepInfo (evaluation). Returns the sum over ranks of each row metric."""
+        step = _StepSums(self.cfg.packing)
+        for batch, counted in self.prepared_micro_batches(micro, self.eval_data, "eval"):
+            out = losses.batch_loss(self.loss, self.policy, self.reference, batch, info, self.call)
+            step.add(batch, out.with_metrics(losses.shared_eval_metrics(self.call, self.policy, batch)), counted)
+        return step.all_reduced(self.device)[0]
+
+    def prepared_micro_batches(self, micro, data, split):
+        """This rank's micro-batches of one global batch of `data` (the `split` rows), collated on the
+        device, with the reference's precomputed sums (reference_logps=precompute) instead of its forward.
+        Yields (batch, counted). A short last eval batch can leave a rank without rows; it still runs one
+        row, not counted (counted False), because every rank of an FSDP model must take part in every forward."""
+        for rows in micro[self.rank::self.world]:
+            counted = len(rows) > 0
+            rows = rows if counted else micro[0][:1]
             batch = {k: v.to(self.device) for k, v in collate(data, rows, self.tokenizer.pad_token_id).items()}
-            if self.reference_logps is not None:  # the reference's precomputed sums instead of its forward
-                batch.update(reference_logps.batch_columns(self.reference_logps["train" if train else "eval"], rows,
-                                                           self.device))
-            masks = [v for k, v in batch.items() if k.endswith("attention_mask")] if not ignore else []
-            tokens += sum(int(m.sum()) for m in masks)
-            slots += sum(int(m.sum()) if self.cfg.packing else m.numel() for m in masks)  # packed: no padding
-            if train:
-                self.gradient_sync(j == len(mine) - 1)
-            with contextlib.nullcontext() if train else torch.no_grad():
-                own = batch
-                if not train and "chosen_input_ids" in batch and not self.loss.needs_pairs:
-                    own = losses.chosen_view(batch)  # preference eval data, a loss that trains on one answer
-                row_losses, valid, row_metrics = losses.batch_loss(self.loss, self.policy, self.reference, own, lam,
-                                                                   self.call)
-                if not train:  # the metrics every method logs the same way (nll; margin, pref_accuracy on pairs)
-                    row_metrics = {**row_metrics, **losses.shared_eval_metrics(self.call, self.policy, batch)}
-                loss_sum, metric_sums, _ = losses.reduce_rows(row_losses, valid & (not ignore), row_metrics)
-                if train:
-                    loss = loss_sum * (self.world / n_rows)
-                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            for k, v in metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-        keys = sorted(sums)
-        counts = torch.tensor([float(tokens), float(slots)], device=self.device)
-        packed = all_reduce_sum(torch.cat([torch.stack([sums[k] for k in keys]).to(self.device), counts])
-                                if keys else counts).cpu()
-        return {k: float(packed[i]) for i, k in enumerate(keys)}, int(packed[-2]), int(packed[-1])
+            if self.reference_logps is not None:
+                batch.update(reference_logps.batch_columns(self.reference_logps[split], rows, self.device))
+            yield batch, counted
 
     def train(self):
         cfg = self.cfg
@@ -248,23 +246,21 @@ class BasicTrainer:
             t0 = synced_clock(self.device)
             self.policy.train()
             batch = self.global_batch(step)
-            lam = self.lam(step, disturb=True)
+            info = self.step_info(step, training=True)
             micro = micro_batches(batch, self.train_lengths, self.n_micro)
-            sums, tokens, slots = self.run_micro_batches(micro, len(batch), lam, train=True)
+            sums, tokens, slots = self.train_micro_batches(micro, len(batch), info)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip, check and log the true gradients
             grad_norm = self.clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             error = self.apply_update(step + 1, sums["loss"] / len(batch), grad_norm)
             dt = self.last_step_s = synced_clock(self.device) - t0
-            tflops = self.step_flops(micro, lam) / dt / self.world / 1e12  # achieved, per device
+            tflops = self.step_flops(micro, info) / dt / self.world / 1e12  # achieved, per device
             self.state.step = step + 1
             self.state.tokens_seen += tokens
             self.state.slots_seen += slots
             row = {"split": "train", "step": step + 1, "examples": (step + 1) * cfg.batch_size,
-                   **{k: v / len(batch) for k, v in sums.items()}}
-            if lam is not None:
-                row["lambda"] = lam
+                   **{k: v / len(batch) for k, v in sums.items()}, **self.loss.scalars(info)}
             row.update(lr=lr, grad_norm=grad_norm, skipped_steps=self.state.skipped_steps, step_time_s=dt,
                        tokens_per_s=tokens / dt, tflops=tflops)
             if self.peak_tflops is not None:
@@ -342,21 +338,19 @@ class BasicTrainer:
 
     @torch.no_grad()
     def evaluate(self, step):
-        """Mean loss and metrics over the eval rows, with IFT's undisturbed lambda of this step."""
+        """Mean loss and metrics over the eval rows after `step` optimizer steps. The loss is told it evaluates
+        step `step` (0-based: the next one to train; the last one after training): IFT's λ of it, undisturbed."""
         self.policy.eval()
-        lam = self.lam(min(step, self.total_steps - 1), disturb=False)
+        info = self.step_info(min(step, self.total_steps - 1), training=False)
         totals, n = {}, 0
         batches = eval_batches(self.eval_lengths, self.cfg.eval_batch_size)
         for batch in tqdm(batches, desc=f"eval @ step {step}", leave=False, disable=not _bars()):
-            sums, _, _ = self.run_micro_batches(micro_batches(batch, self.eval_lengths, self.world), len(batch),
-                                                lam, train=False)
+            sums = self.eval_micro_batches(micro_batches(batch, self.eval_lengths, self.world), info)
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += len(batch)
         row = {"split": "eval", "step": step, "examples": step * self.cfg.batch_size,
-               **{k: v / n for k, v in totals.items()}}
-        if lam is not None:
-            row["lambda"] = lam
+               **{k: v / n for k, v in totals.items()}, **self.loss.scalars(info)}
         self.log(row)
         if not math.isfinite(row["loss"]):  # the eval rows' mean is global: all ranks decide alike
             what = f"eval loss is {row['loss']} at step {step}"
@@ -467,6 +461,33 @@ def tokenizer_as_trained(tokenizer):
     saved = copy.deepcopy(tokenizer)
     saved.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     return saved
+
+
+class _StepSums:
+    """This rank's sums over the micro-batches of one global batch (each row metric over the valid rows,
+    tokens, padded slots), then their sums over all ranks. packing: whether slots count only tokens."""
+
+    def __init__(self, packing):
+        self.packing, self.sums, self.tokens, self.slots = packing, {}, 0, 0
+
+    def add(self, batch, out, counted):
+        """Add one micro-batch's losses.LossOutput `out` (none of it when not counted). Returns the sum of
+        its valid rows' losses (0-dim, with gradient)."""
+        if counted:
+            tokens, slots = token_counts(batch, self.packing)
+            self.tokens, self.slots = self.tokens + tokens, self.slots + slots
+        loss_sum, metric_sums, _ = losses.reduce_rows(out.row_losses, out.valid & counted, out.metrics)
+        for k, v in metric_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.float()
+        return loss_sum
+
+    def all_reduced(self, device):
+        """(metric sums dict of floats, tokens, slots), summed over the ranks in one all-reduce."""
+        keys = sorted(self.sums)
+        counts = torch.tensor([float(self.tokens), float(self.slots)], device=device)
+        packed = all_reduce_sum(torch.cat([torch.stack([self.sums[k] for k in keys]).to(device), counts])
+                                if keys else counts).cpu()
+        return {k: float(packed[i]) for i, k in enumerate(keys)}, int(packed[-2]), int(packed[-1])
 
 
 SLOW_STEP_S = 5.0  # seconds: from this optimizer step time on, a step shows its micro-batches' progress

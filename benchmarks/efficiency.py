@@ -38,7 +38,7 @@ import transformers
 
 import forward
 import losses
-from benchmarks.ift_cost import (LOSS_CONFIGS, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes,
+from benchmarks.ift_cost import (bench_loss, cpu_model, cpu_step_growth, load_average, make_batches, model_bytes,
                                  optimizer_bytes, tensor_bytes)
 from forward import ModelCall
 from training.batching import collate, epoch_batches
@@ -119,8 +119,8 @@ def build_model(args, vocab):
 
 
 def train_step(policy, optimizer, name, batch, lam, **settings):
-    row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], policy, None, batch, lam, ModelCall(**settings))
-    ((row_losses * valid).sum() / row_losses.shape[0]).backward()
+    out = losses.batch_loss(bench_loss(name, lam), policy, None, batch, losses.ONE_STEP, ModelCall(**settings))
+    ((out.row_losses * out.valid).sum() / out.row_losses.shape[0]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

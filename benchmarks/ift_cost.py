@@ -112,6 +112,15 @@ LOSS_CONFIGS = {
     "orpo": {"name": "orpo", "beta": 0.1},
 }
 
+
+
+def bench_loss(name, lam):
+    """The losses.Loss of LOSS_CONFIGS[name], IFT's λ fixed at `lam` (a constant schedule, no noise); a
+    benchmark step calls it with losses.ONE_STEP."""
+    fixed = {"min_lambda": lam, "max_lambda": lam} if name == "ift" else {}
+    return losses.build({**LOSS_CONFIGS[name], **fixed})
+
+
 TARGETS = {"ift/sft time": 1.35, "ift/sft memory": 1.10, "relation propagation share": 0.01}
 
 
@@ -388,11 +397,11 @@ class Runner:
 
     def step(self, name, batch, lam):
         """One training step with loss `name`. Returns marks (start, after forward, after backward, end)."""
-        clock = self.clock
+        clock, loss = self.clock, bench_loss(name, lam)
         t0 = clock.mark()
         reference = None if name == "dpo_pre" else self.reference  # dpo_pre reads the sums from its batch
-        row_losses, valid, _ = losses.batch_loss(LOSS_CONFIGS[name], self.policy, reference, batch, lam)
-        loss = losses.reduce_rows(row_losses, valid, {})[0] / row_losses.shape[0]  # the trainer's reduction
+        out = losses.batch_loss(loss, self.policy, reference, batch, losses.ONE_STEP)
+        loss = losses.reduce_rows(out.row_losses, out.valid, {})[0] / out.row_losses.shape[0]  # the trainer's reduction
         t1 = clock.mark()
         loss.backward()
         t2 = clock.mark()

@@ -227,8 +227,8 @@ def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
     # one backward by hand: the policy gets gradients, the reference none
     batch = trainer.global_batch(0)
     trainer.policy.train()
-    trainer.run_micro_batches(micro_batches(batch, trainer.train_lengths, trainer.n_micro), len(batch), 0.0,
-                              train=True)
+    trainer.train_micro_batches(micro_batches(batch, trainer.train_lengths, trainer.n_micro), len(batch),
+                                trainer.step_info(0, training=True))
     assert sum(float(p.grad.abs().sum()) for p in trainer.policy.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in ref_params)
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -90,8 +90,9 @@ def loss_rows_and_grads(name, settings, tie=False, shard=None):
         shard(policy, trainable=True)
         if reference is not None:
             shard(reference, trainable=False)
-    row_losses, valid, metrics = losses.batch_loss(CONFIGS[name], policy, reference, batch_for(name), LAM,
-                                                   ModelCall(**settings))
+    loss = losses.build({**CONFIGS[name], **({"min_lambda": LAM, "max_lambda": LAM} if name == "ift" else {})})
+    out = losses.batch_loss(loss, policy, reference, batch_for(name), losses.ONE_STEP, ModelCall(**settings))
+    row_losses, valid, metrics = out.row_losses, out.valid, out.metrics
     (row_losses * row_coefficients(len(row_losses))).sum().backward()
     grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for k, p in policy.named_parameters()}

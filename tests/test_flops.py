@@ -53,15 +53,14 @@ def test_attention_pairs_count_every_visible_query_key_pair(window):
         assert flops.attention_pairs(n, window) == brute
 
 
-def _measured(loss_name, model, batch, lam=None, chunk=None, reference=None):
+def _measured(loss, model, batch, chunk=None, reference=None):
     """FlopCounterMode's count of the products inside the models (the policy's forward and backward, the
     reference's forward) of one micro-batch's loss. The loss's own small products outside them
     (Relation Propagation's scan) are not part of the formula, so they are left out."""
     policy_name = type(model).__name__
     with FlopCounterMode(display=False) as counter:
-        rows, valid, _ = losses.batch_loss(losses.build({"name": loss_name}), model, reference, batch, lam,
-                                           ModelCall(loss_chunk_tokens=chunk))
-        rows.sum().backward()
+        out = losses.batch_loss(loss, model, reference, batch, losses.ONE_STEP, ModelCall(loss_chunk_tokens=chunk))
+        out.row_losses.sum().backward()
     return sum(counter.get_flop_counts()[policy_name].values())
 
 
@@ -80,12 +79,12 @@ def test_a_step_costs_what_flop_counter_mode_counts(loss_name, lam, chunk, monke
     model = tiny_model()
     model.config._attn_implementation = "eager"  # plain matmuls, which FlopCounterMode sees
     B, T, P = 2, 12, 4  # no padding; T - P = 8 targets per row, 16 per call
-    measured = _measured(loss_name, model, _equal_length_batch(B, T, P), lam, chunk)
+    loss = losses.build({"name": loss_name, **({"min_lambda": lam, "max_lambda": lam} if lam is not None else {})})
+    measured = _measured(loss, model, _equal_length_batch(B, T, P), chunk)
     # eager attention computes the whole T x T square before masking: count that here, the formula's
     # causal pairs (the work the model needs) are checked against brute force above
     monkeypatch.setattr(flops, "attention_pairs", lambda n, window=None: np.asarray(n) * np.asarray(n))
-    loss = losses.build({"name": loss_name})
-    expected = flops.call_flops(flops.shape_of(model), [T] * B, [T - P] * B, loss.no_grad_passes(lam or 0),
+    expected = flops.call_flops(flops.shape_of(model), [T] * B, [T - P] * B, loss.no_grad_passes(losses.ONE_STEP),
                                 head_chunk=chunk)
     assert measured == expected
     if chunk == 4:  # 16 targets > 4: the head's backward recomputes the logits: 2·V·H·16 more
@@ -99,7 +98,7 @@ def test_a_dpo_step_with_a_live_reference_costs_one_more_forward(monkeypatch):
     reference = copy.deepcopy(model).requires_grad_(False)
     B, T, P = 2, 10, 3
     batch = {**_equal_length_batch(B, T, P, "chosen_"), **_equal_length_batch(B, T, P, "rejected_")}
-    measured = _measured("dpo", model, batch, chunk=512, reference=reference)  # both models: one class
+    measured = _measured(losses.build({"name": "dpo"}), model, batch, chunk=512, reference=reference)  # both models: one class
     monkeypatch.setattr(flops, "attention_pairs", lambda n, window=None: np.asarray(n) * np.asarray(n))
     shape = flops.shape_of(model)
     # one trained call over chosen and rejected (2B sequences), and the reference's forward over the same

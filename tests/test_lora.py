@@ -135,7 +135,8 @@ def test_dpo_with_the_adapter_disabled_reference_equals_dpo_with_a_frozen_copy()
     results = []
     for reference in (lora.AdaptersDisabled(policy), frozen.eval().requires_grad_(False)):
         policy.zero_grad()
-        rows, valid, metrics = losses.batch_loss(cfg.loss, policy, reference, batch, 0.0)
+        out = losses.batch_loss(losses.build(cfg.loss), policy, reference, batch, losses.ONE_STEP)
+        rows, metrics = out.row_losses, out.metrics
         rows.sum().backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
         results.append((rows.detach(), metrics, grads))

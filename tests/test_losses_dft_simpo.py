@@ -40,7 +40,8 @@ def test_simpo_through_batch_loss_uses_per_token_mean_log_probs():
     policy = tiny_model()
     batch = pair_batch()
     cfg = {"name": "simpo", "beta": 2.0, "gamma_margin": 0.5}
-    row_losses, valid, metrics = losses.batch_loss(cfg, policy, None, batch, lam=0.0)
+    out = losses.batch_loss(losses.build(cfg), policy, None, batch, losses.ONE_STEP)
+    row_losses, valid, metrics = out.row_losses, out.valid, out.metrics
     assert valid.tolist() == [True, True, False] and row_losses[2] == 0
     parts = lambda side: [batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")]  # noqa: E731
     with torch.no_grad():
@@ -56,7 +57,8 @@ def test_dft_loss_and_gradient_match_a_float64_loop():
     """Row loss sum_t -sg(p_t) log p_t / n, and the gradient of exactly that (p_t held constant)."""
     policy, twin = tiny_model(), tiny_model()
     batch = sft_batch()
-    row_losses, valid, metrics = losses.batch_loss({"name": "dft"}, policy, None, batch, lam=0.0)
+    out = losses.batch_loss(losses.build({"name": "dft"}), policy, None, batch, losses.ONE_STEP)
+    row_losses, valid, metrics = out.row_losses, out.valid, out.metrics
     assert valid.all() and set(metrics) == {"loss", "nll", "weight_mean"}
     row_losses.sum().backward()
 

@@ -188,7 +188,9 @@ def test_batch_loss_returns_rows_with_gradient_and_the_listed_metrics(name, as_o
     policy, reference = tiny_model(seed=0), tiny_model(seed=1)
     batch = pair_batch() if losses.build(cfg).needs_pairs else sft_batch()
     needs_reference = losses.build(cfg).needs_reference
-    row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference if needs_reference else None, batch, lam=0.3)
+    out = losses.batch_loss(losses.build(cfg), policy, reference if needs_reference else None, batch, losses.ONE_STEP)
+    assert isinstance(out, losses.LossOutput)
+    row_losses, valid, metrics = out.row_losses, out.valid, out.metrics
     assert row_losses.shape == (3,) and row_losses.requires_grad
     assert valid.dtype == torch.bool and valid.tolist() == ([True, True, False] if losses.build(cfg).needs_pairs else
                                                             [True, True, True])
@@ -206,7 +208,8 @@ def test_batch_loss_dpo_rows_equal_the_closed_form_on_independent_log_probs():
     cfg = CONFIGS["dpo"]
     policy, reference = tiny_model(seed=0), tiny_model(seed=1)
     batch = pair_batch()
-    row_losses, valid, metrics = losses.batch_loss(cfg, policy, reference, batch, lam=0.0)
+    out = losses.batch_loss(losses.build(cfg), policy, reference, batch, losses.ONE_STEP)
+    row_losses, metrics = out.row_losses, out.metrics
     parts = lambda side: [batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")]  # noqa: E731
     with torch.no_grad():
         pc, _ = summed_logps(policy, *parts("chosen"))
@@ -229,7 +232,8 @@ def test_batch_loss_dpo_rows_equal_the_closed_form_on_independent_log_probs():
 def test_batch_loss_orpo_rows_use_per_token_mean_log_probs():
     policy = tiny_model(seed=0)
     batch = pair_batch()
-    row_losses, valid, metrics = losses.batch_loss(CONFIGS["orpo"], policy, None, batch, lam=0.0)
+    out = losses.batch_loss(losses.build(CONFIGS["orpo"]), policy, None, batch, losses.ONE_STEP)
+    row_losses, metrics = out.row_losses, out.metrics
     parts = lambda side: [batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels")]  # noqa: E731
     with torch.no_grad():
         pc, nc = summed_logps(policy, *parts("chosen"))
@@ -260,12 +264,24 @@ def test_reduce_rows_sums_the_valid_rows_and_counts_them():
     assert not sums["loss"].requires_grad
 
 
-def test_batch_loss_rejects_an_unknown_loss_and_a_missing_reference():
+def test_build_rejects_an_unknown_loss_and_batch_loss_a_missing_reference():
     with pytest.raises(ValueError, match="sft.*ift.*dpo.*ipo.*orpo"):
-        losses.batch_loss({"name": "kto"}, tiny_model(), None, sft_batch(), lam=0.0)
+        losses.build({"name": "kto"})
     with pytest.raises(ValueError, match="loss.gamma must be a number, got None"):  # null is never the default
-        losses.batch_loss({"name": "ift", "gamma": None}, tiny_model(), None, sft_batch(), lam=0.0)
+        losses.build({"name": "ift", "gamma": None})
     with pytest.raises(ValueError, match="unknown config key 'loss.gamma'.*keys of loss=sft: none"):
-        losses.batch_loss({"name": "sft", "gamma": 0.9}, tiny_model(), None, sft_batch(), lam=0.0)
+        losses.build({"name": "sft", "gamma": 0.9})
     with pytest.raises(ValueError, match="reference"):
-        losses.batch_loss(CONFIGS["dpo"], tiny_model(), None, pair_batch(), lam=0.0)
+        losses.batch_loss(losses.build(CONFIGS["dpo"]), tiny_model(), None, pair_batch(), losses.ONE_STEP)
+
+
+@pytest.mark.parametrize("config", [CONFIGS["sft"], OmegaConf.create(CONFIGS["dpo"])])
+def test_batch_loss_takes_a_loss_not_its_config(config):
+    """One form: a config is built into a Loss first (losses.build), where its keys are checked."""
+    with pytest.raises(TypeError, match="batch_loss takes a losses.Loss"):
+        losses.batch_loss(config, tiny_model(), None, sft_batch(), losses.ONE_STEP)
+
+
+def test_a_pair_loss_given_single_answers_says_so():
+    with pytest.raises(ValueError, match="pairs got a batch of single answers"):
+        losses.batch_loss(losses.build(CONFIGS["orpo"]), tiny_model(), None, sft_batch(), losses.ONE_STEP)

@@ -33,13 +33,13 @@ def inject_nan_gradient(steps, value=float("nan")):
     that under FSDP only one rank's gradient is bad. The returned loss stays finite."""
     original, calls = losses.batch_loss, [0]
 
-    def batch_loss(loss_cfg, policy, reference, batch, lam, call):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
+    def batch_loss(loss, policy, reference, batch, info, call):
+        out = original(loss, policy, reference, batch, info, call)
         if torch.is_grad_enabled():
             calls[0] += 1
             if calls[0] in steps and utils.rank() == 0:
-                row_losses.register_hook(lambda grad: torch.full_like(grad, value))
-        return row_losses, valid, metrics
+                out.row_losses.register_hook(lambda grad: torch.full_like(grad, value))
+        return out
     return batch_loss
 
 
@@ -184,11 +184,11 @@ def test_max_skipped_steps_in_a_row_stops_a_skipping_run(tmp_path, monkeypatch):
 def test_a_nonfinite_eval_loss_follows_on_nonfinite(mode, tmp_path, monkeypatch):
     original = losses.batch_loss
 
-    def nan_in_eval(loss_cfg, policy, reference, batch, lam, call):
-        row_losses, valid, metrics = original(loss_cfg, policy, reference, batch, lam, call)
+    def nan_in_eval(loss, policy, reference, batch, info, call):
+        out = original(loss, policy, reference, batch, info, call)
         if not torch.is_grad_enabled():
-            metrics["loss"] = torch.full_like(metrics["loss"], float("inf"))
-        return row_losses, valid, metrics
+            out.metrics["loss"] = torch.full_like(out.metrics["loss"], float("inf"))
+        return out
     monkeypatch.setattr(losses, "batch_loss", nan_in_eval)
     args = (tmp_path / "r", "n_examples=32", "eval_every=16", "save_every=16", f"on_nonfinite={mode}")
     if mode == "error":
@@ -260,11 +260,11 @@ def test_a_reference_model_that_changes_during_training_stops_the_run_before_fin
     weight during training: the run ends with the trainer's error and writes no final/."""
     batch_loss = losses.batch_loss
 
-    def tampering(loss, policy, reference, batch, lam, call):
+    def tampering(loss, policy, reference, batch, info, call):
         if reference is not None:
             with torch.no_grad():
                 next(iter(reference.parameters())).view(-1)[0] += 1e-3
-        return batch_loss(loss, policy, reference, batch, lam, call)
+        return batch_loss(loss, policy, reference, batch, info, call)
 
     monkeypatch.setattr(losses, "batch_loss", tampering)
     cfg = make_cfg(f"run_dir={tmp_path}", *STEPS, "n_examples=16", "loss=dpo", "datasets=[ultrafeedback_sample]",

@@ -125,14 +125,14 @@ def test_every_reference_loss_reads_the_sums_from_the_batch_as_it_would_compute_
     labels[1, 7:] = -100
     batch = {"chosen_input_ids": ids[:3], "chosen_attention_mask": mask[:3], "chosen_labels": labels[:3],
              "rejected_input_ids": ids[3:], "rejected_attention_mask": mask[3:], "rejected_labels": labels[3:]}
-    live_rows, _, live_metrics = losses.batch_loss(loss_cfg, policy, reference, batch, None)
+    live = losses.batch_loss(losses.build(loss_cfg), policy, reference, batch, losses.ONE_STEP)
     with torch.no_grad():
         pair = ModelCall().pair_logps(reference, batch)
     stored = {**batch, "reference_chosen_logps": pair.chosen, "reference_rejected_logps": pair.rejected}
-    rows, _, metrics = losses.batch_loss(loss_cfg, policy, None, stored, None)
-    torch.testing.assert_close(rows, live_rows, rtol=0, atol=0)
-    for key in live_metrics:
-        torch.testing.assert_close(metrics[key], live_metrics[key], rtol=0, atol=0)
+    out = losses.batch_loss(losses.build(loss_cfg), policy, None, stored, losses.ONE_STEP)
+    torch.testing.assert_close(out.row_losses, live.row_losses, rtol=0, atol=0)
+    for key in live.metrics:
+        torch.testing.assert_close(out.metrics[key], live.metrics[key], rtol=0, atol=0)
 
 
 def test_the_cache_key_changes_with_the_reference_the_data_and_the_settings():

@@ -76,3 +76,32 @@ def collate(data, indices, pad_id):
         batch.update({f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
                       f"{side}_labels": labels})
     return batch
+
+
+# ---------------------------------------------------------------- what a batch holds
+
+def is_pairs(batch):
+    """Whether `batch` (collate's dict) holds (chosen, rejected) pairs rather than single answers."""
+    return "chosen_input_ids" in batch
+
+
+def chosen_view(batch):
+    """The chosen half of a pair batch under the single-answer keys (input_ids, attention_mask, labels)."""
+    return {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}
+
+
+def loss_view(batch, pairs):
+    """The batch a loss reads. pairs: whether the loss trains on (chosen, rejected) pairs (Loss.needs_pairs).
+    A loss on single answers given pairs (SFT or IFT evaluated on preference data) reads the chosen half;
+    otherwise the batch itself. A pair loss given single answers is an error."""
+    if pairs and not is_pairs(batch):
+        raise ValueError(f"a loss on (chosen, rejected) pairs got a batch of single answers (keys {sorted(batch)})")
+    return chosen_view(batch) if is_pairs(batch) and not pairs else batch
+
+
+def token_counts(batch, packing):
+    """(tokens, slots) of a collated batch: its non-padding tokens, and the tensor positions the model
+    processes (every position, padding included; packed, only the tokens). Both answers of a pair count."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    tokens = sum(int(m.sum()) for m in masks)
+    return tokens, (tokens if packing else sum(m.numel() for m in masks))

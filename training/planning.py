@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from losses import StepInfo
 from training import flops, lora
 from training.batching import epoch_batches, micro_batches
 from training.launch import planned_world_size
@@ -60,8 +61,8 @@ def model_shape(cfg):
 def plan(cfg, data, loss, world=None):
     """The run's plan on tokenised training data: schedule() plus the tokens it processes (exactly:
     the rows of each step's global batch, epoch_batches; prompt + answer, both answers of a pair) and
-    its FLOPs, counted step by step as the trainer counts them (flops.step_flops: its micro-batches,
-    IFT's lambda of that step, a live reference's forward, none with reference_logps=precompute).
+    its FLOPs, counted step by step as the trainer counts them (flops.step_flops: its micro-batches, the
+    loss's no-grad passes at that step (IFT: λ > 0), a live reference's forward, none with reference_logps=precompute).
     loss: the run's losses.Loss. world: the ranks (None: launch.planned_world_size)."""
     steps = schedule(len(data), cfg)
     lengths, sizes = data.lengths(), flops.sequence_sizes(data)
@@ -78,10 +79,11 @@ def plan(cfg, data, loss, world=None):
         batch = batches[epoch][i]
         tokens += int(row_tokens[batch].sum())
         if model is not None:
-            lam = loss.lam(step, steps["optimizer_steps"], steps["warmup_steps"], cfg.seed, disturb=True)
-            no_grad_steps += loss.no_grad_passes(lam) > 0
+            passes = loss.no_grad_passes(StepInfo(step, steps["optimizer_steps"], steps["warmup_steps"], cfg.seed,
+                                                  training=True))
+            no_grad_steps += passes > 0
             total += flops.step_flops(model[0], sizes, micro_batches(batch, lengths, n_micro),
-                                      loss.no_grad_passes(lam) + reference, lora=lora.enabled(cfg),
+                                      passes + reference, lora=lora.enabled(cfg),
                                       head_chunk=model[1], recompute_blocks=recompute)
     counted = ["3F per trained sequence (F: one forward's matrix products; 2F its backward" +
                (", less the frozen weights' gradients under LoRA)" if lora.enabled(cfg) else ")")]
