@@ -542,10 +542,7 @@ class FSDPTrainer(BasicTrainer):
         mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
         if trainable:  # LoRA: only the trainable parameters; the frozen base keeps its dtype
             model = lora.trainable_float32(model) if lora.enabled(self.cfg) else model.float()
-        blocks = [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]
-        if not blocks:
-            raise ValueError(f"model.block_name={self.cfg.model.block_name} matches no module of "
-                             f"{type(model).__name__}; set it to its decoder layer class")
+        blocks = modeling.decoder_blocks(model, self.cfg.model.block_name)  # null: the model's _no_split_modules
         if trainable and self.cfg.activation_checkpointing:
             self.recomputes_blocks = True  # counted in the step's FLOPs
             # recompute each block's activations in backward instead of storing them
@@ -583,17 +580,15 @@ class FSDPTrainer(BasicTrainer):
 
 
 def compile_blocks(model, block_name, backend="inductor"):
-    """torch.compile the forward of every decoder block (modules of class `block_name`), in place.
+    """torch.compile the forward of every decoder block (modules of class `block_name`; None: the
+    model's own block classes, modeling.decoder_blocks), in place.
 
     Only the blocks' own forward is compiled: FSDP2's unshard/reshard hooks, activation checkpointing
     (which calls the block) and the loss's hooks on the embeddings and lm_head stay eager, around it,
     and the parameter names (state dicts, checkpoints) do not change. Identical blocks share one
     compiled graph. Returns the number of blocks compiled.
     """
-    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-    if not blocks:
-        raise ValueError(f"model.block_name={block_name} matches no module of {type(model).__name__}; "
-                         "compile needs the decoder layer class")
+    blocks = modeling.decoder_blocks(model, block_name)
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend)
     return len(blocks)

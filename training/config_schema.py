@@ -34,15 +34,16 @@ class Model:
     """The keys of every config/model/*.yaml (values differ per model; these defaults are tiny.yaml's)."""
     name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
-    tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
+    tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path; set it when name_or_path has no "
+                                                         "tokenizer files (a training\ncheckpoint, say)")
     from_scratch: bool = option(False, "true: random weights from name_or_path's config.json (seeded by `seed`), "
                                        "not its weights")
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
                                           "float32, final/ is saved in this", choices=DTYPES)
     reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
                                              "only)", choices=DTYPES)
-    block_name: str = option("MistralDecoderLayer",
-                             "decoder block class that FSDP2 shards (and checkpoints) one by one")
+    block_name: Optional[str] = option(None, "decoder block class that FSDP2 shards (and compile compiles) one by "
+                                             "one; null = the\nmodel's own (transformers' _no_split_modules)")
     attn_implementation: str = option("sdpa", "sdpa | flash_attention_2 | flex_attention | eager: the attention "
                                               "kernel (from_pretrained)", choices=ATTN_IMPLEMENTATIONS)
     eot_token: Optional[str] = option(None, "the token that ends an assistant turn (always a target; generation "
@@ -58,9 +59,9 @@ class Lora:
     r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
     alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
     dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
-    target_modules: Optional[list] = option(None, "null = by model family (attention and MLP projections, "
-                                                  "lora.FAMILY_TARGETS), or a\nlist of module names such as "
-                                                  "[q_proj, v_proj]")
+    target_modules: Optional[list] = option(None, "null = every linear layer of the blocks (attention and MLP "
+                                                  "projections; peft's\nall-linear), or a list of module names such "
+                                                  "as [q_proj, v_proj]")
     trainable_modules: Optional[list] = option(None, "base modules that train fully as well, e.g. [embed_tokens, "
                                                      "lm_head]; the embedding\ntable (and with it IFT's blended "
                                                      "embeddings' table) stays frozen unless listed here")
@@ -358,6 +359,18 @@ def check_keys(cfg):
     if cfg.get("lora") is not None:  # chosen with lora=default
         check(cfg.lora, Lora, "lora.")
     return losses.build(cfg.loss)
+
+
+def name_the_model(cfg):
+    """Set model.name from a custom model.name_or_path while model.name is still the default model's
+    (`tiny`), so that the run directory (exp_name) and labels say which model trained: the path's or hub
+    id's last part (`Qwen/Qwen2-0.5B` -> Qwen2-0.5B; a run's `.../RUN/final` -> RUN). Changes cfg in place."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Model)}  # tiny.yaml's
+    path, default = cfg.model.name_or_path, defaults["name_or_path"]
+    if cfg.model.name != defaults["name"] or path == default or resolve_path(path) == resolve_path(default):
+        return
+    parts = [p for p in str(path).split("/") if p]
+    cfg.model.name = parts[-2] if parts[-1] == "final" and len(parts) > 1 else parts[-1]
 
 
 def check_run(cfg, world):
