@@ -122,6 +122,24 @@ def test_the_dry_run_refuses_too_few_rows_as_the_real_run_does_and_prints_the_ma
     assert "mask audit, " in out and "answers end with the end-of-turn token '</s>'" in out and "  target: [" in out
 
 
+@pytest.mark.parametrize("args, message", [
+    (["policy_dtype=float16"], r"^unknown config key 'policy_dtype' \(did you mean 'model.policy_dtype'\?\); keys at"),
+    (["attn_implementation=eager"], r"did you mean 'model.attn_implementation'\?"),
+    (["target_modules=[q_proj]"], r"did you mean 'lora.target_modules'\?"),
+    (["wandb.policy_dtype=x"], r"^unknown config key 'wandb.policy_dtype'; keys in wandb"),  # only at the top level
+])
+def test_model_and_lora_keys_given_short_get_a_hint_toward_their_section(args, message):
+    with pytest.raises(ConfigError, match=message):
+        config_schema.rewrite_argv(args)
+
+
+@pytest.mark.parametrize("overrides", [["max_length=8"], ["max_prompt_length=600"]])
+def test_max_length_below_max_prompt_length_names_both_keys(overrides):
+    cfg = make_cfg(*overrides)
+    assert refused(*overrides) == (f"max_length={cfg.max_length} is below max_prompt_length={cfg.max_prompt_length}; "
+                                   "raise max_length or lower max_prompt_length")
+
+
 @pytest.mark.parametrize("path, name", [("/data/ckpts/Qwen2-0.5B", "Qwen2-0.5B"), ("Qwen/Qwen2.5-0.5B/", "Qwen2.5-0.5B"),
                                         ("runs/sft_tiny_2026/final", "sft_tiny_2026"), ("models/tiny-mistral", "tiny")])
 def test_a_custom_model_path_names_the_run_unless_model_name_is_set(path, name):

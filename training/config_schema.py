@@ -203,12 +203,13 @@ class Run:
     wandb: Wandb = option(Wandb(), "Weights & Biases")
 
 
-# The keys that do not change what a run computes: where it writes and runs, how its work is split
-# over ranks, micro-batches and kernels (the trainer makes these give the same numbers), how often it
-# evaluates, saves and logs, and how it resumes. The one declaration both resume (training/checkpoints.py's
-# fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
-# read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
-NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "activation_checkpointing",
+# The keys that do not change what a run computes: its labels, where it writes and runs, whether it
+# only plans (dry_run: a requeue command can be dry-run), how its work is split over ranks, micro-batches
+# and kernels (the trainer makes these give the same numbers), how often it evaluates, saves and logs,
+# and how it resumes. The one declaration both resume (training/checkpoints.py's fingerprint: a resume
+# may change these) and report.py (runs that differ only in these are one group) read. A dotted prefix
+# covers its whole section. Every other key, including keys added later, counts.
+NOT_MATH = ("exp_name", "model.name", "run_dir", "dry_run", "device", "trainer", "nproc", "activation_checkpointing",
             "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
             "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
             "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
@@ -330,7 +331,10 @@ def _check_declared(key):
         if declaration is Run:
             fields.update(dict.fromkeys(GROUPS))  # loss=..., model=...: group choices
         if part not in fields:
-            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level")
+            short = declaration is Run and len(parts) == 1  # `policy_dtype=...`: did you mean model.policy_dtype?
+            sections = {f.name: f"{g}.{f.name}" for g in ("lora", "model") for f in dataclasses.fields(GROUPS[g])}
+            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level",
+                              sections if short else None)
         declaration = fields[part] if dataclasses.is_dataclass(fields[part]) else None
         prefix += part + "."
 
