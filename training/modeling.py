@@ -1,5 +1,5 @@
 """Models and tokenizers: checking a model before anything loads (its directory, its architecture on
-the meta device: attention kernel, decoder blocks, LoRA targets), loading them for a run (the weights
+the meta device: attention kernel, decoder blocks), loading them for a run (the weights
 on rank 0 only under FSDP, none at all for a resumed run), building a model without weights, and what
 a trained model does at the end of a run (stop at the end of its turn, answer held-out prompts greedily)."""
 
@@ -9,7 +9,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from training import lora
 from training.tokenization import ensure_chat_template
 from utils import ConfigError, is_main, resolve_path
 
@@ -25,16 +24,15 @@ WEIGHTS_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.in
 def check_model(cfg):
     """Raise ConfigError, before any weights load, for a model the run cannot train: a local directory
     without config.json, weights or tokenizer files (check_directories); an attention kernel its
-    architecture lacks; under FSDP2 or compile, model.block_name matching none of its modules; LoRA
-    targets matching none. The architecture is built on the meta device from config.json (no weights,
-    no memory); a hub id whose config.json cannot be fetched (offline) is left to the load itself."""
+    architecture lacks; under FSDP2 or compile, model.block_name matching none of its modules. The
+    architecture is built on the meta device from config.json (no weights, no memory). Returns that
+    model, for further checks (LoRA's targets), or None for a hub id whose config.json cannot be fetched
+    (offline): the load itself reports that."""
     check_directories(cfg)
     model = meta_model(cfg)
-    if model is None:
-        return
-    if cfg.trainer == "FSDPTrainer" or cfg.compile:
+    if model is not None and (cfg.trainer == "FSDPTrainer" or cfg.compile):
         decoder_blocks(model, cfg.model.block_name)
-    lora.check_targets(cfg, model)
+    return model
 
 
 def check_directories(cfg):

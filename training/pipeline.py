@@ -46,7 +46,9 @@ def validate_config(cfg, world=None):
     loss = config_schema.check_keys(cfg)
     config_schema.name_the_model(cfg)
     config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
-    modeling.check_model(cfg)  # directory, attention kernel, decoder blocks, LoRA targets
+    model = modeling.check_model(cfg)  # directory, attention kernel, decoder blocks: on the meta device
+    if model is not None:
+        lora.check_targets(cfg, model)
     # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
     return Checked(loss=loss, resume=checkpoints.plan_resume(cfg))
 
