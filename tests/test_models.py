@@ -140,8 +140,10 @@ def test_max_length_below_max_prompt_length_names_both_keys(overrides):
                                    "raise max_length or lower max_prompt_length")
 
 
-@pytest.mark.parametrize("path, name", [("/data/ckpts/Qwen2-0.5B", "Qwen2-0.5B"), ("Qwen/Qwen2.5-0.5B/", "Qwen2.5-0.5B"),
-                                        ("runs/sft_tiny_2026/final", "sft_tiny_2026"), ("models/tiny-mistral", "tiny")])
+@pytest.mark.parametrize("path, name", [("/data/ckpts/Qwen2-0.5B", "Qwen2-0.5B"),
+                                        ("Qwen/Qwen2.5-0.5B/", "Qwen2.5-0.5B"),
+                                        ("runs/sft_tiny_2026/final", "sft_tiny_2026"),
+                                        ("models/tiny-mistral", "tiny")])
 def test_a_custom_model_path_names_the_run_unless_model_name_is_set(path, name):
     cfg = make_cfg(f"model.name_or_path={path}")
     config_schema.name_the_model(cfg)
