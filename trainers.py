@@ -610,10 +610,7 @@ def _shard(model, cfg, device, trainable, materialize):
     dtype = getattr(torch, cfg.model.policy_dtype if trainable else cfg.model.reference_dtype)
     # Compute runs in the configured dtype and gradients are reduced in float32 so summing over ranks loses nothing.
     mp = MixedPrecisionPolicy(param_dtype=dtype if dtype != torch.float32 else None, reduce_dtype=torch.float32)
-    blocks = [m for m in model.modules() if type(m).__name__ == cfg.model.block_name]
-    if not blocks:
-        raise ValueError(f"model.block_name={cfg.model.block_name} matches no module of "
-                         f"{type(model).__name__}; set it to its decoder layer class")
+    blocks = modeling.decoder_blocks(model, cfg.model.block_name)  # null: the model's _no_split_modules
     if cfg.compile:
         compile_blocks(model, cfg.model.block_name, cfg.compile_backend)
     # Only rank 0 read the weights (modeling.load_model); the others built the model on the meta device.
@@ -632,17 +629,15 @@ def _shard(model, cfg, device, trainable, materialize):
 
 
 def compile_blocks(model, block_name, backend="inductor"):
-    """torch.compile the forward of every decoder block (modules of class `block_name`), in place.
+    """torch.compile the forward of every decoder block (modules of class `block_name`; None: the
+    model's own block classes, modeling.decoder_blocks), in place.
 
     Only the blocks' own forward is compiled: FSDP2's unshard/reshard hooks, activation checkpointing
     (which calls the block) and the loss's hooks on the embeddings and lm_head stay eager, around it,
     and the parameter names (state dicts, checkpoints) do not change. Identical blocks share one
     compiled graph. Returns the number of blocks compiled.
     """
-    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-    if not blocks:
-        raise ValueError(f"model.block_name={block_name} matches no module of {type(model).__name__}; "
-                         "compile needs the decoder layer class")
+    blocks = modeling.decoder_blocks(model, block_name)
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend)
     return len(blocks)

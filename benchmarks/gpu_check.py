@@ -574,7 +574,8 @@ def setup(args, out, device):
     else:
         config = MistralConfig(**BIG)
         config.save_pretrained(out / "mistral-1b")  # the shape only; the weights are random, made on the GPU
-        base = [f"model.name_or_path={out / 'mistral-1b'}", "model.tokenizer_name_or_path=models/tiny-mistral",
+        base = [f"model.name_or_path={out / 'mistral-1b'}", "model.from_scratch=true",  # no weights files: random
+                "model.tokenizer_name_or_path=models/tiny-mistral",
                 "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16", "device=cuda", "batch_size=16",
                 "max_length=1024", "max_prompt_length=256"]
     batch = int(next(o.split("=")[1] for o in base if o.startswith("batch_size=")))

@@ -5,13 +5,13 @@ import importlib.util
 
 import pytest
 import torch
+from test_efficiency import sft_batch, tiny_model
 
 import losses
 from forward import ModelCall
 from training import checkpoints, launch, lora
 
 from conftest import make_cfg
-from test_efficiency import sft_batch, tiny_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 # bf16 autocast keeps 8 significant bits (u = 2^-8 = 3.9e-3); each row's loss is a mean over its target

@@ -17,6 +17,7 @@ from training import launch as launcher, modeling
 from utils import REPO_DIR
 
 from conftest import launch_run, make_cfg
+from tiny_architectures import build_model_dir
 
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
          "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0", "optimizer=AdamW", "lr=1e-3"]
@@ -50,6 +51,27 @@ def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss
     one = launch(tmp_path / "one", *LOSSES[loss], "gradient_accumulation_steps=4")
     two = launch(tmp_path / "two", *LOSSES[loss], "trainer=FSDPTrainer", "nproc=2", "gradient_accumulation_steps=2")
     assert_same_run(one, two)
+
+
+def test_any_causal_lm_trains_under_fsdp2_with_the_blocks_it_names_itself(tmp_path):
+    """A Qwen2 directory (tied embeddings) with model.block_name left null: FSDP2 shards the blocks that
+    transformers names in _no_split_modules (Qwen2DecoderLayer), and 2 ranks x 2 accumulation steps train
+    as one process with 4 (assert_same_run's tolerances, as above). Before: a traceback after the weights
+    loaded (block_name defaulted to MistralDecoderLayer)."""
+    directory = build_model_dir("Qwen2ForCausalLM", tmp_path / "qwen2", tie_word_embeddings=True)
+    run = [f"model.name_or_path={directory}", *LOSSES["ift"], "device=cpu", "max_length=128", "max_prompt_length=64"]
+    one = launch(tmp_path / "one", *run, "gradient_accumulation_steps=4")
+    two = launch(tmp_path / "two", *run, "trainer=FSDPTrainer", "nproc=2", "gradient_accumulation_steps=2")
+    # FSDP's full state dict also names the tied head (the same tensor), so FSDPTrainer's final/ holds it twice
+    weights = dict(two[1])
+    assert torch.equal(weights.pop("lm_head.weight", weights["model.embed_tokens.weight"]),
+                       weights["model.embed_tokens.weight"])
+    # Qwen2's k_proj bias has a gradient of exactly 0 in exact arithmetic (it adds q.b to every key's score
+    # of a query, which softmax ignores): what it gets is float32 rounding, which follows the order of the
+    # sums and which AdamW scales up to steps of about lr. It is compared with the lr-sized bound instead.
+    for name in [k for k in weights if k.endswith("k_proj.bias")]:
+        assert (weights.pop(name) - one[1].pop(name)).abs().max() <= 4 * 1e-3  # 4 steps of lr=1e-3
+    assert_same_run(one, (two[0], weights))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +109,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(
         return lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
 
     def counting_wrap(self, model, trainable):
-        for block in [m for m in model.modules() if type(m).__name__ == self.cfg.model.block_name]:
+        for block in modeling.decoder_blocks(model, self.cfg.model.block_name):
             block.mlp.forward = counting(block.mlp.forward)
         return wrap(self, model, trainable)
 

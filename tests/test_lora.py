@@ -14,12 +14,15 @@ import losses
 from training import checkpoints, config_schema, lora, modeling, pipeline, run_data
 from utils import REPO_DIR, ConfigError
 
-from conftest import launch_run, make_cfg
+from conftest import launch_run, make_cfg, run_train_py
+from tiny_architectures import build_model_dir
 
 BASE = REPO_DIR / "models" / "tiny-mistral"
 STEPS = ["n_examples=32", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8", "eval_every=1000",
          "do_first_eval=false", "warmup_steps=0", "optimizer=AdamW", "lr=1e-2"]
 LORA = ["lora=default", "lora.r=4", "lora.alpha=8"]
+# every linear layer of a Llama-style block: what lora.target_modules=null (peft's all-linear) targets
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_peft(*overrides):
@@ -39,7 +42,7 @@ def adapter_count(config, r, targets):
 
 
 @pytest.mark.parametrize("overrides, targets, extra", [
-    ([], lora.FAMILY_TARGETS["mistral"], 0),
+    ([], BLOCK_LINEARS, 0),
     (["lora.target_modules=[q_proj,v_proj]", "lora.trainable_modules=[embed_tokens]"], ["q_proj", "v_proj"], 930 * 128),
 ])
 def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targets, extra, capsys):
@@ -73,7 +76,7 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
     adapter = load_file(tmp_path / "adapter" / "final" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "adapter" / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    assert sorted(config["target_modules"]) == sorted(lora.FAMILY_TARGETS["mistral"])
+    assert sorted(config["target_modules"]) == sorted(BLOCK_LINEARS)
     base = load_file(BASE / "model.safetensors")
     assert merged.keys() == base.keys()
     deltas = 0
@@ -320,6 +323,10 @@ def test_qlora_refuses_a_bitsandbytes_whose_4bit_weights_dcp_cannot_save(monkeyp
     (["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: allowed [0, 1)"),
     (["lora.quantize=8bit"], "lora.quantize='8bit' is not allowed; choose one of None, 4bit"),
     (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
+    (["lora.target_modules=[q_proj,qproj]"], "lora.target_modules=['q_proj', 'qproj']: qproj matches no module of "
+                                             "MistralForCausalLM; its linear layers: down_proj, gate_proj, k_proj, "
+                                             "lm_head, o_proj, q_proj, up_proj, v_proj (null = all of them but the "
+                                             "output head)"),
 ])
 def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message, monkeypatch):
     monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
@@ -327,6 +334,30 @@ def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message
     with pytest.raises(ConfigError) as e:
         pipeline.validate_config(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_dry_run_refuses_lora_targets_that_match_nothing_in_one_line():
+    """Before: the dry run exited 0 with peft's error inside "plan: the model's shape is unknown (...)"."""
+    status, out, err = run_train_py("dry_run=true", *LORA, "lora.target_modules=[foo]")
+    assert status == 1 and err.strip().splitlines() == [
+        "config error: lora.target_modules=['foo']: foo matches no module of MistralForCausalLM; its linear layers: "
+        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (null = all of them but the output "
+        "head)"]
+
+
+def test_default_targets_are_every_linear_layer_of_the_blocks_in_any_architecture(tmp_path):
+    """Gemma-3 (text; model_type gemma3_text), which the old hand-kept family table lacked: adapters on
+    every attention and MLP projection of every layer, none on the output head, r (in + out) each."""
+    from transformers import AutoModelForCausalLM
+    directory = build_model_dir("Gemma3ForCausalLM", tmp_path / "gemma3")
+    cfg = make_cfg(*LORA, f"model.name_or_path={directory}")
+    pipeline.validate_config(cfg)
+    model = lora.apply(cfg, AutoModelForCausalLM.from_pretrained(directory))
+    targeted = {n.partition(".lora_A.")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    parts = [f"self_attn.{t}" for t in BLOCK_LINEARS[:4]] + [f"mlp.{t}" for t in BLOCK_LINEARS[4:]]
+    assert targeted == {f"base_model.model.model.layers.{i}.{p}" for i in range(2) for p in parts}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == adapter_count(model.config, 4, BLOCK_LINEARS)
 
 
 def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tmp_path):

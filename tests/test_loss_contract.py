@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_losses_preference import pair_batch, sft_batch
 
 import losses
-from conftest import tiny_model
 from forward import ModelCall
 from training import batching
-from test_losses_preference import pair_batch, sft_batch
+
+from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

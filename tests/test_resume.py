@@ -238,6 +238,9 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
     # settings that do not change the math may differ
     pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'b'}", *STEPS, "eval_every=8", "keep_last=2",
                                    "trainer=FSDPTrainer", "nproc=2", f"resume_from={checkpoint}"))
+    # nor does planning only (a requeue command, dry-run), nor the model's label
+    pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'c'}", *STEPS, "dry_run=true", "model.name=other",
+                                      f"resume_from={checkpoint}"))
     # resume_force=true continues, with the config's lr, and says so in metrics.jsonl
     rows, _ = launch_run(tmp_path / "forced", *STEPS, "lr=2e-3", "seed=1", f"resume_from={checkpoint}",
                          "resume_force=true")

@@ -77,7 +77,7 @@ def test_defaults_are_ift_on_the_tiny_model_and_validate():
     (["wandb.mode=loud"], r"wandb.mode='loud' is not allowed; choose one of online, offline, disabled"),
     (["+model.dtype=bf16"], r"unknown config key 'model.dtype'; keys in model: attn_implementation, block_name"),
     (["optimizer=SGD"], r"optimizer='SGD' is not allowed; choose one of RMSprop, AdamW"),
-    (["max_prompt_length=513"], r"max_prompt_length=513 is out of range: allowed \[1, 512\]"),
+    (["max_prompt_length=513"], r"max_length=512 is below max_prompt_length=513; raise max_length or lower"),
     (["model.policy_dtype=fp8"], r"choose one of float32, bfloat16, float16"),
     (["trainer=FSDPTrainer", "nproc=2", "eval_batch_size=5"], r"eval_batch_size=5 must be divisible by the 2 ranks"),
     (["model.name_or_path=/no/such/model"], r"model.name_or_path=/no/such/model is not a local directory"),

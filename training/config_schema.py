@@ -36,15 +36,16 @@ class Model:
     """The keys of every config/model/*.yaml (values differ per model; these defaults are tiny.yaml's)."""
     name: str = option("tiny", "")
     name_or_path: str = option("models/tiny-mistral", PATH_COMMENT)
-    tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path")
+    tokenizer_name_or_path: Optional[str] = option(None, "null = name_or_path; set it when name_or_path has no "
+                                                         "tokenizer files (a training\ncheckpoint, say)")
     from_scratch: bool = option(False, "true: random weights from name_or_path's config.json (seeded by `seed`), "
                                        "not its weights")
     policy_dtype: str = option("float32", "float32 | bfloat16 | float16 (GPU only): compute dtype; weights train in "
                                           "float32, final/ is saved in this", choices=DTYPES)
     reference_dtype: str = option("float32", "the frozen reference model's dtype, loaded and computed in (DPO/IPO "
                                              "only)", choices=DTYPES)
-    block_name: str = option("MistralDecoderLayer",
-                             "decoder block class that FSDP2 shards (and checkpoints) one by one")
+    block_name: Optional[str] = option(None, "decoder block class that FSDP2 shards (and compile compiles) one by "
+                                             "one; null = the\nmodel's own (transformers' _no_split_modules)")
     attn_implementation: str = option("sdpa", "sdpa | flash_attention_2 | flex_attention | eager: the attention "
                                               "kernel (from_pretrained)", choices=ATTN_IMPLEMENTATIONS)
     eot_token: Optional[str] = option(None, "the token that ends an assistant turn (always a target; generation "
@@ -60,9 +61,9 @@ class Lora:
     r: int = option(16, "rank of each adapter (B @ A, A: r x in, B: out x r)", low=1)
     alpha: float = option(32, "the update is scaled by alpha / r", low=0, low_open=True)
     dropout: float = option(0.05, "dropout on the adapters' input (training only)", low=0, high=1, high_open=True)
-    target_modules: Optional[list] = option(None, "null = by model family (attention and MLP projections, "
-                                                  "lora.FAMILY_TARGETS), or a\nlist of module names such as "
-                                                  "[q_proj, v_proj]")
+    target_modules: Optional[list] = option(None, "null = every linear layer of the blocks (attention and MLP "
+                                                  "projections; peft's\nall-linear), or a list of module names such "
+                                                  "as [q_proj, v_proj]")
     trainable_modules: Optional[list] = option(None, "base modules that train fully as well, e.g. [embed_tokens, "
                                                      "lm_head]; the embedding\ntable (and with it IFT's blended "
                                                      "embeddings' table) stays frozen unless listed here")
@@ -207,14 +208,15 @@ class Run:
     wandb: Wandb = option(Wandb(), "Weights & Biases")
 
 
-# The keys that do not change what a run computes: where it writes and runs, how its work is split
-# over ranks, micro-batches and kernels (the trainer makes these give the same numbers), how often it
-# evaluates, saves and logs, and how it resumes. The one declaration both resume (training/checkpoints.py's
-# fingerprint: a resume may change these) and report.py (runs that differ only in these are one group)
-# read. A dotted prefix covers its whole section. Every other key, including keys added later, counts.
-NOT_MATH = ("exp_name", "run_dir", "device", "trainer", "nproc", "dist_timeout_minutes", "activation_checkpointing",
-            "gradient_accumulation_steps", "loss_chunk_tokens", "compile", "compile_backend", "dataset_paths",
-            "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
+# The keys that do not change what a run computes: its labels, where it writes and runs, whether it
+# only plans (dry_run: a requeue command can be dry-run), how its work is split over ranks, micro-batches
+# and kernels (the trainer makes these give the same numbers), how often it evaluates, saves and logs,
+# and how it resumes. The one declaration both resume (training/checkpoints.py's fingerprint: a resume
+# may change these) and report.py (runs that differ only in these are one group) read. A dotted prefix
+# covers its whole section. Every other key, including keys added later, counts.
+NOT_MATH = ("exp_name", "model.name", "run_dir", "dry_run", "device", "trainer", "nproc", "dist_timeout_minutes",
+            "activation_checkpointing", "gradient_accumulation_steps", "loss_chunk_tokens", "compile",
+            "compile_backend", "dataset_paths", "model.block_name", "model.attn_implementation", "n_eval_examples", "eval_batch_size", "eval_every",
             "do_first_eval", "progress_every", "save_every", "save_async", "save_hf_checkpoints", "keep_last",
             "resume_from", "resume_force", "preempt_signals", "n_samples", "max_new_tokens", "wandb", "hydra",
             "reference_logps", "peak_tflops")
@@ -334,7 +336,10 @@ def _check_declared(key):
         if declaration is Run:
             fields.update(dict.fromkeys(GROUPS))  # loss=..., model=...: group choices
         if part not in fields:
-            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level")
+            short = declaration is Run and len(parts) == 1  # `policy_dtype=...`: did you mean model.policy_dtype?
+            sections = {f.name: f"{g}.{f.name}" for g in ("lora", "model") for f in dataclasses.fields(GROUPS[g])}
+            raise unknown_key(key, fields, f"in {prefix[:-1]}" if prefix else "at the top level",
+                              sections if short else None)
         declaration = fields[part] if dataclasses.is_dataclass(fields[part]) else None
         prefix += part + "."
 
@@ -363,6 +368,18 @@ def check_keys(cfg):
     if cfg.get("lora") is not None:  # chosen with lora=default
         check(cfg.lora, Lora, "lora.")
     return losses.build(cfg.loss)
+
+
+def name_the_model(cfg):
+    """Set model.name from a custom model.name_or_path while model.name is still the default model's
+    (`tiny`), so that the run directory (exp_name) and labels say which model trained: the path's or hub
+    id's last part (`Qwen/Qwen2-0.5B` -> Qwen2-0.5B; a run's `.../RUN/final` -> RUN). Changes cfg in place."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Model)}  # tiny.yaml's
+    path, default = cfg.model.name_or_path, defaults["name_or_path"]
+    if cfg.model.name != defaults["name"] or path == default or resolve_path(path) == resolve_path(default):
+        return
+    parts = [p for p in str(path).split("/") if p]
+    cfg.model.name = parts[-2] if parts[-1] == "final" and len(parts) > 1 else parts[-1]
 
 
 def check_run(cfg, world):

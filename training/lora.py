@@ -16,16 +16,11 @@ import torch
 
 from utils import ConfigError, is_main
 
-# Target modules by model family (config.model_type): every attention and MLP projection, the
-# usual choice for instruction tuning (the QLoRA paper found all linear layers needed to match full
-# fine-tuning). Families not listed need lora.target_modules.
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAMILY_TARGETS = {
-    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE, "olmo2": _LLAMA_LIKE,
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-}
+# The default targets: every linear layer of the decoder blocks (attention and MLP projections, not
+# the output head), the usual choice for instruction tuning (the QLoRA paper found all linear layers
+# needed to match full fine-tuning). peft's own "all-linear" finds them in any architecture; peft's
+# per-architecture table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) holds only q_proj and v_proj.
+DEFAULT_TARGETS = "all-linear"
 QUANTIZE = (None, "4bit")
 BITSANDBYTES = "bitsandbytes==0.50.2"
 
@@ -70,15 +65,25 @@ def load_kwargs(cfg):
             "device_map": {"": torch.cuda.current_device()}}
 
 
-def target_modules(cfg, model):
-    """lora.target_modules, or the model family's list."""
-    if cfg.lora.target_modules is not None:
-        return list(cfg.lora.target_modules)
-    family = getattr(model.config, "model_type", None)
-    if family not in FAMILY_TARGETS:
-        raise ConfigError(f"no default LoRA target modules for model_type={family!r}; set lora.target_modules "
-                          f"(known families: {', '.join(sorted(FAMILY_TARGETS))})")
-    return FAMILY_TARGETS[family]
+def target_modules(cfg):
+    """lora.target_modules, or DEFAULT_TARGETS (peft's "all-linear")."""
+    return list(cfg.lora.target_modules) if cfg.lora.target_modules is not None else DEFAULT_TARGETS
+
+
+def check_targets(cfg, model):
+    """Raise ConfigError for a name in lora.target_modules that matches no module of `model` (the
+    meta-device model, before any weights load), naming the model's linear layers. A name matches as
+    peft matches it: a module's full name or its last parts (`q_proj`: model.layers.0.self_attn.q_proj)."""
+    if not enabled(cfg) or cfg.lora.target_modules is None:
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"lora.target_modules={list(cfg.lora.target_modules)}: {', '.join(unmatched)} {verb} no "
+                          f"module of {type(model).__name__}; its linear layers: {', '.join(linear)} (null = all of "
+                          "them but the output head)")
 
 
 def apply(cfg, model):
@@ -87,7 +92,7 @@ def apply(cfg, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     c = cfg.lora
-    config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=target_modules(cfg, model),
+    config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=target_modules(cfg),
                         modules_to_save=list(c.trainable_modules) if c.trainable_modules else None, bias="none",
                         task_type="CAUSAL_LM")
     if c.quantize is not None:

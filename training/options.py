@@ -65,11 +65,13 @@ ALIASES = {
 }
 
 
-def unknown_key(key, allowed, where):
+def unknown_key(key, allowed, where, sections=None):
     """A ConfigError naming `key`, the closest allowed key (or the key other trainers' name stands
-    for, ALIASES) and all of them."""
+    for, ALIASES, or the key of another section it is short for: sections maps `policy_dtype` to
+    `model.policy_dtype`) and all of them."""
     name = key.rpartition(".")[2]
-    close = [ALIASES[name.lower()]] if name.lower() in ALIASES else difflib.get_close_matches(name, list(allowed), n=1)
+    close = ([ALIASES[name.lower()]] if name.lower() in ALIASES else [sections[name]] if name in (sections or ())
+             else difflib.get_close_matches(name, list(allowed), n=1))
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; keys {where}: {', '.join(sorted(allowed)) or 'none'}")
 
@@ -107,11 +109,14 @@ def _check_value(key, value, base, optional, meta, section):
         integer = base is int
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
-        low, high = meta["low"], meta["high"]
-        high = section.get(high) if isinstance(high, str) else high
+        low, high, bound_key = meta["low"], meta["high"], None
+        if isinstance(high, str):  # another key of the section bounds this one
+            bound_key, high = key[:len(key) - len(key.rpartition(".")[2])] + high, section.get(high)
         high = high if isinstance(high, (int, float)) and not isinstance(high, bool) else None
         lo_ok = low is None or (value > low if meta["low_open"] else value >= low)
         hi_ok = high is None or (value < high if meta["high_open"] else value <= high)
+        if lo_ok and not hi_ok and bound_key is not None:  # either key may be the one mistyped: name both
+            raise ConfigError(f"{bound_key}={high} is below {key}={value}; raise {bound_key} or lower {key}")
         if not (lo_ok and hi_ok):
             lo = "(-inf" if low is None else f"{'(' if meta['low_open'] else '['}{low}"
             hi = "inf)" if high is None else f"{high}{')' if meta['high_open'] else ']'}"

@@ -33,10 +33,16 @@ class Checked:
 
 
 def validate_config(cfg, world=None):
-    """Raise ConfigError naming the key and what is allowed, before anything loads. world: the ranks.
-    Returns the run's Checked (its loss and its resume plan)."""
+    """Raise ConfigError naming the key and what is allowed, before any weights load (the model is
+    checked on the meta device: modeling.check_model). world: the ranks. Sets model.name from a custom
+    model.name_or_path (config_schema.name_the_model). Returns the run's Checked (its loss and its
+    resume plan)."""
     loss = config_schema.check_keys(cfg)
+    config_schema.name_the_model(cfg)
     config_schema.check_run(cfg, world or launcher.planned_world_size(cfg))
+    model = modeling.check_model(cfg)  # directory, attention kernel, decoder blocks: on the meta device
+    if model is not None:
+        lora.check_targets(cfg, model)
     # run_dir, resume_from, preempt_signals, the checkpoint's fingerprint
     return Checked(loss=loss, resume=checkpoints.plan_resume(cfg))
 
@@ -118,6 +124,7 @@ def run(cfg, local_rank=0, world=1, port=None, checked=None):
     """Everything one rank does: join the process group, build, train, report. Returns
     launcher.EXIT_PREEMPTED when a signal stopped the run (after saving a checkpoint), else 0."""
     cfg = OmegaConf.create(cfg)  # a plain dict from launch
+    modeling.progress_bars_on_a_terminal_only()
     with launcher.process_group(cfg, local_rank, world, port) as device:
         set_seed(cfg.seed)
         # from before the run dir exists: a signal while the data or models load ends the run as one in

@@ -39,17 +39,16 @@ def model_shape(cfg):
     weights, no memory): what the trainer's FLOPs count reads from the loaded model (with LoRA, the
     adapters included). head_chunk: loss_chunk_tokens when the chunked head applies, else None.
     parameters: all of the model's. None when the config cannot be read (a hub id while offline, say)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
 
-        from forward import _chunkable
-        from utils import resolve_path
-        name = cfg.model.name_or_path
-        config = AutoConfig.from_pretrained(str(resolve_path(name) or name), trust_remote_code=cfg.model.trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-            if lora.enabled(cfg):
+    from forward import _chunkable
+    from training.modeling import meta_model
+    try:
+        model = meta_model(cfg)
+        if model is None:
+            raise OSError(f"config.json of {cfg.model.name_or_path} cannot be read")
+        if lora.enabled(cfg):
+            with torch.device("meta"):
                 model = lora.apply(cfg, model)
     except (OSError, ValueError, KeyError) as e:
         print(f"plan: the model's shape is unknown ({type(e).__name__}: {str(e)[:120]}); FLOPs not computed")
@@ -118,14 +117,19 @@ def describe(data, label):
 
 
 def dry_run(cfg, loss, load_tokenizer, load_data):
-    """Compose and check have run (loss: the run's losses.Loss, as they built it); load the tokenizer
-    and every dataset, tokenise, print the data and the plan, then return. No model is loaded, no run directory is made, wandb is not started.
-    The last line printed is one JSON object (the plan and the data's counts)."""
-    tokenizer = load_tokenizer(cfg)
+    """Compose and check have run (loss: the run's losses.Loss, as they built it; the model checked on
+    the meta device); load the tokenizer and every dataset, tokenise, check the rows as the real run does
+    (run_data.check_data), print the data, its mask audit and the plan, then return. No weights are
+    loaded, no run directory is made, wandb is not started. The last line printed is one JSON object (the
+    plan and the data's counts)."""
+    from training.run_data import check_data
     from training.tokenization import end_of_turn_token
+
+    tokenizer = load_tokenizer(cfg)
     eot_token = end_of_turn_token(tokenizer, cfg.model.eot_token)
     train, evals = load_data(cfg, tokenizer, pairs=loss.needs_pairs, eot_token=eot_token)
-    for line in describe(train, "train") + describe(evals, "eval"):
+    audit = check_data(cfg, tokenizer, eot_token, train, evals)  # the real run's checks: a batch's rows, label masks
+    for line in describe(train, "train") + describe(evals, "eval") + [audit]:
         print(line)
     p = plan(cfg, train, loss)
     count = "unknown" if p["flops"] is None else f"{p['flops']:.3e} (training/flops.py: {p['flops_counted']})"
