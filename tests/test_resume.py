@@ -21,6 +21,7 @@ from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
 from conftest import launch_run, make_cfg, read_rows
+from test_distributed import adam_reach
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
              "lambda_disturb=normal", "disturb_std=0.5"]
@@ -55,7 +56,11 @@ def assert_continues(reference, resumed, tol):
             assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
     assert weights.keys() == ref_weights.keys()
     for k in ref_weights:
-        assert (ref_weights[k] - weights[k]).norm() <= tol["rel"] * ref_weights[k].norm(), k
+        if tol is ONE_PROCESS:  # the same sums in the same order: only the checkpoint's round trip, which is exact
+            assert (ref_weights[k] - weights[k]).norm() <= tol["rel"] * ref_weights[k].norm(), k
+        else:  # other reduction orders: an element with a noise-level gradient may move as far as Adam can move
+            # it, in each run (test_distributed.assert_same_run's argument); the rows above stay tight
+            assert ((ref_weights[k] - weights[k]).abs() <= 2 * adam_reach(1e-3, TOTAL) + 1e-6).all(), k
 
 
 def assert_each_step_once(run_dir):
