@@ -21,6 +21,7 @@ from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
 from conftest import launch_run, make_cfg, read_rows
+from test_distributed import adam_reach
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
              "lambda_disturb=normal", "disturb_std=0.5"]
@@ -55,7 +56,11 @@ def assert_continues(reference, resumed, tol):
             assert b[key] == pytest.approx(a[key], **tol), (a["step"], key)
     assert weights.keys() == ref_weights.keys()
     for k in ref_weights:
-        assert (ref_weights[k] - weights[k]).norm() <= tol["rel"] * ref_weights[k].norm(), k
+        if tol is ONE_PROCESS:  # the same sums in the same order: only the checkpoint's round trip, which is exact
+            assert (ref_weights[k] - weights[k]).norm() <= tol["rel"] * ref_weights[k].norm(), k
+        else:  # other reduction orders: an element with a noise-level gradient may move as far as Adam can move
+            # it, in each run (test_distributed.assert_same_run's argument); the rows above stay tight
+            assert ((ref_weights[k] - weights[k]).abs() <= 2 * adam_reach(1e-3, TOTAL) + 1e-6).all(), k
 
 
 def assert_each_step_once(run_dir):
@@ -174,22 +179,83 @@ def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_pa
     assert [r["step"] for r in read_rows(tmp_path / "run") if r["split"] == "train"] == list(range(3, TOTAL + 1))
 
 
-@pytest.mark.parametrize("point", ["state", "retention"])
+@pytest.mark.parametrize("point", ["state", "manifest", "retention"])
 def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, reference, tmp_path):
-    """The save of step 4 SIGKILLs itself before trainer_state.pt is written (state) or after the rename,
-    before keep_last deletes step 2 (retention). resume_from=latest then finishes the run."""
+    """The save of step 4 SIGKILLs itself before trainer_state.pt is written (state), between it and the
+    manifest (manifest) or after the rename, before keep_last deletes step 2 (retention).
+    resume_from=latest then finishes the run."""
     run_dir = tmp_path / "run"
     saving = ["save_every=16", "keep_last=1"]
     proc = start_cli(run_dir, *saving, env={checkpoints.CRASH_ENV: f"{point}@4"})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     visible = checkpoints.complete_checkpoints(run_dir)
-    assert sorted(visible) == ([2] if point == "state" else [2, 4])
-    assert (run_dir / "checkpoints" / "step-4.tmp").exists() == (point == "state")
+    assert sorted(visible) == ([2, 4] if point == "retention" else [2])
+    assert (run_dir / "checkpoints" / "step-4.tmp").exists() == (point != "retention")
     resumed = launch(run_dir, *saving, "resume_from=latest")
     assert_continues(reference, resumed, ONE_PROCESS)
     assert_each_step_once(run_dir)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1, no leftovers
+
+
+def _truncate_a_shard(folder):
+    shard = next(folder.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return f"{shard.name} has"
+
+
+DAMAGE = {  # how a cluster damages the newest checkpoint -> the start of what damage() says
+    "a truncated shard": _truncate_a_shard,
+    "a missing state file": lambda folder: (folder / checkpoints.TRAINER_STATE).unlink() or "trainer_state.pt is missing",
+    "a missing manifest": lambda folder: (folder / checkpoints.MANIFEST).unlink() or "manifest.json is missing",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_requeue_finishes_from_the_one_before(case, reference,
+                                                                                                 tmp_path):
+    """The reference run stopped after step 4 (its checkpoints, config and metrics copied; no final/), then
+    step-4 damaged. The requeue (resume_from=latest) moves step-4 aside under a name it prints, resumes from
+    step-2 and trains to the end exactly like the reference, saving a new step-4 on the way; a second
+    requeue finds the run finished. Nothing is deleted: the damaged folder is still there, as it was."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[2], run_dir, ignore=shutil.ignore_patterns("final"))
+    said = DAMAGE[case](run_dir / "checkpoints" / "step-4")
+    damaged = sorted(p.name for p in (run_dir / "checkpoints" / "step-4").rglob("*"))
+    with pytest.raises(ConfigError, match=rf"^resume_from=\S+step-4 is a damaged checkpoint: {said}"):
+        pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'other'}", *STEPS,
+                                          f"resume_from={run_dir / 'checkpoints' / 'step-4'}"))
+    outs = []
+    for requeue in (1, 2):  # as a scheduler requeues: the same command, twice
+        proc = start_cli(run_dir, "save_every=16", "resume_from=latest")
+        outs.append(proc.communicate(timeout=300)[0])
+        assert proc.returncode == 0, outs[-1][-3000:]
+    aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-4.damaged-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].rglob("*")) == damaged
+    assert f"resume_from=latest: step-4 is damaged ({said}" in outs[0]
+    assert f"moved it to {aside[0].name} and resuming from step-2" in outs[0]
+    assert "holds a finished run" in outs[1]
+    first = read_rows(run_dir)
+    assert sorted(checkpoints.complete_checkpoints(run_dir)) == [2, 4] and (run_dir / "final").is_dir()
+    assert_each_step_once(run_dir)
+    ref_rows = [r for r in reference[0] if r["step"] > 2]
+    assert [r["loss"] for r in first if r["split"] == "train" and r["step"] > 2] == \
+        pytest.approx([r["loss"] for r in ref_rows], **ONE_PROCESS)
+
+
+def test_a_resume_that_reaches_a_damaged_step_folder_saves_over_it(reference, tmp_path):
+    """resume_from=step-2 of the run itself, whose step-4 is damaged (so not a newer checkpoint that
+    would refuse it): the save of step 4 moves the damaged folder aside instead of failing
+    (once: OSError Directory not empty: step-4.tmp -> step-4)."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[2], run_dir, ignore=shutil.ignore_patterns("final"))
+    (run_dir / "checkpoints" / "step-4" / checkpoints.TRAINER_STATE).unlink()
+    resumed = launch(run_dir, "save_every=16", f"resume_from={run_dir / 'checkpoints' / 'step-2'}")
+    assert_continues(reference, resumed, ONE_PROCESS)
+    assert sorted(checkpoints.complete_checkpoints(run_dir)) == [2, 4]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-4.replaced-*")] != []
 
 
 def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):

@@ -12,9 +12,14 @@ A checkpoint is a folder `RUN/checkpoints/step-N/`:
                                    world size, and the fingerprint of everything that changes the math
                                    (rank 0)
     hf/                            a Hugging Face copy of the weights, as final/, only with save_hf_checkpoints
+    manifest.json                  {"files": {relative path: size in bytes}} of every file above, written last
 
 It is written into `step-N.tmp/`, every file and the folder are fsynced, and only then is it renamed to
-`step-N/`: a visible checkpoint is always complete, whatever moment a `kill -9` picks. Leftover `*.tmp`
+`step-N/`: a visible checkpoint is always complete, whatever moment a `kill -9` picks. What a cluster does
+later (a truncated shard, a deleted file, a copy that stopped half-way) shows against the manifest
+(`damage`): resume_from=latest moves such a folder aside to `step-N.damaged-<time>` (never deletes it) and
+takes the newest whole one; resume_from=<a damaged folder> stops with one line naming the damage. A save
+whose `step-N/` already exists moves the old one aside to `step-N.replaced-<time>`. Leftover `*.tmp`
 folders are removed when a run resumes in place. `keep_last=K` deletes older checkpoints only after a
 newer one is complete (renamed to `*.tmp` first, so a half-deleted folder is never visible either).
 
@@ -48,6 +53,7 @@ from utils import (ConfigError, all_reduce_sum, barrier, fsync_dir, fsync_tree, 
                    run_dir_taken, world_size)
 
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
 # DCP warns on every save and load in one process (BasicTrainer); that is the intended use here, not a slip.
@@ -58,35 +64,92 @@ CRASH_ENV = "IFT_TEST_KILL_AT"
 
 # ---------------------------------------------------------------- finding checkpoints
 
-def complete_checkpoints(run_dir):
-    """{step: folder} of the complete checkpoints under run_dir/checkpoints (renamed into place)."""
+def step_folders(run_dir):
+    """{step: folder} of every `step-N` folder under run_dir/checkpoints, whole or not, oldest first."""
     root = Path(run_dir) / "checkpoints"
     found = {}
     for path in root.glob("step-*") if root.is_dir() else ():
         match = STEP_DIR.fullmatch(path.name)
-        if match and is_checkpoint(path):
+        if match and path.is_dir():
             found[int(match.group(1))] = path
     return dict(sorted(found.items()))
 
 
-def is_checkpoint(path):
+def complete_checkpoints(run_dir):
+    """{step: folder} of the whole checkpoints under run_dir/checkpoints (damage() finds nothing)."""
+    return {step: path for step, path in step_folders(run_dir).items() if damage(path) is None}
+
+
+def damage(path):
+    """None when the checkpoint folder is whole: its manifest lists every file the save wrote with its
+    size, each is there at that size, and trainer_state.pt reads. Otherwise what is wrong, in a few words.
+    Sizes, not checksums: they catch truncation, loss and a half-finished copy for the cost of a stat."""
     path = Path(path)
-    return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+    try:
+        listed = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (a save writes it last, so this folder is not a whole save)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({error})"
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, its manifest says {size}"
+    try:
+        read_trainer_state(path)
+    except Exception as error:  # noqa: BLE001 - whatever torch.load raises, the folder cannot be resumed
+        return f"{TRAINER_STATE} does not load ({type(error).__name__}: {error})"
+    return None
+
+
+def write_manifest(folder):
+    """folder/manifest.json: {"files": {path relative to folder: size}} of every file in it, fsynced."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def set_aside(path, why):
+    """Rename `path` to `<name>.<why>-<UTC time>` beside it (never deleted: a person may want to look at
+    it) and return the new path. The name no longer matches `step-N`, so no resume or prune sees it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.{why}-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.{why}-{stamp}-{n}"), n + 1
+    path.rename(aside)
+    fsync_dir(path.parent)
+    return aside
 
 
 def resume_checkpoint(cfg):
-    """The folder cfg.resume_from names: `latest` = the newest complete checkpoint of run_dir (None when
-    there is none yet, so the same command starts a run and resumes it after a requeue), or a path."""
+    """(folder, damaged): the folder cfg.resume_from names and the damaged folders passed over to find it.
+    `latest` = the newest whole checkpoint of run_dir (None when there is none yet, so the same command
+    starts a run and resumes it after a requeue); damaged: [(step folder newer than it, what is wrong)]."""
     if cfg.resume_from is None:
-        return None
+        return None, []
     if cfg.resume_from == "latest":
-        found = complete_checkpoints(cfg.run_dir)
-        return found[max(found)] if found else None
+        damaged = []
+        for path in reversed(step_folders(cfg.run_dir).values()):
+            problem = damage(path)
+            if problem is None:
+                return path, damaged
+            damaged.append((path, problem))
+        return None, damaged
     path = resolve_path(cfg.resume_from)
-    if path is None or not is_checkpoint(path):
+    if path is None or not path.is_dir() or not ((path / ".metadata").exists() or (path / MANIFEST).exists()):
         raise ConfigError(f"resume_from={cfg.resume_from} is not a checkpoint folder (one holding .metadata and "
                           f"{TRAINER_STATE}, e.g. <run_dir>/checkpoints/step-100), nor 'latest'")
-    return path
+    problem = damage(path)
+    if problem is not None:
+        raise ConfigError(f"resume_from={cfg.resume_from} is a damaged checkpoint: {problem}. Resume from another "
+                          "step folder, or from latest (which sets damaged ones aside)")
+    return path, []
 
 
 def _resumes_in_place(cfg):
@@ -127,6 +190,7 @@ class ResumePlan:
     reads_weights: whether the policy's weights are read from model.name_or_path; False when the
         checkpoint fills them (a resume without LoRA; LoRA's frozen base is read as at the start).
     fingerprint: the checkpoint's fingerprint (config and tokenised data), or None.
+    damaged: ((folder, what is wrong), ...) newer than the checkpoint, which prepare_run_dir moves aside.
     differences: {key: (value in the checkpoint, value now)} that resume_force=true let through.
     """
     checkpoint: Optional[Path] = None
@@ -135,6 +199,7 @@ class ResumePlan:
     step: int = 0
     reads_weights: bool = True
     fingerprint: Optional[dict] = None
+    damaged: tuple = ()
     differences: dict = field(default_factory=dict)
 
 
@@ -153,9 +218,9 @@ def plan_resume(cfg):
         return ResumePlan(in_place=True, finished=True)  # e.g. a job requeued after its run completed
     if cfg.run_dir is not None and holds_run(Path(cfg.run_dir)) and not in_place:
         raise ConfigError(run_dir_taken(cfg.run_dir))
-    checkpoint = resume_checkpoint(cfg)
+    checkpoint, damaged = resume_checkpoint(cfg)
     if checkpoint is None:
-        return ResumePlan(in_place=in_place)
+        return ResumePlan(in_place=in_place, damaged=tuple(damaged))
     saved = read_trainer_state(checkpoint)
     if in_place:
         newer = [s for s in complete_checkpoints(cfg.run_dir) if s > saved["step"]]
@@ -165,7 +230,7 @@ def plan_resume(cfg):
     differences = check_fingerprint(cfg, checkpoint, saved=saved["fingerprint"])  # the config's part
     return ResumePlan(checkpoint=checkpoint, in_place=in_place, step=saved["step"],
                       reads_weights=cfg.get("lora") is not None, fingerprint=saved["fingerprint"],
-                      differences=differences)
+                      damaged=tuple(damaged), differences=differences)
 
 
 def config_fingerprint(cfg):
@@ -275,6 +340,10 @@ def prepare_run_dir(plan, run_dir, keep_last):
     step (to nothing when there is no checkpoint yet: the run starts again)."""
     if not plan.in_place:
         return
+    for folder, problem in plan.damaged:  # before anything is written: a save must not meet them
+        aside = set_aside(folder, "damaged")
+        print(f"resume_from=latest: {folder.name} is damaged ({problem}); moved it to {aside.name} and "
+              f"resuming from {plan.checkpoint.name if plan.checkpoint is not None else 'the beginning'}", flush=True)
     remove_leftovers(run_dir)
     prune(run_dir, keep_last)  # a crash may have come between a save and its clean-up
     truncate_metrics(run_dir / "metrics.jsonl", plan.step if plan.checkpoint is not None else -1)
@@ -453,8 +522,12 @@ class Checkpointer:
             return
         _crash_point("state", step)
         torch.save(meta, tmp / TRAINER_STATE)
+        _crash_point("manifest", step)
+        write_manifest(tmp)  # last: a folder without one was never a whole save
         fsync_tree(tmp)
         _crash_point("rename", step)
+        if folder.exists():  # e.g. a damaged step-N that a resume from an older path came back to
+            _report(f"checkpoint {folder.name} already exists: moved it to {set_aside(folder, 'replaced').name}")
         tmp.rename(folder)
         fsync_dir(folder.parent)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
@@ -524,6 +597,7 @@ def _no_dist():
 
 def _crash_point(point, step):
     """Test-only: with IFT_TEST_KILL_AT=POINT@STEP, the save of step STEP dies by SIGKILL at POINT
-    (state: before trainer_state.pt; rename: before the rename; retention: before old ones are deleted)."""
+    (state: before trainer_state.pt; manifest: between trainer_state.pt and manifest.json; rename: before
+    the rename; retention: before old ones are deleted)."""
     if os.environ.get(CRASH_ENV) == f"{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
