@@ -145,6 +145,29 @@ def test_the_front_door_is_small_and_nothing_edits_sys_path():
     assert offenders == []
 
 
+def test_a_fresh_venv_installs_the_repository_editable_and_imports_it_from_another_directory(tmp_path):
+    """`pip install -e .` in a new virtual environment, then the front door and the package import from a
+    directory that is not the repository, resolved to the repository's files. Offline: the build backend
+    (setuptools) and the dependencies come from this interpreter's site-packages on PYTHONPATH."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    site = {"PATH": "/usr/bin:/bin", "PYTHONPATH": sysconfig.get_paths()["purelib"], "HF_HUB_OFFLINE": "1"}
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                              "--disable-pip-version-check", "-e", str(REPO)], capture_output=True, text=True, env=site)
+    assert install.returncode == 0, install.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import trainers, losses, train; from training import checkpoints; print(trainers.__file__, checkpoints.__file__)"
+    proc = subprocess.run([python, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=site)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(REPO / "trainers.py"), str(REPO / "training" / "checkpoints.py")]
+
+
 if __name__ == "__main__":
     graph = import_graph()
     for module, deps in graph.items():
