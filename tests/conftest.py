@@ -56,7 +56,7 @@ def ranks_fork_from_a_warm_server():
     CPU per rank, twice per 2-rank run). Like "spawn", the server is a fresh interpreter: a rank sees none
     of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
     of the moment the server started (the first multi-rank launch), not of the launch itself.
-    Runs of the CLI in a subprocess (test_resume's signals, test_numerics' divergence) still spawn."""
+    Runs of the CLI in a subprocess (test_checkpoints's signals, test_trainers_numerics' divergence) still spawn."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
     spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
     spawn = spawn_module.start_processes

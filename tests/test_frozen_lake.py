@@ -114,7 +114,7 @@ def test_results_hold_per_seed_success_with_mean_and_sample_std(tmp_path):
 def test_quick_mode_runs_the_pipeline_end_to_end_and_writes_report_and_results(tmp_path):
     # The script has two kinds of job: DPO's sequential recipe (an SFT stage, then DPO from it) and one
     # train.py run for every other method (sft, orpo and dft take IFT's path with another loss=; each
-    # loss's training is tested in test_baselines / test_losses_*). IFT also draws the IFT-only plots.
+    # loss's training is tested in test_losses_*). IFT also draws the IFT-only plots.
     # Two methods cover every line of the pipeline at a third of the five methods' cost.
     methods = ["ift", "dpo"]
     env = dict(os.environ, QUICK="1", OUT=str(tmp_path / "fl"), PYTHON=sys.executable, METHODS=" ".join(methods))

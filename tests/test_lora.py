@@ -178,7 +178,7 @@ FSDP_LOSSES = {
 
 @pytest.mark.parametrize("loss", sorted(FSDP_LOSSES))
 def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
-    from test_distributed import assert_same_run
+    from test_trainers_fsdp import assert_same_run
     run = [*STEPS, "lr=1e-3", "max_grad_norm=1.0", *LORA, "lora.dropout=0.0", *FSDP_LOSSES[loss]]
     one = launch_run(tmp_path / "one", *run, "trainer=FSDPTrainer", "nproc=1", "gradient_accumulation_steps=2")
     two = launch_run(tmp_path / "two", *run, "trainer=FSDPTrainer", "nproc=2")
@@ -224,8 +224,10 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     Without dropout (the ranks' dropout streams differ from one process's), a checkpoint of one
     process continues on two FSDP ranks like the uninterrupted run."""
     from training import checkpoints
-    from test_resume import ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step, \
-        start_cli
+
+    from test_checkpoints import ACROSS_RANKS, ONE_PROCESS
+    from test_checkpoints import STEPS as RESUME_STEPS
+    from test_checkpoints import assert_continues, signal_after_step, start_cli
     run = [*LORA, "lora.dropout=0.1"]
     reference = launch_run(tmp_path / "reference", *RESUME_STEPS, *run)
 

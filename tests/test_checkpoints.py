@@ -30,7 +30,7 @@ BASE = ["n_examples=48", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8
 STEPS = BASE + IFT_NOISY
 TOTAL = 6
 ONE_PROCESS = dict(rel=1e-6, abs=1e-7)  # same process layout, same arithmetic
-ACROSS_RANKS = dict(rel=1e-5, abs=1e-6)  # as in test_distributed: another split of the sums
+ACROSS_RANKS = dict(rel=1e-5, abs=1e-6)  # as in test_trainers_fsdp: another split of the sums
 
 
 def launch(run_dir, *overrides):

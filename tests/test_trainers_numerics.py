@@ -93,7 +93,7 @@ def test_bf16_compute_gives_the_same_losses_in_one_process_and_fsdp_with_one_and
     float32 compute: 1.5e-4). 5e-4 leaves room for other orderings of the same sums, and is still 40
     times smaller than the loss's change in one step here (2-3%), so a lost, doubled or different
     update fails. The float32 run must differ from the bf16 ones, so a run that ignored policy_dtype
-    fails too; float32 runs of the two trainers agree to 1e-5 (tests/test_distributed.py)."""
+    fails too; float32 runs of the two trainers agree to 1e-5 (tests/test_trainers_fsdp.py)."""
     bf16 = ["model.policy_dtype=bfloat16", "n_examples=32", "loss=ift", "gamma=0.9", "loss.min_lambda=0.3",
             "loss.max_lambda=0.3"]
     basic, _ = launch_run(tmp_path / "basic", *STEPS, *bf16, "gradient_accumulation_steps=2")
