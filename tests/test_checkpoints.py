@@ -84,6 +84,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
     return proc.returncode, out
 
 
+@pytest.mark.integration
 def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     status, out = signal_after_step(start_cli(run_dir), run_dir, 2)
@@ -101,6 +102,7 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     assert [(r["step"], r["forced"]) for r in resume_rows] == [(stopped, False)]
 
 
+@pytest.mark.integration
 def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_finishes(tmp_path):
     """SIGTERM as the model loads (after the run dir exists): exit status 75 and the resume command,
     not 143. The requeued command (resume_from=latest, no checkpoint yet) starts from the beginning
@@ -131,6 +133,7 @@ def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_fi
     assert (run_dir / "metrics.jsonl").read_text() == rows
 
 
+@pytest.mark.distributed
 def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_path):
     """SIGTERM reaches the launching process, which forwards it to both ranks; they agree on the step.
     The shards are written in the background (save_async) and published once both ranks are done."""
@@ -146,6 +149,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
     assert_each_step_once(run_dir)
 
 
+@pytest.mark.integration
 def test_the_trainer_applies_the_scheduled_lambda_disturbed_in_training_and_undisturbed_in_evaluation(reference):
     """The reference run's λ, step by step, against spec §1 written out here: linear from min_lambda
     0.1 at the first step to max_lambda 0.5 at the last (step s of 6 is 0-based s - 1), times
@@ -165,6 +169,7 @@ def test_the_trainer_applies_the_scheduled_lambda_disturbed_in_training_and_undi
     assert [(r["step"], r["lambda"]) for r in evals] == [(0, pytest.approx(0.1)), (TOTAL, pytest.approx(0.5))]
 
 
+@pytest.mark.distributed
 def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     assert not (checkpoint / "model.safetensors").exists()  # Hugging Face weights only when asked for
@@ -174,6 +179,7 @@ def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_pa
     assert [r["step"] for r in read_rows(tmp_path / "run") if r["split"] == "train"] == list(range(3, TOTAL + 1))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("point", ["state", "retention"])
 def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, reference, tmp_path):
     """The save of step 4 SIGKILLs itself before trainer_state.pt is written (state) or after the rename,
@@ -192,6 +198,7 @@ def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, re
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1, no leftovers
 
 
+@pytest.mark.integration
 def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     """Stopped after step 2 as by a signal (stop_requested answers yes), then resumed in place: wandb
     is asked to continue the first run's id. With save_hf_checkpoints the checkpoint is also a Hugging
@@ -224,6 +231,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     assert [r["step"] for r in read_rows(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-4"
     changed = ["lr=2e-3", "seed=1", "loss=sft", "datasets=[ultrachat_sample]"]
@@ -247,6 +255,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
     assert rows[0]["lr"] == pytest.approx(reference[0][4]["lr"] * 2)
 
 
+@pytest.mark.integration
 def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     cfg = make_cfg(f"run_dir={reference[2]}", *STEPS, "resume_from=latest")
@@ -257,6 +266,7 @@ def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference)
         checkpoints.check_fingerprint(cfg, checkpoint, other)
 
 
+@pytest.mark.unit
 def test_preemption_signals_are_caught_once_and_then_restored():
     previous = signal.getsignal(signal.SIGUSR1)
     with launcher.preemption_signals(["SIGUSR1"]):
@@ -275,6 +285,7 @@ def _stopped_while_importing(cfg, local_rank, world, port, checked):
     time.sleep(60)  # until the launcher's clean-up (SIGTERM) or its forwarded signal ends it
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["a rank gets SIGTERM", "the launcher gets SIGUSR1"])
 def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_preempted(case, capfd):
     cfg = {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu", "case": case, "launcher": os.getpid()}
@@ -282,6 +293,7 @@ def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_pree
     assert "resume_from=latest continues" in capfd.readouterr().err
 
 
+@pytest.mark.unit
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-6.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-2.old.tmp").mkdir()
@@ -296,6 +308,7 @@ def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     assert read_rows(tmp_path) == rows[:4]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["keep_last=0"], r"keep_last=0 is out of range: allowed \[1, inf\)"),
     (["preempt_signals=[SIGKILL]"], r"preempt_signals has 'SIGKILL'; allowed: SIGTERM, SIGINT"),

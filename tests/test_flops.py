@@ -15,6 +15,9 @@ from conftest import tiny_model
 from forward import ModelCall
 
 
+pytestmark = pytest.mark.unit
+
+
 def test_the_shape_is_the_hand_counted_weight_matrices_of_the_config():
     for tie in (False, True):
         model = tiny_model(tie=tie)

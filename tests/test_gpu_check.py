@@ -6,7 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from utils import REPO_DIR
+
+
+pytestmark = pytest.mark.integration
 
 
 def test_the_smoke_run_writes_a_report_with_throughput_mfu_memory_and_resume_rows(tmp_path):

@@ -14,8 +14,13 @@ folder first, then the repository root (which it puts on sys.path, or pytest doe
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SKIP = {".venv", ".git", "runs", "outputs", "multirun", "wandb", "__pycache__", "node_modules"}
+
+
+pytestmark = pytest.mark.unit
 
 
 def module_name(path, repo=REPO):

@@ -42,6 +42,7 @@ def adapter_count(config, r, targets):
     return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, targets, extra", [
     ([], lora.FAMILY_TARGETS["mistral"], 0),
     (["lora.target_modules=[q_proj,v_proj]", "lora.trainable_modules=[embed_tokens]"], ["q_proj", "v_proj"], 930 * 128),
@@ -62,6 +63,7 @@ def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targe
     assert frozen == base_total  # every base weight is there, frozen (trainable copies are extra)
 
 
+@pytest.mark.integration
 def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(tmp_path):
     """Two identical IFT runs, one saving the adapter alone, one the merged model: the merged weights
     are the base's plus (alpha / r) B A of the saved adapter, computed here in float64; everything
@@ -111,6 +113,7 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         assert ours != [our_greedy_answer(model, tokenizer, s["doc"]["question"], 24) for s in samples]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo", "dft", "simpo"])
 def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
     """(IFT: the test above.) DPO and IPO run against the adapter-disabled base, which the trainer
@@ -124,6 +127,7 @@ def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(l
                         ("mlp", ["gate_proj", "up_proj", "down_proj"])) for t in targets}
 
 
+@pytest.mark.unit
 def test_dpo_with_the_adapter_disabled_reference_equals_dpo_with_a_frozen_copy():
     cfg, policy = tiny_peft("loss=dpo", "lora.dropout=0.0")
     frozen = copy.deepcopy(policy.get_base_model())  # the base weights, before the adapters move
@@ -176,6 +180,7 @@ FSDP_LOSSES = {
 }
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("loss", sorted(FSDP_LOSSES))
 def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
     from test_trainers_fsdp import assert_same_run
@@ -189,6 +194,7 @@ def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
     assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # never listed: frozen
 
 
+@pytest.mark.unit
 def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     """QLoRA's path: the base weights come from an unquantised copy, the adapters from training."""
     state = {"base_model.model.l.q.base_layer.weight": torch.zeros(3, 2, dtype=torch.uint8),
@@ -202,6 +208,7 @@ def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     torch.testing.assert_close(merged["norm.weight"], base["norm.weight"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["lora.quantize=4bit", "device=cpu"], "lora.quantize=4bit (QLoRA) needs a CUDA GPU"),
     (["lora.r=0"], "lora.r=0 is out of range: allowed [1, inf)"),
@@ -217,6 +224,7 @@ def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.distributed
 def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tmp_path):
     """A LoRA IFT run (adapter dropout on, so the RNG states matter) stopped by SIGTERM and continued
     with resume_from=latest equals the uninterrupted run step for step. Its checkpoints hold the
@@ -247,6 +255,7 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     assert_continues((*reference, None), resumed, ACROSS_RANKS)
 
 
+@pytest.mark.unit
 def test_lora_keys_without_choosing_lora_are_named():
     with pytest.raises(ConfigError, match=r"lora\.\* keys need lora=default on the command line"):
         config_schema.check_overrides(["lora.r=8"])
@@ -254,6 +263,7 @@ def test_lora_keys_without_choosing_lora_are_named():
         config_schema.check_overrides(["lora=default", "lora.alpah=8"])
 
 
+@pytest.mark.integration
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):
     """policy_dtype=bfloat16: the base (the memory) stays bf16, the adapters are float32 master
     weights, and the forward computes in bf16 under autocast; final/ is merged and saved in bf16."""

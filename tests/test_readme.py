@@ -16,6 +16,9 @@ from utils import REPO_DIR
 README = (REPO_DIR / "README.md").read_text(encoding="utf-8")
 
 
+pytestmark = pytest.mark.unit
+
+
 def section(heading):
     """The README text under `heading` (a whole heading line), up to the next heading of its level or above."""
     level = heading.split()[0]

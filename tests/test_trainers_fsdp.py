@@ -45,6 +45,7 @@ def assert_same_run(a, b):
         assert (weights_a[k] - weights_b[k]).norm() <= 1e-5 * weights_a[k].norm(), k
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss, tmp_path):
     one = launch(tmp_path / "one", *LOSSES[loss], "gradient_accumulation_steps=4")
@@ -58,6 +59,7 @@ def ift_one_process(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("ift") / "one", *LOSSES["ift"])
 
 
+@pytest.mark.distributed
 def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp_path, ift_one_process):
     """The same command under torchrun joins its process group instead of starting processes."""
     one = ift_one_process
@@ -76,6 +78,7 @@ def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp
         torch.testing.assert_close(p, two[1][name])
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(tmp_path, monkeypatch):
     """With checkpointing every decoder block runs its forward once more in backward, and the run's
     losses, gradient norms and weights equal those without it. Counted: calls of each block's MLP
@@ -102,6 +105,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
 
 
+@pytest.mark.distributed
 def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_path, ift_one_process):
     """policy_dtype=bfloat16 under FSDP2: compute in bf16, parameters and gradient reduction in float32,
     final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute). The float32
@@ -119,6 +123,7 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
     assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
 
 
+@pytest.mark.unit
 def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     """Ranks other than 0 build the model on the meta device (no memory); the equivalence tests above
     show they then receive exactly rank 0's weights and buffers."""
