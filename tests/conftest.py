@@ -29,6 +29,30 @@ FAST = ["n_examples=64", "batch_size=16", "eval_batch_size=16", "n_eval_examples
         "warmup_steps=0"]
 
 
+# The tiers of pytest.ini's markers: `make test-fast` runs the unit tier alone, so a test in no tier would
+# escape it unnoticed, and a test in two would leave its tier ambiguous.
+TIERS = ("unit", "integration", "distributed")
+
+
+def tier_problems(items):
+    """'node id: what is wrong' for each collected test without exactly one tier marker (its own,
+    its class's or its module's pytestmark)."""
+    problems = []
+    for item in items:
+        tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {' + '.join(tiers) or 'no tier marker'}")
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `pytest -m unit` refuses an untiered test too
+def pytest_collection_modifyitems(items):
+    problems = tier_problems(items)
+    if problems:
+        raise pytest.UsageError("every test needs exactly one of the markers " + ", ".join(TIERS)
+                                + " (pytest.ini says which):\n  " + "\n  ".join(problems))
+
+
 # torch's own thread count (one per core), read before any test module could change it
 DEFAULT_THREADS = torch.get_num_threads()
 
