@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # jobs. Set here because OpenMP reads it once, when torch loads, before any code of train.py runs.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test eval bench clean
+.PHONY: demo test test-fast eval bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(VENV)/.installed-eval
 	$(PY) -m pytest -q tests
+
+# The unit tier alone (pytest.ini's markers): no training run, subprocess or second process; under a minute
+# on 2 cores. The quick check while editing a loss; `make test` runs all three tiers.
+test-fast: $(VENV)/.installed $(VENV)/.installed-eval
+	$(PY) -m pytest -q -m unit tests
 
 # lm-eval-harness on RUN's final/: `make eval RUN=runs/NAME [EVAL_ARGS="--suite quick"]` (see run_eval.py).
 # The paper suite downloads its benchmarks, so this target is online unless EVAL_OFFLINE=1.

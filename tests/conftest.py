@@ -28,6 +28,30 @@ FAST = ["n_examples=64", "batch_size=16", "eval_batch_size=16", "n_eval_examples
         "warmup_steps=0"]
 
 
+# The tiers of pytest.ini's markers: `make test-fast` runs the unit tier alone, so a test in no tier would
+# escape it unnoticed, and a test in two would leave its tier ambiguous.
+TIERS = ("unit", "integration", "distributed")
+
+
+def tier_problems(items):
+    """'node id: what is wrong' for each collected test without exactly one tier marker (its own,
+    its class's or its module's pytestmark)."""
+    problems = []
+    for item in items:
+        tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {' + '.join(tiers) or 'no tier marker'}")
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `pytest -m unit` refuses an untiered test too
+def pytest_collection_modifyitems(items):
+    problems = tier_problems(items)
+    if problems:
+        raise pytest.UsageError("every test needs exactly one of the markers " + ", ".join(TIERS)
+                                + " (pytest.ini says which):\n  " + "\n  ".join(problems))
+
+
 # torch's own thread count (one per core), read before any test module could change it
 DEFAULT_THREADS = torch.get_num_threads()
 
@@ -55,7 +79,7 @@ def ranks_fork_from_a_warm_server():
     CPU per rank, twice per 2-rank run). Like "spawn", the server is a fresh interpreter: a rank sees none
     of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
     of the moment the server started (the first multi-rank launch), not of the launch itself.
-    Runs of the CLI in a subprocess (test_resume's signals, test_numerics' divergence) still spawn."""
+    Runs of the CLI in a subprocess (test_checkpoints's signals, test_trainers_numerics' divergence) still spawn."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
     spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
     spawn = spawn_module.start_processes

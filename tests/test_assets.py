@@ -54,6 +54,7 @@ def _is_msg(m, roles=("user", "assistant")):
 
 # ------------------------------------------------------------------------------ data files
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rel", sorted(FILES))
 def test_file_parses_and_is_small(rel):
     path = DATA / rel
@@ -63,11 +64,13 @@ def test_file_parses_and_is_small(rel):
     assert lo <= len(_read(rel)) <= hi
 
 
+@pytest.mark.unit
 def test_only_expected_data_files():
     found = {str(p.relative_to(DATA)) for p in DATA.rglob("*.jsonl")}
     assert found == set(FILES)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", ["train_sft", "test_sft"])
 def test_ultrachat_schema(rows, split):
     data = rows[f"ultrachat_200k/{split}.jsonl"]
@@ -92,6 +95,7 @@ def test_ultrachat_schema(rows, split):
         assert n_system > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", ["train_prefs", "test_prefs"])
 def test_ultrafeedback_schema(rows, split):
     data = rows[f"ultrafeedback_binarized/{split}.jsonl"]
@@ -120,6 +124,7 @@ def _hh_turns(text):
     return turns
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_hh_schema(rows, split):
     for i, r in enumerate(rows[f"hh-rlhf/{split}.jsonl"]):
@@ -133,6 +138,7 @@ def test_hh_schema(rows, split):
         assert len(tc) == len(tr) and all(u and a for u, a in tc + tr), i
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_shp_schema(rows, split):
     types = {"post_id": str, "domain": str, "upvote_ratio": float, "history": str, "c_root_id_A": str,
@@ -151,6 +157,7 @@ def test_shp_schema(rows, split):
         assert 0.0 <= r["upvote_ratio"] <= 1.0 and r["history"].strip(), i
 
 
+@pytest.mark.unit
 def test_orca_schema(rows):
     for i, r in enumerate(rows["orca_dpo_pairs/train.jsonl"]):
         assert set(r) == {"system", "question", "chosen", "rejected"}, i
@@ -179,6 +186,7 @@ def _user_turns(rel, r):
     return {_prompts(rel, r)}
 
 
+@pytest.mark.unit
 def test_no_test_prompt_in_train(rows):
     for ds in ("ultrachat_200k", "ultrafeedback_binarized", "hh-rlhf", "shp"):
         tr = [rel for rel in rows if rel.startswith(ds) and "train" in rel][0]
@@ -192,12 +200,14 @@ def test_no_test_prompt_in_train(rows):
     assert not (train_turns & test_turns)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("rel", [r for r in FILES if r.startswith(("ultrachat", "ultrafeedback"))])
 def test_prompts_unique_within_file(rows, rel):
     prompts = [r["prompt"] for r in rows[rel]]
     assert len(set(prompts)) == len(prompts)
 
 
+@pytest.mark.unit
 def test_preference_pairs_prefer_the_right_answer(rows):
     """Spot-check the synthetic tasks: for additions the chosen sum is right and the rejected one wrong."""
     n = 0
@@ -223,6 +233,7 @@ def model():
     return AutoModelForCausalLM.from_pretrained(str(MODEL))
 
 
+@pytest.mark.unit
 def test_tokenizer_special_tokens(tok):
     assert tok.is_fast
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
@@ -232,23 +243,27 @@ def test_tokenizer_special_tokens(tok):
     assert 500 <= len(tok) <= 2048
 
 
+@pytest.mark.unit
 def test_tokenizer_adds_no_bos_or_eos(tok):
     ids = tok("What is 3 + 4?").input_ids
     assert ids[0] != tok.bos_token_id and ids[-1] != tok.eos_token_id
     assert tok.decode(ids) == "What is 3 + 4?"
 
 
+@pytest.mark.unit
 def test_tokenizer_digits_are_single_tokens(tok):
     ids = tok("1234567890").input_ids
     assert [tok.decode([i]) for i in ids] == list("1234567890")
     assert len(tok(" 5 2 8").input_ids) == 3
 
 
+@pytest.mark.unit
 def test_special_tokens_in_text_are_recognised(tok):
     ids = tok("hi</s>").input_ids
     assert ids[-1] == tok.eos_token_id
 
 
+@pytest.mark.unit
 def test_chat_template(tok):
     chat = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7"},
             {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"}]
@@ -262,6 +277,7 @@ def test_chat_template(tok):
     assert ids.count(tok.eos_token_id) == 2 and tok.bos_token_id not in ids
 
 
+@pytest.mark.unit
 def test_sample_chats_have_small_token_lengths(tok, rows):
     lengths = []
     for r in rows["ultrachat_200k/train_sft.jsonl"]:
@@ -273,6 +289,7 @@ def test_sample_chats_have_small_token_lengths(tok, rows):
     assert 15 <= lengths[0] and lengths[len(lengths) // 2] <= 50 and lengths[-1] <= 80
 
 
+@pytest.mark.unit
 def test_model_loads_and_is_mistral(model, tok):
     assert type(model).__name__ == "MistralForCausalLM"
     assert type(model.model.layers[0]).__name__ == "MistralDecoderLayer"
@@ -290,6 +307,7 @@ def test_model_loads_and_is_mistral(model, tok):
     assert sum(p.numel() for p in model.parameters()) < 1_250_000
 
 
+@pytest.mark.unit
 def test_model_forward_and_generate(model, tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
                                      add_generation_prompt=True)
@@ -302,6 +320,7 @@ def test_model_forward_and_generate(model, tok):
     assert gen.shape == (1, ids.shape[1] + 4) or gen[0, -1].item() == tok.eos_token_id
 
 
+@pytest.mark.unit
 def test_model_dir_small():
     files = list(MODEL.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -311,6 +330,7 @@ def test_model_dir_small():
 
 # ------------------------------------------------------------------------------ reproducibility
 
+@pytest.mark.integration
 def test_sample_data_is_reproducible(tmp_path):
     subprocess.run([sys.executable, "-m", "scripts.make_sample_data", "--out", str(tmp_path)],
                    check=True, cwd=ROOT, capture_output=True)
@@ -318,6 +338,7 @@ def test_sample_data_is_reproducible(tmp_path):
         assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), f"{rel} differs from the script"
 
 
+@pytest.mark.integration
 def test_tiny_model_is_reproducible(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "scripts.make_tiny_model", "--out", str(tmp_path / "m")],

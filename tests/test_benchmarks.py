@@ -16,6 +16,9 @@ from benchmarks import efficiency, ift_cost
 TOY = ["--hidden", "32", "--layers", "1", "--threads", "0"]
 
 
+pytestmark = pytest.mark.integration
+
+
 def table_rows(text, first_cell):
     """The cells of every markdown table row of `text` whose first cell is `first_cell`."""
     return [[c.strip() for c in line.strip().strip("|").split("|")]

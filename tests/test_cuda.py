@@ -5,13 +5,13 @@ import importlib.util
 
 import pytest
 import torch
-from test_efficiency import sft_batch, tiny_model
 
 import losses
 from forward import ModelCall
 from training import checkpoints, launch, lora
 
 from conftest import make_cfg
+from test_forward import sft_batch, tiny_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 # bf16 autocast keeps 8 significant bits (u = 2^-8 = 3.9e-3); each row's loss is a mean over its target
@@ -22,6 +22,7 @@ ATTENTION = ["sdpa", pytest.param("flash_attention_2", marks=pytest.mark.skipif(
     importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed"))]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("packing", [False, True])
 def test_rows_on_cuda_in_bf16_match_float64_on_the_cpu(attn, packing):
@@ -36,6 +37,7 @@ def test_rows_on_cuda_in_bf16_match_float64_on_the_cpu(attn, packing):
     torch.testing.assert_close(got.double().cpu(), expected, rtol=BF16_RTOL, atol=0)
 
 
+@pytest.mark.distributed
 def test_the_nccl_group_binds_the_rank_gpu_and_reduces_on_it():
     import torch.distributed as dist
     with launch.process_group(make_cfg("device=cuda"), 0, 1, launch.free_port()) as device:
@@ -46,6 +48,7 @@ def test_the_nccl_group_binds_the_rank_gpu_and_reduces_on_it():
         assert x.tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.unit
 def test_cuda_dropout_noise_continues_after_the_rng_state_is_restored():
     torch.manual_seed(0)
     state = checkpoints.rng_state()
@@ -55,6 +58,7 @@ def test_cuda_dropout_noise_continues_after_the_rng_state_is_restored():
     assert torch.equal(torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5), first)
 
 
+@pytest.mark.unit
 def test_our_dequantisation_equals_bitsandbytes_on_cuda():
     """QLoRA's final/ without a base: a Linear4bit quantised by bitsandbytes' CUDA kernels, read back
     from its state dict by lora.dequantize_4bit, equals bitsandbytes' own dequantisation."""

@@ -35,6 +35,7 @@ MULTI = {"prompt": [{"role": "system", "content": "Be brief."},
          "chosen": "Banana.", "rejected": "Carrot."}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("row", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
 def test_labels_cover_exactly_the_final_answer_and_its_end_of_turn_token(tok, row):
     data = _tokenize(tok, [row], pairs=True)
@@ -53,6 +54,7 @@ def test_labels_cover_exactly_the_final_answer_and_its_end_of_turn_token(tok, ro
         assert prompt_text == expected
 
 
+@pytest.mark.unit
 def test_sft_batches_use_the_chosen_answer_as_target(tok):
     data = _tokenize(tok, [MULTI, SINGLE])
     batch = batching.collate(data, [0, 1], tok.pad_token_id)
@@ -61,6 +63,7 @@ def test_sft_batches_use_the_chosen_answer_as_target(tok):
     assert _decode_targets(tok, batch, 1) == "Two plus three is five." + tok.eos_token
 
 
+@pytest.mark.unit
 def test_truncation_keeps_the_end_of_the_prompt_its_bos_and_the_end_of_turn_token():
     prompt = list(range(100, 160))  # 60 prompt tokens, first one stands for bos
     answers = [list(range(1, 41)), list(range(1, 11))]
@@ -73,6 +76,7 @@ def test_truncation_keeps_the_end_of_the_prompt_its_bos_and_the_end_of_turn_toke
     assert tokenization.truncate([1, 2], [[3]], 10, 5, 4) == ([1, 2], [[3]], 0)
 
 
+@pytest.mark.unit
 def test_a_prompt_as_long_as_max_length_is_cut_so_that_the_answers_keep_min_answer_tokens():
     prompt = list(range(100, 160))
     answers = [list(range(1, 41)), list(range(1, 11))]
@@ -88,6 +92,7 @@ def test_a_prompt_as_long_as_max_length_is_cut_so_that_the_answers_keep_min_answ
     assert len(p) == 24 and len(a) == 24 and a[-1] == 40
 
 
+@pytest.mark.unit
 def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok):
     long_prompt = " ".join(["filler words here"] * 200) + " Final question: what is one plus one?"
     row = {"prompt": [{"role": "user", "content": long_prompt}], "chosen": "Two. " * 100, "rejected": None}
@@ -98,6 +103,7 @@ def test_long_rows_are_truncated_through_the_whole_pipeline_and_keep_targets(tok
     assert len(data.chosen_ids[0]) == 32 and data.chosen_ids[0][-1] == tok.eos_token_id  # end of turn kept
 
 
+@pytest.mark.unit
 def test_epoch_batches_are_deterministic_for_a_seed_and_length_grouped():
     lengths = np.random.default_rng(0).integers(5, 200, size=1000)
     a = batching.epoch_batches(lengths, 32, seed=1, epoch=0)
@@ -111,6 +117,7 @@ def test_epoch_batches_are_deterministic_for_a_seed_and_length_grouped():
     assert np.mean([lengths[x].max() - lengths[x].min() for x in a]) < 0.25 * (lengths.max() - lengths.min())
 
 
+@pytest.mark.unit
 def test_batches_pad_only_to_their_longest_row(tok):
     rows = [dict(SINGLE, chosen="Five." * k) for k in (1, 3, 9)]
     data = _tokenize(tok, rows)
@@ -123,6 +130,7 @@ def test_batches_pad_only_to_their_longest_row(tok):
         assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
+@pytest.mark.unit
 def test_preference_batches_share_one_width_for_chosen_and_rejected(tok):
     data = _tokenize(tok, [dict(SINGLE, rejected="No. " * 20), MULTI], pairs=True)
     batch = batching.collate(data, [0, 1], tok.pad_token_id)
@@ -131,12 +139,14 @@ def test_preference_batches_share_one_width_for_chosen_and_rejected(tok):
                                                      len(data.rejected_ids[i])) for i in (0, 1))
 
 
+@pytest.mark.unit
 def test_micro_batches_partition_the_global_batch_by_length():
     lengths = np.array([5, 50, 7, 40, 9, 30, 11, 20])
     parts = batching.micro_batches(np.arange(8), lengths, 4)
     assert [p.tolist() for p in parts] == [[1, 3], [5, 7], [6, 4], [2, 0]]
 
 
+@pytest.mark.unit
 def test_every_sample_dataset_loads_in_both_splits(tok):
     for name in ("ultrachat", "ultrafeedback", "hh", "shp", "orca"):
         pairs = name != "ultrachat"
@@ -146,6 +156,7 @@ def test_every_sample_dataset_loads_in_both_splits(tok):
         assert not set(map(tuple, test.prompt_ids)) <= set(map(tuple, train.prompt_ids))
 
 
+@pytest.mark.unit
 def test_orca_has_no_test_split_so_its_tail_is_held_out():
     train = sources.load_normalised("orca_sample", "train")
     test = sources.load_normalised("orca_sample", "test")
@@ -154,6 +165,7 @@ def test_orca_has_no_test_split_so_its_tail_is_held_out():
     assert test[-1]["chosen"] == rows[-1]["chosen"]
 
 
+@pytest.mark.unit
 def test_hh_transcripts_split_into_messages():
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
            "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5"}
@@ -163,12 +175,14 @@ def test_hh_transcripts_split_into_messages():
     assert (out["chosen"], out["rejected"]) == ("4", "5")
 
 
+@pytest.mark.unit
 def test_shp_prefers_the_labelled_comment():
     row = {"history": "Q?", "human_ref_A": "a", "human_ref_B": "b", "labels": 0}
     assert pd.from_shp(row, "x")["chosen"] == "b"
     assert pd.from_shp(dict(row, labels=1), "x")["chosen"] == "a"
 
 
+@pytest.mark.unit
 def test_a_preference_loss_on_data_without_rejected_answers_is_a_clear_error(tok):
     with pytest.raises(pd.DataError, match="ultrachat_sample.*no rejected answer"):
         tokenization.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=True)
@@ -185,6 +199,7 @@ def _write(tmp_path, rows, name="bad.jsonl"):
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad_row, message", [
     ({"messages": [{"role": "user", "content": "hi"}]}, r"line 2: field 'messages' must end with an assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
@@ -202,6 +217,7 @@ def test_bad_chat_rows_name_file_row_and_field(tmp_path, bad_row, message):
         sources.load_normalised(str(path), "train")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad_row, message", [
     ({"prompt": "q", "chosen": "a"}, None),  # rejected may be absent for SFT data: not an error
     ({"prompt": "q", "chosen": "", "rejected": "b"}, r"line 2: field 'chosen' is empty"),
@@ -217,12 +233,14 @@ def test_bad_preference_rows_name_file_row_and_field(tmp_path, bad_row, message)
         sources.load_normalised(str(path), "train")
 
 
+@pytest.mark.unit
 def test_invalid_json_names_the_file_and_line(tmp_path):
     path = _write(tmp_path, [GOOD, GOOD, '{"messages": [oops'])
     with pytest.raises(pd.DataError, match=r"bad\.jsonl: line 3: invalid JSON"):
         sources.load_normalised(str(path), "train")
 
 
+@pytest.mark.unit
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(pd.DataError, match="unknown dataset '.*nope.jsonl'"):
         sources.load_normalised(str(tmp_path / "nope.jsonl"), "train")
@@ -230,6 +248,7 @@ def test_a_missing_file_is_named(tmp_path):
         pd.check_dataset_name("ultrachat", {"ultrachat": "/no/such/dir"})
 
 
+@pytest.mark.unit
 def test_an_unreachable_hub_dataset_says_which_key_to_point_at_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -237,6 +256,7 @@ def test_an_unreachable_hub_dataset_says_which_key_to_point_at_a_local_copy(monk
         sources.load_normalised("ultrachat", "train")
 
 
+@pytest.mark.unit
 def test_a_hub_dataset_is_keyed_by_the_revision_the_hub_cache_resolved(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -250,6 +270,7 @@ def test_a_hub_dataset_is_keyed_by_the_revision_the_hub_cache_resolved(tmp_path,
     assert sources.source_identity("ultrachat") == "hub:HuggingFaceH4/ultrachat_200k@2222bbbb"
 
 
+@pytest.mark.unit
 def test_online_a_hub_that_does_not_answer_in_time_falls_back_to_the_hub_caches_revision(tmp_path, monkeypatch):
     import datasets
     import huggingface_hub
@@ -270,6 +291,7 @@ def test_online_a_hub_that_does_not_answer_in_time_falls_back_to_the_hub_caches_
     assert asked == [("HuggingFaceH4/ultrachat_200k", sources.HUB_TIMEOUT_S)] and 0 < sources.HUB_TIMEOUT_S <= 30
 
 
+@pytest.mark.unit
 def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
     (tmp_path / "train_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "test_sft.jsonl").write_text(json.dumps(GOOD) + "\n")
@@ -277,6 +299,7 @@ def test_dataset_paths_point_a_registry_name_at_a_local_copy(tmp_path):
     assert rows == [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": None}]
 
 
+@pytest.mark.unit
 def test_collated_tensors_are_long_and_right_padded(tok):
     data = _tokenize(tok, [SINGLE, MULTI])
     batch = batching.collate(data, [0, 1], tok.pad_token_id)
@@ -285,6 +308,7 @@ def test_collated_tensors_are_long_and_right_padded(tok):
     assert (mask[:, :-1] >= mask[:, 1:]).all()  # ones then zeros: right padding
 
 
+@pytest.mark.unit
 def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monkeypatch, tmp_path):
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
@@ -300,6 +324,7 @@ def test_tokenisation_is_cached_and_the_cache_key_covers_the_settings(tok, monke
         _tokenize(tok, [SINGLE, dict(MULTI, chosen="Cherry.")], pairs=True)  # other content: another key
 
 
+@pytest.mark.unit
 def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
     import datasets
     bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
@@ -313,6 +338,7 @@ def test_json_and_parquet_rows_are_named_by_their_index(tmp_path):
         sources.load_normalised(str(parquet), "train")
 
 
+@pytest.mark.unit
 def test_a_bad_row_deep_in_a_streamed_file_is_named_and_leaves_no_cache(tok, tmp_path, monkeypatch):
     # load_split streams rows a batch at a time into Arrow: row 300 is in the second parquet batch and
     # line 300 far into the JSON lines; the error still names file and row, and nothing looks cached
@@ -336,6 +362,7 @@ def test_a_bad_row_deep_in_a_streamed_file_is_named_and_leaves_no_cache(tok, tmp
     assert list(train.questions) + list(test.questions) == [f"q{i}" for i in range(321)]
 
 
+@pytest.mark.unit
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')
@@ -347,6 +374,7 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
         sources.load_normalised(str(whole), "train")
 
 
+@pytest.mark.unit
 def test_a_corrupt_parquet_file_is_named(tmp_path):
     import datasets
     path = tmp_path / "broken.parquet"
@@ -358,6 +386,7 @@ def test_a_corrupt_parquet_file_is_named(tmp_path):
 
 # ---------------------------------------------------------------- the mask audit
 
+@pytest.mark.unit
 def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
     data = _tokenize(tok, [SINGLE, MULTI], pairs=True)
     audit = tokenization.mask_audit(data, tok, "</s>")
@@ -372,6 +401,7 @@ def test_the_mask_audit_shows_a_row_with_its_target_tokens_marked(tok):
                                                               "ve", ".", "</s>"]
 
 
+@pytest.mark.unit
 def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_trained(tok):
     import datasets
     data = tokenization.load_split(["ultrachat_sample"], "test", tok, 512, 256, pairs=False)
@@ -386,6 +416,7 @@ def test_the_mask_audit_refuses_a_row_without_target_or_an_end_of_turn_never_tra
         tokenization.mask_audit(data, tok, "<pad>")
 
 
+@pytest.mark.unit
 def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
     lines = []
     data = tokenization.load_split(["ultrachat_sample"], "test", tok, 16, 16, pairs=False, min_answer_tokens=4, log=lines.append)
@@ -404,6 +435,7 @@ def test_prompts_that_fill_max_length_are_cut_and_counted_never_fatal(tok):
     assert data.first(len(data)).parts == data.parts
 
 
+@pytest.mark.unit
 def test_a_template_without_the_end_of_turn_token_is_refused(tok):
     with pytest.raises(pd.DataError, match=r"emits no end-of-turn token '<pad>' after an assistant answer"):
         tokenization.encode_chat(tok, SINGLE["prompt"], "Five.", "<pad>")
@@ -430,6 +462,7 @@ def _refused(tmp_path, monkeypatch, *overrides):
     return str(error.value)
 
 
+@pytest.mark.unit
 def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_models_load(tmp_path, monkeypatch):
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(10)))  # 9 train rows, 1 held out
@@ -444,6 +477,7 @@ def test_too_few_rows_for_one_batch_or_too_few_examples_are_refused_before_model
         pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'run'}", "n_examples=8", "batch_size=16"))
 
 
+@pytest.mark.integration
 def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
     import subprocess
     import sys
@@ -457,6 +491,7 @@ def test_non_utf8_data_ends_the_cli_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.unit
 def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(tok, tmp_path, monkeypatch):
     # Two jobs on one node tokenise the same data at once. Here the second starts and finishes while the
     # first is half way through its rows (the second is run from inside the first's encode_row): the
@@ -488,6 +523,7 @@ def test_two_builds_of_one_cache_entry_at_once_do_not_touch_each_others_files(to
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()  # one entry, no private folder left
 
 
+@pytest.mark.unit
 def test_a_cache_folder_that_no_build_published_is_replaced(tok, tmp_path, monkeypatch):
     # e.g. left by a killed process of an older version, or a private folder of a process that no longer runs
     import datasets

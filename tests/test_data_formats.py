@@ -89,6 +89,7 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_is_detected_from_its_first_row_and_normalised_to_these_messages(fmt, tmp_path, own_cache):
     raw, expected = FORMATS[fmt]
@@ -98,6 +99,7 @@ def test_each_format_is_detected_from_its_first_row_and_normalised_to_these_mess
     assert sources.has_rejected_answers(str(path), "test") == (expected[-1]["rejected"] is not None)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_file_with_a_utf8_byte_order_mark_is_read(tmp_path, suffix):
     raw, expected = FORMATS["alpaca"]
@@ -109,6 +111,7 @@ def test_a_file_with_a_utf8_byte_order_mark_is_read(tmp_path, suffix):
     assert _all_rows(path) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "q", "chosen": None, "rejected": "b"}, "field 'chosen' is null"),
     ({"prompt": None, "completion": "a"}, "field 'prompt' is null"),
@@ -122,6 +125,7 @@ def test_a_null_field_names_itself(tmp_path, row, message):
         sources.load_normalised(str(path), "train")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("row, message", [
     ({"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [user("x"), assistant("b")]},
      "'chosen' and 'rejected' differ before their final assistant turn"),
@@ -143,6 +147,7 @@ def test_bad_rows_of_the_new_formats_name_the_line_and_field(tmp_path, row, mess
         sources.load_normalised(str(path), "train")
 
 
+@pytest.mark.unit
 def test_a_dataset_named_twice_is_refused_in_one_line_before_anything_loads(tmp_path, monkeypatch):
     path = _write_jsonl(tmp_path / "a.jsonl", FORMATS["alpaca"][0])
     monkeypatch.chdir(tmp_path)
@@ -161,6 +166,7 @@ def test_a_dataset_named_twice_is_refused_in_one_line_before_anything_loads(tmp_
         "name each dataset once"]
 
 
+@pytest.mark.unit
 def test_the_zephyr_fallback_template_is_announced_once_on_rank_0(capsys, monkeypatch):
     tok = AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral"))
     tokenization.ensure_chat_template(tok)  # it has a template of its own: nothing to say
@@ -199,6 +205,7 @@ SMALL = ["batch_size=4", "eval_batch_size=4", "n_eval_examples=4", "max_length=6
          "min_answer_tokens=8"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fmt", ["trl_preference", "prompt_completion", "prompt_completion_messages", "sharegpt",
                                  "alpaca"])
 def test_a_dry_run_of_each_format_prints_its_plan(fmt, format_files, tmp_path, own_cache):
@@ -211,6 +218,7 @@ def test_a_dry_run_of_each_format_prints_its_plan(fmt, format_files, tmp_path, o
     assert "plan: 11 training rows" in out and not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_run_over_every_format_at_once_trains(format_files, tmp_path, own_cache):
     files = ",".join(str(format_files[f]) for f in ("trl_preference", "prompt_completion", "sharegpt", "alpaca"))
     rows = run_inprocess(tmp_path / "run", f"datasets=[{files}]", "loss=ift", *SMALL, "n_examples=8",

@@ -15,6 +15,8 @@ from training import flops
 
 from conftest import tiny_model
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_shape_is_the_hand_counted_weight_matrices_of_the_config():
     for tie in (False, True):

@@ -29,6 +29,7 @@ def tokenizer():
     return ensure_chat_template(AutoTokenizer.from_pretrained(str(TINY)))
 
 
+@pytest.mark.unit
 def test_every_cell_and_every_move_is_one_token(tokenizer):
     # BPE merges pairs, so if no two letters merge, no longer string of them can either.
     for alphabet in ("SFHG", "LDRU"):
@@ -59,6 +60,7 @@ def brute_force_shortest(desc, max_len=10):
     return None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(6))
 def test_the_answer_is_a_shortest_safe_path_and_the_rejected_one_fails_in_gymnasium(seed):
     desc = generate_random_map(size=4, seed=seed)
@@ -71,12 +73,14 @@ def test_the_answer_is_a_shortest_safe_path_and_the_rejected_one_fails_in_gymnas
         assert game.play(desc, wrong)[0] == 0.0
 
 
+@pytest.mark.unit
 def test_unsolvable_maps_have_no_path_and_answers_parse_strictly():
     assert game.shortest_path(["SH", "HG"]) is None
     assert game.parse_answer(" RRDD\n") == "RRDD"
     assert game.parse_answer("RRxD") is None and game.parse_answer("") is None
 
 
+@pytest.mark.unit
 def test_the_data_is_deterministic_holds_maps_out_and_loads_as_preference_pairs(tmp_path, tokenizer):
     train, test = build_data.build(tmp_path / "a", n_train=60, n_test=12, seed=3)
     again, _ = build_data.build(tmp_path / "b", n_train=60, n_test=12, seed=3)
@@ -90,6 +94,7 @@ def test_the_data_is_deterministic_holds_maps_out_and_loads_as_preference_pairs(
     assert len(data) == 12 and data.answers[0] == test[0]["chosen"][-1]["content"]
 
 
+@pytest.mark.unit
 def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TINY))).eval()
@@ -102,6 +107,7 @@ def test_batched_greedy_decoding_equals_generate_one_prompt_at_a_time(tokenizer)
         assert pr.shape == (len(new) + (2 in ref), 2)
 
 
+@pytest.mark.unit
 def test_results_hold_per_seed_success_with_mean_and_sample_std(tmp_path):
     out = write_results({"r/ift_seed0": {"success_rate": 0.5}, "r/ift_seed1": {"success_rate": 0.7},
                          "r/sft_seed0": {"success_rate": 0.25}}, tmp_path / "results.json")
@@ -111,10 +117,11 @@ def test_results_hold_per_seed_success_with_mean_and_sample_std(tmp_path):
     assert out["sft"] == {"success_rate": [0.25], "mean": 0.25, "std": 0.0, "n_seeds": 1}
 
 
+@pytest.mark.integration
 def test_quick_mode_runs_the_pipeline_end_to_end_and_writes_report_and_results(tmp_path):
     # The script has two kinds of job: DPO's sequential recipe (an SFT stage, then DPO from it) and one
     # train.py run for every other method (sft, orpo and dft take IFT's path with another loss=; each
-    # loss's training is tested in test_baselines / test_losses_*). IFT also draws the IFT-only plots.
+    # loss's training is tested in test_losses_*). IFT also draws the IFT-only plots.
     # Two methods cover every line of the pipeline at a third of the five methods' cost.
     methods = ["ift", "dpo"]
     env = dict(os.environ, QUICK="1", OUT=str(tmp_path / "fl"), PYTHON=sys.executable, METHODS=" ".join(methods))
@@ -167,6 +174,7 @@ def into_a_hole(desc, best):
     return None
 
 
+@pytest.mark.unit
 def test_the_scorer_on_hand_made_answers_replayed_in_gymnasium(tmp_path):
     from experiments.frozen_lake.evaluate_env import score_answers
 
@@ -215,6 +223,7 @@ def markov_model(next_token, vocab, eot):
     return model
 
 
+@pytest.mark.unit
 def test_batched_greedy_decoding_stops_each_row_at_its_end_of_turn_token():
     eot, pad, vocab = 2, 0, 12
     # 3 -> 4 -> 5 -> eot; 6 -> 7 -> eot; 8 -> 8 -> ... (never ends); 9 -> eot at once
@@ -251,6 +260,7 @@ def floyd_warshall(desc, allowed):
     return d
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(5))
 def test_cell_prefixes_and_optimal_moves_against_floyd_warshall(seed):
     desc = generate_random_map(size=5, seed=seed)
@@ -285,6 +295,7 @@ def test_cell_prefixes_and_optimal_moves_against_floyd_warshall(seed):
         assert nxt != pos and desc[nxt[0]][nxt[1]] in "SF"
 
 
+@pytest.mark.unit
 def test_prefix_prompts_are_the_training_tokens_and_the_measures_count_every_cell(tmp_path, tokenizer):
     from experiments.frozen_lake.evaluate_env import move_quality, prefix_prompts, recovery
 

@@ -25,12 +25,14 @@ def cell(desc, s):
     return divmod(s, len(desc[0]))
 
 
+@pytest.mark.unit
 def test_the_fixed_maps_are_what_the_generator_draws_and_the_splits_are_disjoint():
     assert lake.generate_maps(30) == lake.TEST_MAPS + lake.VALIDATION_MAPS
     assert len(lake.TEST_MAPS) == 20 and len(lake.VALIDATION_MAPS) == 10
     assert len({tuple(m) for m in ALL_MAPS}) == 30
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("i", range(len(ALL_MAPS)))
 def test_each_map_has_an_optimal_and_a_longer_disjoint_route(i):
     desc = ALL_MAPS[i]
@@ -47,6 +49,7 @@ def test_each_map_has_an_optimal_and_a_longer_disjoint_route(i):
             assert abs(r0 - r1) + abs(c0 - c1) == 1 and desc[r1][c1] != "H"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("i", [0, 5, 13, 22])
 def test_value_iteration_optimal_moves_are_the_moves_that_shorten_the_safe_distance(i):
     desc = ALL_MAPS[i]
@@ -64,6 +67,7 @@ def test_value_iteration_optimal_moves_are_the_moves_that_shorten_the_safe_dista
         assert optimal[s].sum() == pytest.approx(1.0)
 
 
+@pytest.mark.unit
 def test_gymnasiums_table_moves_as_the_game_does():
     desc = lake.TEST_MAPS[2]
     P = lake.transition_table(desc)
@@ -75,6 +79,7 @@ def test_gymnasiums_table_moves_as_the_game_does():
                 assert p == 1.0 and cell(desc, s2) == game.step(desc, (r, c), name)
 
 
+@pytest.mark.unit
 def test_transition_matrices_and_scores_against_float64_loops():
     rng = np.random.default_rng(0)
     desc = lake.TEST_MAPS[1]
@@ -102,6 +107,7 @@ def test_transition_matrices_and_scores_against_float64_loops():
     assert perfect == {"mse": 0.0, "greedy_optimal": 1.0, "solved": 1.0}
 
 
+@pytest.mark.unit
 def test_states_are_single_tokens_and_the_answer_is_the_trajectory(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(build.build_model_dir(tmp_path / "m")))
     best, _ = lake.trajectories(lake.TEST_MAPS[0])
@@ -111,6 +117,7 @@ def test_states_are_single_tokens_and_the_answer_is_the_trajectory(tmp_path):
     assert tok.convert_ids_to_tokens(answer) == [f"s{s}" for s in best] + ["<eot>"]
 
 
+@pytest.mark.unit
 def test_the_zero_layer_policy_is_markov(tmp_path):
     config = transformers.AutoConfig.from_pretrained(str(build.build_model_dir(tmp_path / "m")))
     assert config.num_hidden_layers == 0
@@ -122,6 +129,7 @@ def test_the_zero_layer_policy_is_markov(tmp_path):
     assert torch.allclose(a, b, atol=1e-6)  # the last token alone decides the next-state distribution
 
 
+@pytest.mark.integration
 def test_quick_protocol_end_to_end(tmp_path):
     out = tmp_path / "paper"
     env = dict(os.environ, QUICK="1", OUT=str(out), PYTHON=sys.executable, JOBS="1")

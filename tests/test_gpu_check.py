@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from utils import REPO_DIR
 
 
@@ -16,6 +18,7 @@ def rows(report):
     return {check: (verdict, int(wall), note) for check, verdict, wall, note in found}
 
 
+@pytest.mark.integration
 def test_the_smoke_run_passes_compares_every_row_fails_the_perturbed_one_and_skips_with_reasons(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--perturb", "packed",
@@ -41,6 +44,7 @@ def test_the_smoke_run_passes_compares_every_row_fails_the_perturbed_one_and_ski
     assert "largest relative difference" in report and "wall s" in report
 
 
+@pytest.mark.unit
 def test_a_check_that_does_not_fit_the_budget_is_skipped_not_run(tmp_path):
     from benchmarks import gpu_check
     report = gpu_check.Report(tmp_path / "r.md", ["# r"])

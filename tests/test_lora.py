@@ -41,6 +41,7 @@ def adapter_count(config, r, targets):
     return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, targets, extra", [
     ([], BLOCK_LINEARS, 0),
     (["lora.target_modules=[q_proj,v_proj]", "lora.trainable_modules=[embed_tokens]"], ["q_proj", "v_proj"], 930 * 128),
@@ -61,6 +62,7 @@ def test_only_the_adapters_and_the_listed_modules_are_trainable(overrides, targe
     assert frozen == base_total  # every base weight is there, frozen (trainable copies are extra)
 
 
+@pytest.mark.integration
 def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(tmp_path):
     """Two identical IFT runs, one saving the adapter alone, one the merged model: the merged weights
     are the base's plus (alpha / r) B A of the saved adapter, computed here in float64; everything
@@ -111,6 +113,7 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
         assert ours != [our_greedy_answer(model, tokenizer, s["doc"]["question"], 24) for s in samples]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo", "dft", "simpo"])
 def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
     """(IFT: the test above.) DPO and IPO run against the adapter-disabled base, which the trainer
@@ -124,6 +127,7 @@ def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(l
                         ("mlp", ["gate_proj", "up_proj", "down_proj"])) for t in targets}
 
 
+@pytest.mark.unit
 def test_dpo_with_the_adapter_disabled_reference_equals_dpo_with_a_frozen_copy():
     cfg, policy = tiny_peft("loss=dpo", "lora.dropout=0.0")
     frozen = copy.deepcopy(policy.get_base_model())  # the base weights, before the adapters move
@@ -177,9 +181,10 @@ FSDP_LOSSES = {
 }
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("loss", sorted(FSDP_LOSSES))
 def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
-    from test_distributed import assert_same_run
+    from test_trainers_fsdp import assert_same_run
     run = [*STEPS, "lr=1e-3", "max_grad_norm=1.0", *LORA, "lora.dropout=0.0", *FSDP_LOSSES[loss]]
     one = launch_run(tmp_path / "one", *run, "trainer=FSDPTrainer", "nproc=1", "gradient_accumulation_steps=2")
     two = launch_run(tmp_path / "two", *run, "trainer=FSDPTrainer", "nproc=2")
@@ -190,6 +195,7 @@ def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
     assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # never listed: frozen
 
 
+@pytest.mark.unit
 def test_merging_takes_the_frozen_weights_from_the_base_when_given():
     """QLoRA's path: the base weights come from an unquantised copy, the adapters from training."""
     state = {"base_model.model.l.q.base_layer.weight": torch.zeros(3, 2, dtype=torch.uint8),
@@ -257,6 +263,7 @@ def qlora_state():
     return state, {"l.q.weight": q_value, "l.k.weight": k_value, "norm.weight": state["base_model.model.norm.weight"]}
 
 
+@pytest.mark.unit
 def test_qlora_merges_bitsandbytes_state_dict_into_the_unquantised_base():
     """QLoRA's final/ (and save_hf_checkpoints): the quant-state keys bitsandbytes adds are no weights
     of the base model; the frozen weights come from the unquantised copy, the adapters from training."""
@@ -269,6 +276,7 @@ def test_qlora_merges_bitsandbytes_state_dict_into_the_unquantised_base():
     assert torch.equal(merged["l.k.weight"], base["l.k.weight"])
 
 
+@pytest.mark.unit
 def test_qlora_without_a_base_dequantises_the_4bit_weights_before_merging():
     """Without the unquantised base, each 4-bit weight is read back to float from its quant state
     (against the float64 loops of bnb_4bit_state): final/ holds plain float weights only."""
@@ -283,6 +291,7 @@ def test_qlora_without_a_base_dequantises_the_4bit_weights_before_merging():
     torch.testing.assert_close(merged["l.k.weight"].double(), frozen["l.k.weight"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_dequantisation_equals_bitsandbytes_own():
     """Where bitsandbytes installs (its CPU backend suffices): a real Linear4bit's state dict, read back
     by dequantize_4bit, equals bitsandbytes.functional.dequantize_4bit bit for bit."""
@@ -297,6 +306,7 @@ def test_dequantisation_equals_bitsandbytes_own():
     assert torch.equal(lora.dequantize_4bit(state["weight"], quant), expected)
 
 
+@pytest.mark.unit
 def test_qlora_refuses_a_bitsandbytes_whose_4bit_weights_dcp_cannot_save(monkeypatch):
     """DCP's get_state_dict resolves each state-dict key by getattr, e.g. Params4bit.absmax; bitsandbytes
     before its fix of issue #1405 (PR #1866) has no such attribute and the first checkpoint fails."""
@@ -317,6 +327,7 @@ def test_qlora_refuses_a_bitsandbytes_whose_4bit_weights_dcp_cannot_save(monkeyp
     lora.check_run(cfg, cuda=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["lora.quantize=4bit", "device=cpu"], "lora.quantize=4bit (QLoRA) needs a CUDA GPU"),
     (["lora.r=0"], "lora.r=0 is out of range: allowed [1, inf)"),
@@ -336,6 +347,7 @@ def test_impossible_lora_settings_stop_before_any_model_loads(overrides, message
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_the_dry_run_refuses_lora_targets_that_match_nothing_in_one_line():
     """Before: the dry run exited 0 with peft's error inside "plan: the model's shape is unknown (...)"."""
     status, out, err = run_train_py("dry_run=true", *LORA, "lora.target_modules=[foo]")
@@ -345,6 +357,7 @@ def test_the_dry_run_refuses_lora_targets_that_match_nothing_in_one_line():
         "head)"]
 
 
+@pytest.mark.unit
 def test_default_targets_are_every_linear_layer_of_the_blocks_in_any_architecture(tmp_path):
     """Gemma-3 (text; model_type gemma3_text), which the old hand-kept family table lacked: adapters on
     every attention and MLP projection of every layer, none on the output head, r (in + out) each."""
@@ -360,6 +373,7 @@ def test_default_targets_are_every_linear_layer_of_the_blocks_in_any_architectur
     assert trainable == adapter_count(model.config, 4, BLOCK_LINEARS)
 
 
+@pytest.mark.distributed
 def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tmp_path):
     """A LoRA IFT run (adapter dropout on, so the RNG states matter) stopped by SIGTERM and continued
     with resume_from=latest equals the uninterrupted run step for step. Its checkpoints hold the
@@ -368,8 +382,8 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     process continues on two FSDP ranks like the uninterrupted run."""
     from training import checkpoints
 
-    from test_resume import (ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step,
-                             start_cli)
+    from test_checkpoints import (ACROSS_RANKS, ONE_PROCESS, STEPS as RESUME_STEPS, assert_continues, signal_after_step,
+                                  start_cli)
     run = [*LORA, "lora.dropout=0.1"]
     reference = launch_run(tmp_path / "reference", *RESUME_STEPS, *run)
 
@@ -389,6 +403,7 @@ def test_a_lora_run_stopped_by_sigterm_resumes_exactly_on_any_number_of_ranks(tm
     assert_continues((*reference, None), resumed, ACROSS_RANKS)
 
 
+@pytest.mark.unit
 def test_lora_keys_without_choosing_lora_are_named():
     with pytest.raises(ConfigError, match=r"lora\.\* keys need lora=default on the command line"):
         config_schema.check_overrides(["lora.r=8"])
@@ -396,6 +411,7 @@ def test_lora_keys_without_choosing_lora_are_named():
         config_schema.check_overrides(["lora=default", "lora.alpah=8"])
 
 
+@pytest.mark.integration
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):
     """policy_dtype=bfloat16: the base (the memory) stays bf16, the adapters are float32 master
     weights, and the forward computes in bf16 under autocast; final/ is merged and saved in bf16."""

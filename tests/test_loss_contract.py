@@ -16,6 +16,8 @@ from training import batching
 
 from conftest import tiny_model
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -16,6 +16,9 @@ C = [-1.0, -0.25, -3.0, -2.0]   # per-token mean log-probs of the chosen answers
 R = [-1.5, -0.20, -1.0, -2.0]   # and of the rejected ones
 
 
+pytestmark = pytest.mark.unit
+
+
 def t(values):
     return torch.tensor(values, dtype=torch.float64)
 

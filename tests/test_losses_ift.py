@@ -25,6 +25,9 @@ COMBOS = list(itertools.product(losses.PROPAGATION_SIDES, losses.PROPAGATION_NOR
 
 # ------------------------------------------------------------------ brute-force references
 
+pytestmark = pytest.mark.unit
+
+
 def reference_row_weights(l_row, m_row, gamma, ptype, side, norm):
     """Spec §2 for one row, with Python loops over 0-dim float64 tensors (so autograd can follow).
 

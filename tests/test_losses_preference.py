@@ -18,6 +18,9 @@ RC = [-11.0, -4.0, -35.0, -6.0]   # reference chosen
 RR = [-11.5, -2.0, -22.0, -9.0]   # reference rejected
 
 
+pytestmark = pytest.mark.unit
+
+
 def t(values):
     return torch.tensor(values, dtype=torch.float64)
 

@@ -45,6 +45,7 @@ def refused(*overrides):
     return str(e.value)
 
 
+@pytest.mark.unit
 def test_a_model_dir_without_tokenizer_files_stops_in_one_line_before_weights_load_and_makes_no_run_dir(
         dirs, tmp_path, no_weights_load):
     """Before: transformers built a tokenizer of one token and the run trained on nothing (exit 0)."""
@@ -60,6 +61,7 @@ def test_a_model_dir_without_tokenizer_files_stops_in_one_line_before_weights_lo
                                       f"model.tokenizer_name_or_path={dirs['qwen2']}"))
 
 
+@pytest.mark.unit
 def test_a_model_dir_without_weights_stops_in_one_line(dirs, tmp_path, no_weights_load):
     directory = tmp_path / "config_only"
     directory.mkdir()
@@ -71,6 +73,7 @@ def test_a_model_dir_without_weights_stops_in_one_line(dirs, tmp_path, no_weight
     pipeline.validate_config(make_cfg(f"model.name_or_path={directory}", "model.from_scratch=true"))  # no weights read
 
 
+@pytest.mark.unit
 def test_a_tokenizer_of_under_half_the_models_vocabulary_is_refused(dirs):
     cfg = make_cfg(f"model.name_or_path={dirs['big_vocab']}")
     with pytest.raises(ConfigError, match=r"^the tokenizer of model.name_or_path=.* has 930 tokens, under half the "
@@ -82,6 +85,7 @@ def test_a_tokenizer_of_under_half_the_models_vocabulary_is_refused(dirs):
     modeling.load_tokenizer(make_cfg(f"model.name_or_path={dirs['big_vocab']}", "model.from_scratch=true"))
 
 
+@pytest.mark.unit
 def test_an_attention_kernel_the_architecture_lacks_is_one_line_naming_the_key(dirs, no_weights_load):
     """Gemma-2 has no sdpa path in transformers (its logit soft-capping): the default kernel is refused at
     check time, in the dry run too, not after the weights load with transformers' paragraph."""
@@ -93,6 +97,7 @@ def test_an_attention_kernel_the_architecture_lacks_is_one_line_naming_the_key(d
     pipeline.validate_config(make_cfg(f"model.name_or_path={dirs['gemma2']}", "model.attn_implementation=eager"))
 
 
+@pytest.mark.unit
 def test_fsdp_takes_the_block_classes_from_the_model_and_checks_a_given_one_before_weights_load(
         dirs, no_weights_load):
     """model.block_name=null: the classes transformers names in _no_split_modules; a set value that
@@ -109,6 +114,7 @@ def test_fsdp_takes_the_block_classes_from_the_model_and_checks_a_given_one_befo
     pipeline.validate_config(make_cfg(*wrong))  # one process, no compile: the key is not used
 
 
+@pytest.mark.unit
 def test_the_dry_run_refuses_too_few_rows_as_the_real_run_does_and_prints_the_mask_audit(tmp_path):
     """Before: the real run said it in one line, the dry run ended in a traceback from the plan."""
     line = ("data error: datasets=['ultrachat_sample', 'ultrafeedback_sample'] have 20 training rows, fewer than one "
@@ -121,6 +127,7 @@ def test_the_dry_run_refuses_too_few_rows_as_the_real_run_does_and_prints_the_ma
     assert "mask audit, " in out and "answers end with the end-of-turn token '</s>'" in out and "  target: [" in out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["policy_dtype=float16"], r"^unknown config key 'policy_dtype' \(did you mean 'model.policy_dtype'\?\); keys at"),
     (["attn_implementation=eager"], r"did you mean 'model.attn_implementation'\?"),
@@ -132,6 +139,7 @@ def test_model_and_lora_keys_given_short_get_a_hint_toward_their_section(args, m
         config_schema.rewrite_argv(args)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides", [["max_length=8"], ["max_prompt_length=600"]])
 def test_max_length_below_max_prompt_length_names_both_keys(overrides):
     cfg = make_cfg(*overrides)
@@ -139,6 +147,7 @@ def test_max_length_below_max_prompt_length_names_both_keys(overrides):
                                    "raise max_length or lower max_prompt_length")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path, name", [("/data/ckpts/Qwen2-0.5B", "Qwen2-0.5B"),
                                         ("Qwen/Qwen2.5-0.5B/", "Qwen2.5-0.5B"),
                                         ("runs/sft_tiny_2026/final", "sft_tiny_2026"),
@@ -155,6 +164,7 @@ def test_a_custom_model_path_names_the_run_unless_model_name_is_set(path, name):
     assert cfg.model.name == "mistral7b"
 
 
+@pytest.mark.unit
 def test_validate_config_names_the_run_for_its_model(dirs):
     cfg = make_cfg(f"model.name_or_path={dirs['qwen2']}")
     pipeline.validate_config(cfg)
@@ -170,6 +180,7 @@ def progress_bars():
     (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+@pytest.mark.integration
 def test_transformers_progress_bars_stay_off_a_log_file_and_on_a_terminal(tmp_path, progress_bars, monkeypatch):
     """run_train_py's stderr is a StringIO, as a Slurm log is a file: no "Loading weights" or "Writing
     model shards" bar (each redraw a line there). On a terminal they stay."""

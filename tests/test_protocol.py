@@ -9,6 +9,8 @@ import pytest
 
 from experiments import protocol
 
+pytestmark = pytest.mark.unit
+
 
 def t_cdf(x, df, steps=20000):
     """P(T <= x) for x > 0 by Simpson's rule on the density from 0 to x (the density is symmetric)."""

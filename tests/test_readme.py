@@ -11,6 +11,8 @@ import pytest
 from training import config_schema
 from utils import REPO_DIR
 
+pytestmark = pytest.mark.unit
+
 README_MAX_LINES = 300
 
 

@@ -60,6 +60,7 @@ def live(tmp_path_factory):
         return run(tmp_path_factory.mktemp("live") / "run")
 
 
+@pytest.mark.integration
 def test_precomputed_sums_train_like_a_live_reference_with_no_reference_in_memory(live, tmp_path, monkeypatch):
     in_float64(monkeypatch, tmp_path / "cache")
     loaded, alive = [], []
@@ -97,6 +98,7 @@ def _fsdp_worker(rank, cfg, port, cache):
         pipeline.run(cfg, rank, 2, port)
 
 
+@pytest.mark.distributed
 def test_precomputed_packed_sums_on_two_fsdp_ranks_train_like_a_live_padded_reference_in_one_process(live, tmp_path):
     cfg = make_cfg(f"run_dir={tmp_path / 'fsdp'}", *DPO, "reference_logps=precompute", "packing=true",
                    "trainer=FSDPTrainer", "nproc=2", "device=cpu")
@@ -108,6 +110,7 @@ def test_precomputed_packed_sums_on_two_fsdp_ranks_train_like_a_live_padded_refe
     assert_same_losses(live, read_rows(tmp_path / "fsdp"), keys=("loss",))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loss_cfg", [{"name": "dpo"}, {"name": "dpo", "label_smoothing": 0.2},
                                       {"name": "ipo", "beta": 0.5}])
 def test_every_reference_loss_reads_the_sums_from_the_batch_as_it_would_compute_them(loss_cfg):
@@ -135,6 +138,7 @@ def test_every_reference_loss_reads_the_sums_from_the_batch_as_it_would_compute_
         torch.testing.assert_close(out.metrics[key], live.metrics[key], rtol=0, atol=0)
 
 
+@pytest.mark.unit
 def test_the_cache_key_changes_with_the_reference_the_data_and_the_settings():
     class Data:  # what data_fingerprint reads: TokenizedData.fingerprint, a function of the rows
         def __init__(self, rows):

@@ -16,6 +16,9 @@ from utils import REPO_DIR
 TINY = REPO_DIR / "models" / "tiny-mistral"
 
 
+pytestmark = pytest.mark.unit
+
+
 def fake_run(path, loss, seed, nll, task=None, finished=True, **config):
     """A run directory as train.py leaves it: config.yaml and metrics.jsonl (train rows, eval rows whose
     last nll is `nll`), optionally task_metrics.json, and final/ unless it is unfinished."""

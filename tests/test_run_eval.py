@@ -52,6 +52,7 @@ def our_greedy_answer(model, tokenizer, question, max_new_tokens):
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
+@pytest.mark.integration
 def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(trained_run):
     # an earlier result of another task must survive this call
     (trained_run / "eval").mkdir()
@@ -121,6 +122,7 @@ class ScriptedLM:
         return _LM()
 
 
+@pytest.mark.integration
 def test_the_quick_task_reads_every_single_turn_row_and_scores_stripped_exact_match():
     with open(REPO_DIR / "data" / "ultrachat_200k" / "test_sft.jsonl") as f:
         chats = [json.loads(line)["messages"] for line in f]
@@ -144,6 +146,7 @@ def test_the_quick_task_reads_every_single_turn_row_and_scores_stripped_exact_ma
     assert res["results"]["ift_quick"]["exact_match,none"] == pytest.approx(right / len(single), abs=1e-12)
 
 
+@pytest.mark.integration
 def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metric():
     from lm_eval.tasks._yaml_loader import load_yaml
     manager = run_eval.task_manager(run_eval.PAPER_SUITE)
@@ -158,6 +161,7 @@ def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metr
         ("arc_challenge", 25), ("hellaswag", 10), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
 
 
+@pytest.mark.unit
 def test_the_table_averages_the_six_paper_tasks_only_when_all_ran_in_full():
     tasks = {s.name: {"num_fewshot": s.num_fewshot, "metric": s.metric, "value": v, "stderr": None,
                       "n_samples": 10, "limit": None, "metrics": {}}
@@ -168,6 +172,7 @@ def test_the_table_averages_the_six_paper_tasks_only_when_all_ran_in_full():
     assert "average" not in run_eval.markdown_table({"model": "m", "tasks": tasks})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("make_final, tasks, message", [
     (False, [], "no model to evaluate: {run}/final/config.json does not exist"),
     (True, ["--tasks", "arc_challenge", "no_such_task"], "unknown lm-eval task(s): no_such_task"),
@@ -185,6 +190,7 @@ def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypa
     assert not (run / "eval").exists()
 
 
+@pytest.mark.unit
 def test_a_hub_benchmark_offline_stops_with_one_line_naming_the_setting(monkeypatch):
     import lm_eval
 

@@ -63,6 +63,7 @@ def standins(tmp_path_factory):
     return {name: str(out / folder) for name, folder in FOLDERS.items()}
 
 
+@pytest.mark.integration
 def test_every_hub_layout_is_written_and_loads_as_a_downloaded_copy(standins):
     files = {name: sorted(str(p.relative_to(folder)) for p in __import__("pathlib").Path(folder).rglob("*")
                           if p.is_file()) for name, folder in standins.items()}
@@ -84,6 +85,7 @@ def test_every_hub_layout_is_written_and_loads_as_a_downloaded_copy(standins):
     assert 3.2 < np.mean(rounds) < 4.5 and max(rounds) >= 6
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_long_multi_turn_rows_keep_the_invariants_through_every_tokenizer_family(standins, family):
     tok = tokenization.ensure_chat_template(build_tokenizer(family))
@@ -117,6 +119,7 @@ def test_long_multi_turn_rows_keep_the_invariants_through_every_tokenizer_family
         assert cut.parts[0]["rows_dropped"] == 0
 
 
+@pytest.mark.integration
 def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
     a, b = tokenization.sample_rows(1000, 61, 0, "ultrachat"), tokenization.sample_rows(1000, 61, 0, "ultrachat")
     assert (a == b).all() and len(set(a.tolist())) == 61 and (np.diff(a) > 0).all()
@@ -125,6 +128,7 @@ def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
     assert (tokenization.sample_rows(50, 61, 0, "x") == np.arange(50)).all()  # fewer rows than asked: all of them
 
 
+@pytest.mark.integration
 def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     run_dir = tmp_path / "run"
     env_cache = tmp_path / "cache"
@@ -151,6 +155,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     assert not run_dir.exists() and "wandb" not in proc.stdout.lower()
 
 
+@pytest.mark.integration
 def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_as_long_as_the_row(standins, tmp_path):
     from training import modeling, planning, run_data
     args = ["loss=ift", "datasets=[ultrachat]", f"dataset_paths.ultrachat={standins['ultrachat']}", "max_length=192",
@@ -168,6 +173,7 @@ def test_a_tiny_model_trains_to_the_end_on_long_multi_turn_rows_with_the_prompt_
     assert planning.plan(cfg, data, losses.build(cfg.loss))["flops"] == pytest.approx(trained, rel=1e-9)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("reference_logps", ["live", "precompute"])
 def test_the_plan_counts_a_live_reference_forward_and_none_with_precompute(reference_logps):
     from training import modeling, planning, run_data
@@ -180,6 +186,7 @@ def test_the_plan_counts_a_live_reference_forward_and_none_with_precompute(refer
     assert ("reference model's forward" in p["flops_counted"]) == (reference_logps == "live")
 
 
+@pytest.mark.integration
 def test_a_second_rank_maps_the_first_ranks_tokens_without_reading_a_row(standins, monkeypatch, tmp_path):
     import datasets
     from transformers import AutoTokenizer

@@ -26,6 +26,7 @@ def env():
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
+@pytest.mark.integration
 def test_multirun_gives_each_job_its_own_run_dir_named_by_the_swept_values(tmp_path):
     status, stdout, stderr = run_train_py("-m", "loss=sft,ift", "seed=0,1", *TINY_RUN, cwd=tmp_path)
     assert status == 0, stderr[-3000:]
@@ -44,6 +45,7 @@ def test_multirun_gives_each_job_its_own_run_dir_named_by_the_swept_values(tmp_p
         ["job 1/4", "job 2/4", "job 3/4", "job 4/4"]
 
 
+@pytest.mark.integration
 def test_a_sweep_with_run_dir_runs_its_jobs_in_it_or_in_their_own_and_leaves_no_empty_sweep_folder(tmp_path):
     """run_dir=X: X is the sweep's folder (a job per sub-folder); run_dir=X_${seed}: each job's own,
     and no runs/sweep_* folder holding only Hydra's multirun.yaml is left."""
@@ -57,11 +59,13 @@ def test_a_sweep_with_run_dir_runs_its_jobs_in_it_or_in_their_own_and_leaves_no_
     assert (tmp_path / "own_1" / "final").is_dir()
 
 
+@pytest.mark.unit
 def test_the_swept_keys_come_from_the_command_line():
     assert sweeps.swept_keys(["loss=sft,ift", "seed=0,1", "lr=1e-3", "datasets=[a,b]"]) == ["loss", "seed"]
     assert sweeps.swept_keys(["lr=1e-3"]) == []
 
 
+@pytest.mark.integration
 def test_exactly_one_of_many_parallel_launchers_reserves_a_run_dir(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         won = pool.map(utils.reserve_run_dir, [tmp_path / "run"] * 8)
@@ -69,6 +73,7 @@ def test_exactly_one_of_many_parallel_launchers_reserves_a_run_dir(tmp_path):
     assert not utils.reserve_run_dir(tmp_path / "run")
 
 
+@pytest.mark.unit
 def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
     class Frozen(datetime.datetime):
         @classmethod
@@ -83,6 +88,7 @@ def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatc
         utils.make_run_dir(str(first), "x")
 
 
+@pytest.mark.integration
 def test_sft_then_dpo_runs_from_one_command_and_dpo_starts_from_the_sft_model(tmp_path):
     proc = subprocess.run(["bash", str(REPO_DIR / "commands" / "run_sft_then.sh"), "dpo", str(tmp_path / "out"),
                            *TINY_RUN], cwd=tmp_path, env=dict(env(), PYTHON=sys.executable, SECOND_ARGS="beta=0.2"),

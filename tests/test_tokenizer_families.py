@@ -39,6 +39,7 @@ def _sample_chats():
             if answer is not None]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_end_of_turn_token_is_what_the_template_emits_after_an_answer(family_dirs, family):
     tok = _tokenizer(family_dirs, family)
@@ -48,6 +49,7 @@ def test_the_end_of_turn_token_is_what_the_template_emits_after_an_answer(family
         tokenization.end_of_turn_token(tok, "<not one token>")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_sample_row_splits_the_whole_chat_tokenisation_exactly(family_dirs, family):
     """The reference is the chat rendered and tokenised in one piece, as at inference (bos first when
@@ -72,6 +74,7 @@ def test_every_sample_row_splits_the_whole_chat_tokenisation_exactly(family_dirs
     assert len(chats) > 8000
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_dirs, family):
     tok = _tokenizer(family_dirs, family)
@@ -97,6 +100,7 @@ def test_truncation_keeps_bos_the_prompt_end_and_the_end_of_turn_token(family_di
     assert cut_prompts > 0 and cut_answers > 0  # both cuts happened
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_short_training_run_works_end_to_end(family_dirs, family, tmp_path, capsys):
     directory, block = family_dirs[family]
@@ -120,6 +124,7 @@ def test_a_short_training_run_works_end_to_end(family_dirs, family, tmp_path, ca
     assert len(open(run_dir / "samples.jsonl").readlines()) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_samples_stop_at_the_end_of_turn_token(family_dirs, family):
     """A model rigged to answer one token x and then the end-of-turn token, and x again after that:
@@ -159,6 +164,7 @@ def _straddling_tokenizer():
                                                            eos_token="</s>"))
 
 
+@pytest.mark.unit
 def test_a_token_straddling_the_answer_boundary_is_a_target_and_pairs_share_the_common_prompt():
     tok = _straddling_tokenizer()
     prompt = [{"role": "user", "content": "Hi."}]

@@ -22,6 +22,7 @@ def run_cli(*args, timeout=300):
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.unit
 def test_short_loss_keys_mean_the_same_as_long_ones():
     assert config_schema.expand_short_overrides(["loss=ift", "gamma=0.9", "lr=1e-4", "loss.beta=1", "+gamma=1"]) == \
         ["loss=ift", "loss.gamma=0.9", "lr=1e-4", "loss.beta=1", "+loss.gamma=1"]
@@ -29,6 +30,7 @@ def test_short_loss_keys_mean_the_same_as_long_ones():
     assert short == long and short.loss.gamma == 0.5
 
 
+@pytest.mark.unit
 def test_the_yaml_files_are_written_from_the_declarations():
     """config.yaml, loss/*.yaml and the keys and comments of model/*.yaml are what `python -m training.config_schema`
     writes (it also checks each model file's keys and values against the declaration)."""
@@ -38,6 +40,7 @@ def test_the_yaml_files_are_written_from_the_declarations():
         assert path.read_text(encoding="utf-8") == text, f"{path} differs from its declaration: run training/config_schema.py"
 
 
+@pytest.mark.unit
 def test_a_model_file_with_an_undeclared_key_or_value_is_refused(tmp_path, monkeypatch):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "x.yaml").write_text((config_schema.CONFIG_DIR / "model" / "tiny.yaml").read_text()
@@ -48,12 +51,14 @@ def test_a_model_file_with_an_undeclared_key_or_value_is_refused(tmp_path, monke
         config_schema.yaml_files()
 
 
+@pytest.mark.unit
 def test_defaults_are_ift_on_the_tiny_model_and_validate():
     cfg = make_cfg()
     pipeline.validate_config(cfg)
     assert (cfg.loss.name, cfg.model.name, cfg.loss.gamma, cfg.loss.max_lambda) == ("ift", "tiny", 0.95, 0.2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["lr=-1"], r"lr=-1 is out of range: allowed \(0, inf\)"),
     (["lr=fast"], r"lr must be a number, got 'fast'"),
@@ -88,6 +93,7 @@ def test_impossible_config_values_fail_early_with_the_allowed_values(overrides, 
         pipeline.validate_config(make_cfg(*overrides))
 
 
+@pytest.mark.integration
 def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_path):
     """Each bad command line ends train.py with its one-line message and writes nothing. The first runs
     as a real process (its exit status and stderr as a shell sees them); the others run train.py in
@@ -109,6 +115,7 @@ def test_an_unknown_key_on_the_command_line_fails_before_any_model_loads(tmp_pat
         assert not (tmp_path / "r").exists()  # nothing was written
 
 
+@pytest.mark.integration
 def test_hydra_flags_work_in_every_documented_form(tmp_path):
     """-cn/--config-name and -cd/--config-dir with `=` or as two words, --cfg, and a --multirun sweep
     whose jobs each write their own run_dir (train.py run in this process: see conftest.run_train_py)."""
@@ -127,6 +134,7 @@ def test_hydra_flags_work_in_every_documented_form(tmp_path):
     assert sorted(p.name for p in sweep.iterdir()) == ["lr_0.001", "lr_0.002", "multirun.yaml"]  # nothing else
 
 
+@pytest.mark.integration
 def test_the_cli_trains_the_tiny_model_and_writes_a_complete_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     warmup = ["loss.lambda_schedule=warmup", "loss.min_lambda=0.0", "loss.max_lambda=0.4", "warmup_steps=4"]
@@ -180,6 +188,7 @@ MEMORISE = [("Which day follows Monday?", "Tuesday follows Monday."),
             ("How many legs does a cat have?", "A cat has four legs.")]
 
 
+@pytest.mark.integration
 def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     """Trained on four fixed pairs until it has memorised them, the saved model answers each of their
     prompts greedily with exactly the trained answer (and n_samples reports it as an exact match)."""
@@ -205,6 +214,7 @@ def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == MEMORISE[0][1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level: activation_checkpointing, batch_size"),
     (["+nosuchkey=1"], r"unknown config key 'nosuchkey'; keys at the top level"),  # a + does not let a typo in
@@ -232,6 +242,7 @@ def test_unknown_keys_on_the_command_line_are_named_with_the_allowed_ones(args, 
         config_schema.rewrite_argv(args)
 
 
+@pytest.mark.unit
 def test_the_command_line_keeps_hydras_flags_and_writes_short_loss_keys_long():
     args = ["--config-name=config", "-cn", "config", "-cd=config", "--config-dir", "config", "--multirun", "-m",
             "gamma=0.9", "+propagation_norm=L2", "loss=ift", "model.policy_dtype=bfloat16", "hydra.verbose=true",
@@ -240,6 +251,7 @@ def test_the_command_line_keeps_hydras_flags_and_writes_short_loss_keys_long():
                                                 for a in args]
 
 
+@pytest.mark.unit
 def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -256,6 +268,7 @@ def test_a_run_dir_that_holds_a_run_is_refused(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()  # the user decides: it may be a run still loading
 
 
+@pytest.mark.integration
 def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise OSError("the weights are unreadable")
@@ -272,6 +285,7 @@ def test_a_run_that_fails_before_its_first_metrics_row_leaves_its_run_dir_free(t
     assert make_run_dir(str(tmp_path / "run"), "x") == tmp_path / "run"  # the same run_dir is taken
 
 
+@pytest.mark.integration
 def test_the_loss_is_built_once_and_is_the_object_the_trainer_computes_with(tmp_path, monkeypatch):
     """validate_config builds it (checking its keys); launch hands it to the run, the trainer uses it."""
     import losses
@@ -300,6 +314,7 @@ def _data_error_on_rank_1(cfg, local_rank, world, port, checked):
         raise DataError("data/x.jsonl: line 3: 'messages' is missing")
 
 
+@pytest.mark.distributed
 def test_a_data_or_config_error_in_a_spawned_rank_comes_back_as_itself():
     """train.main turns these into one line (`data error: ...`); from a spawned rank they arrive as a
     traceback's text, which launch turns back into the error."""
@@ -308,6 +323,7 @@ def test_a_data_or_config_error_in_a_spawned_rank_comes_back_as_itself():
         pipeline.launcher.launch(_data_error_on_rank_1, {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu"})
 
 
+@pytest.mark.integration
 def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path, monkeypatch, capfd):
     import trainers
     monkeypatch.setattr(trainers, "SLOW_STEP_S", 0.0)  # every step counts as long: it shows its micro-batches
@@ -325,6 +341,7 @@ def test_ift_with_lambda_and_gamma_zero_is_sft_step_for_step(tmp_path, monkeypat
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
+@pytest.mark.integration
 def test_every_recipe_in_commands_composes_and_passes_the_config_checks(tmp_path, monkeypatch):
     """Run each commands/*.sh with `python` replaced by a shim that records its arguments instead of
     training, then compose and validate each recorded command line here as train.py would (as for 8
@@ -365,6 +382,7 @@ echo >> {calls}
     assert {"ift", "sft", "dpo", "orpo"} <= {loss for _, loss, _ in checked}, checked
 
 
+@pytest.mark.unit
 def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_path, monkeypatch):
     import types
 
@@ -388,6 +406,7 @@ def test_wandb_without_credentials_falls_back_to_offline_and_never_prompts(tmp_p
     assert len(calls) == 2
 
 
+@pytest.mark.unit
 def test_from_scratch_initialises_from_config_json_seeded_by_seed():
     """model.from_scratch=true: random weights (not the bundled ones), a function of the seed, so a DPO
     reference built by a second call starts equal to the policy."""
@@ -401,6 +420,7 @@ def test_from_scratch_initialises_from_config_json_seeded_by_seed():
         pipeline.validate_config(make_cfg("model.from_scratch=yes"))
 
 
+@pytest.mark.unit
 def test_the_end_of_run_summary_reads_every_evaluation_of_a_resumed_run_and_compares_by_nll(tmp_path, capsys):
     """After a resume, the evaluations of the process before it count too (metrics.jsonl), and the
     change is measured in the shared nll: DFT's own loss may rise while the nll falls."""
@@ -427,6 +447,7 @@ def _rank_fails_before_its_first_row(cfg, local_rank, world, port, checked):
     return pipeline.run(cfg, local_rank, world, port, checked)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["killed", "raises"])
 def test_a_spawned_run_that_dies_before_its_first_row_leaves_its_run_dir_free(tmp_path, how):
     """The launcher gives back the run_dir that rank 0 reserved: the empty metrics.jsonl would refuse it."""

@@ -148,7 +148,7 @@ def load_tokenizer(cfg):
     name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     path = resolve_path(name)
     tokenizer = AutoTokenizer.from_pretrained(str(path or name), trust_remote_code=cfg.model.trust_remote_code)
-    config = None if cfg.model.from_scratch else model_config(cfg)
+    config = None if cfg.model.get("from_scratch", False) else model_config(cfg)  # run configs from before the key
     vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
     if vocab and len(tokenizer) < vocab / 2:  # a model's vocab_size is often padded above its tokenizer's size, not 2x
         key = "model.tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path else "model.name_or_path"

@@ -21,7 +21,7 @@ from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
 from conftest import launch_run, make_cfg, read_rows
-from test_distributed import adam_reach
+from test_trainers_fsdp import adam_reach
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
              "lambda_disturb=normal", "disturb_std=0.5"]
@@ -31,7 +31,7 @@ BASE = ["n_examples=48", "batch_size=8", "eval_batch_size=8", "n_eval_examples=8
 STEPS = BASE + IFT_NOISY
 TOTAL = 6
 ONE_PROCESS = dict(rel=1e-6, abs=1e-7)  # same process layout, same arithmetic
-ACROSS_RANKS = dict(rel=1e-5, abs=1e-6)  # as in test_distributed: another split of the sums
+ACROSS_RANKS = dict(rel=1e-5, abs=1e-6)  # as in test_trainers_fsdp: another split of the sums
 
 
 def launch(run_dir, *overrides):
@@ -59,7 +59,7 @@ def assert_continues(reference, resumed, tol):
         if tol is ONE_PROCESS:  # the same sums in the same order: only the checkpoint's round trip, which is exact
             assert (ref_weights[k] - weights[k]).norm() <= tol["rel"] * ref_weights[k].norm(), k
         else:  # other reduction orders: an element with a noise-level gradient may move as far as Adam can move
-            # it, in each run (test_distributed.assert_same_run's argument); the rows above stay tight
+            # it, in each run (test_trainers_fsdp.assert_same_run's argument); the rows above stay tight
             assert ((ref_weights[k] - weights[k]).abs() <= 2 * adam_reach(1e-3, TOTAL) + 1e-6).all(), k
 
 
@@ -89,6 +89,7 @@ def signal_after_step(proc, run_dir, step, signum=signal.SIGTERM):
     return proc.returncode, out
 
 
+@pytest.mark.integration
 def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     status, out = signal_after_step(start_cli(run_dir), run_dir, 2)
@@ -106,6 +107,7 @@ def test_a_run_stopped_by_sigterm_resumes_in_place_exactly(reference, tmp_path):
     assert [(r["step"], r["forced"]) for r in resume_rows] == [(stopped, False)]
 
 
+@pytest.mark.integration
 def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_finishes(tmp_path):
     """SIGTERM as the model loads (after the run dir exists): exit status 75 and the resume command,
     not 143. The requeued command (resume_from=latest, no checkpoint yet) starts from the beginning
@@ -136,6 +138,7 @@ def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_fi
     assert (run_dir / "metrics.jsonl").read_text() == rows
 
 
+@pytest.mark.distributed
 def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_path):
     """SIGTERM reaches the launching process, which forwards it to both ranks; they agree on the step.
     The shards are written in the background (save_async) and published once both ranks are done."""
@@ -151,6 +154,7 @@ def test_a_checkpoint_of_two_fsdp_ranks_resumes_in_one_process(reference, tmp_pa
     assert_each_step_once(run_dir)
 
 
+@pytest.mark.integration
 def test_the_trainer_applies_the_scheduled_lambda_disturbed_in_training_and_undisturbed_in_evaluation(reference):
     """The reference run's λ, step by step, against spec §1 written out here: linear from min_lambda
     0.1 at the first step to max_lambda 0.5 at the last (step s of 6 is 0-based s - 1), times
@@ -170,6 +174,7 @@ def test_the_trainer_applies_the_scheduled_lambda_disturbed_in_training_and_undi
     assert [(r["step"], r["lambda"]) for r in evals] == [(0, pytest.approx(0.1)), (TOTAL, pytest.approx(0.5))]
 
 
+@pytest.mark.distributed
 def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     assert not (checkpoint / "model.safetensors").exists()  # Hugging Face weights only when asked for
@@ -179,6 +184,7 @@ def test_a_checkpoint_of_one_process_resumes_on_two_fsdp_ranks(reference, tmp_pa
     assert [r["step"] for r in read_rows(tmp_path / "run") if r["split"] == "train"] == list(range(3, TOTAL + 1))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("point", ["state", "manifest", "retention"])
 def test_kill_9_during_a_save_leaves_every_visible_checkpoint_loadable(point, reference, tmp_path):
     """The save of step 4 SIGKILLs itself before trainer_state.pt is written (state), between it and the
@@ -211,6 +217,7 @@ DAMAGE = {  # how a cluster damages the newest checkpoint -> the start of what d
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_requeue_finishes_from_the_one_before(case, reference,
                                                                                                  tmp_path):
@@ -244,6 +251,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_requeue_finishes_from_
         pytest.approx([r["loss"] for r in ref_rows], **ONE_PROCESS)
 
 
+@pytest.mark.integration
 def test_a_resume_that_reaches_a_damaged_step_folder_saves_over_it(reference, tmp_path):
     """resume_from=step-2 of the run itself, whose step-4 is damaged (so not a newer checkpoint that
     would refuse it): the save of step 4 moves the damaged folder aside instead of failing
@@ -258,6 +266,7 @@ def test_a_resume_that_reaches_a_damaged_step_folder_saves_over_it(reference, tm
     assert [p.name for p in (run_dir / "checkpoints").glob("step-4.replaced-*")] != []
 
 
+@pytest.mark.integration
 def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     """Stopped after step 2 as by a signal (stop_requested answers yes), then resumed in place: wandb
     is asked to continue the first run's id. With save_hf_checkpoints the checkpoint is also a Hugging
@@ -290,6 +299,7 @@ def test_a_run_resumed_in_place_continues_its_wandb_run(tmp_path, monkeypatch):
     assert [r["step"] for r in read_rows(tmp_path) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tmp_path):
     checkpoint = reference[2] / "checkpoints" / "step-4"
     changed = ["lr=2e-3", "seed=1", "loss=sft", "datasets=[ultrachat_sample]"]
@@ -316,6 +326,7 @@ def test_a_resume_that_changes_the_math_is_refused_naming_each_key(reference, tm
     assert rows[0]["lr"] == pytest.approx(reference[0][4]["lr"] * 2)
 
 
+@pytest.mark.integration
 def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference):
     checkpoint = reference[2] / "checkpoints" / "step-2"
     cfg = make_cfg(f"run_dir={reference[2]}", *STEPS, "resume_from=latest")
@@ -326,6 +337,7 @@ def test_tokenised_data_that_changed_under_the_same_config_is_refused(reference)
         checkpoints.check_fingerprint(cfg, checkpoint, other)
 
 
+@pytest.mark.unit
 def test_preemption_signals_are_caught_once_and_then_restored():
     previous = signal.getsignal(signal.SIGUSR1)
     with launcher.preemption_signals(["SIGUSR1"]):
@@ -344,6 +356,7 @@ def _stopped_while_importing(cfg, local_rank, world, port, checked):
     time.sleep(60)  # until the launcher's clean-up (SIGTERM) or its forwarded signal ends it
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["a rank gets SIGTERM", "the launcher gets SIGUSR1"])
 def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_preempted(case, capfd):
     cfg = {"trainer": "FSDPTrainer", "nproc": 2, "device": "cpu", "case": case, "launcher": os.getpid()}
@@ -351,6 +364,7 @@ def test_a_signal_that_kills_a_spawned_rank_before_its_handlers_exist_exits_pree
     assert "resume_from=latest continues" in capfd.readouterr().err
 
 
+@pytest.mark.unit
 def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-6.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-2.old.tmp").mkdir()
@@ -365,6 +379,7 @@ def test_leftovers_go_and_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     assert read_rows(tmp_path) == rows[:4]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["keep_last=0"], r"keep_last=0 is out of range: allowed \[1, inf\)"),
     (["preempt_signals=[SIGKILL]"], r"preempt_signals has 'SIGKILL'; allowed: SIGTERM, SIGINT"),
@@ -405,6 +420,7 @@ def _counters(**changes):
     return dataclasses.replace(state, **changes)
 
 
+@pytest.mark.unit
 def test_the_trainer_state_round_trips_through_its_state_dict():
     state, other = _counters(), checkpoints.TrainerState()
     saved = state.state_dict()
@@ -427,6 +443,7 @@ def _plain_run(seed):
     return model, optimizer, scaler
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("save_async", [False, True])
 def test_the_checkpointer_saves_and_loads_plain_objects_without_a_trainer(save_async, tmp_path):
     """Model, optimizer, TrainerState (behind OnlyStateDict, which fails on any attribute read or write)
@@ -453,6 +470,7 @@ def test_the_checkpointer_saves_and_loads_plain_objects_without_a_trainer(save_a
     assert fresh_scaler.get_scale() == scaler.get_scale() == 2.0 ** 10
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_a_rebuilt_schedule_gives_the_lr_of_one_stepped_as_far(schedule):
     """build_scheduler(done=k) (a resume) sets the lr a fresh schedule has after k updates, exactly."""
@@ -474,6 +492,7 @@ def test_a_rebuilt_schedule_gives_the_lr_of_one_stepped_as_far(schedule):
         scheduler.step()
 
 
+@pytest.mark.unit
 def test_a_rank_saves_its_own_cuda_generator_and_a_resume_gives_it_to_the_loading_ranks_device(monkeypatch):
     """CUDA RNG on a resume with another rank count: the saving rank's own device generator (device 1 of
     rank 1) goes to whatever device the loading rank drives (device 0), never a stale entry of a device
@@ -494,6 +513,7 @@ def test_a_rank_saves_its_own_cuda_generator_and_a_resume_gives_it_to_the_loadin
     assert restored == [(11, 0)]
 
 
+@pytest.mark.unit
 def test_the_step_clock_waits_for_the_device_and_the_loop_reads_time_only_through_it(monkeypatch):
     """CUDA kernels run asynchronously: the step's time is read after a synchronize of its device, so the
     optimizer's time is not billed to the next step. On the CPU nothing is synchronised."""

@@ -116,6 +116,7 @@ UNCHUNKED = {"loss_chunk_tokens": None, "packing": False}
 
 # ------------------------------------------------------------------ the chunked head on its own
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100])
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_head_matches_a_full_log_softmax_in_values_argmax_and_gradients(chunk, bias):
@@ -141,6 +142,7 @@ def test_chunked_head_matches_a_full_log_softmax_in_values_argmax_and_gradients(
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.unit
 def test_chunked_head_in_bfloat16_matches_the_unchunked_float32_upcast():
     """bf16 products, float32 log-softmax, gradients back in bf16: as the unchunked head does it."""
     g = torch.Generator().manual_seed(1)
@@ -159,6 +161,7 @@ def test_chunked_head_in_bfloat16_matches_the_unchunked_float32_upcast():
     torch.testing.assert_close(weight.grad.float(), want[1].float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.unit
 def test_chunked_head_under_bfloat16_autocast_is_as_accurate_as_the_unchunked_head():
     """The trainer's mixed precision: float32 parameters, forward under autocast to bf16. Both heads
     round their bf16 products differently, so each is compared with the same model in float64: the
@@ -179,6 +182,7 @@ def test_chunked_head_under_bfloat16_autocast_is_as_accurate_as_the_unchunked_he
         assert error[3, True][k] <= 1.1 * error[None, True][k] + 1e-3, k
 
 
+@pytest.mark.unit
 def test_a_model_call_leaves_no_hook_behind_even_after_an_error():
     """ModelCall's hooks and lm_head's replaced forward exist for one call only, an interrupted one too."""
     model = tiny_model()
@@ -198,6 +202,7 @@ def test_a_model_call_leaves_no_hook_behind_even_after_an_error():
     assert "forward" not in model.lm_head.__dict__  # lm_head's own forward is back
 
 
+@pytest.mark.unit
 def test_a_model_that_changes_its_logits_after_lm_head_is_refused_by_the_chunked_head():
     model = tiny_model()
     model.register_forward_hook(lambda module, args, out: type(out)(logits=out.logits * 2))
@@ -208,6 +213,7 @@ def test_a_model_that_changes_its_logits_after_lm_head_is_refused_by_the_chunked
 
 # ------------------------------------------------------------------ every loss, chunked and packed
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_chunked_head_gives_every_loss_the_same_rows_metrics_and_gradients(name):
     # chunk 2: dozens of chunks in forward, and vocabulary blocks of a few columns in backward
@@ -215,11 +221,13 @@ def test_chunked_head_gives_every_loss_the_same_rows_metrics_and_gradients(name)
                 loss_rows_and_grads(name, UNCHUNKED), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.unit
 def test_chunked_head_with_tied_embeddings_gives_ift_the_same_gradients():
     assert_same(loss_rows_and_grads("ift", {**UNCHUNKED, "loss_chunk_tokens": 3}, tie=True),
                 loss_rows_and_grads("ift", UNCHUNKED, tie=True), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_packed_rows_give_every_loss_the_same_rows_metrics_and_gradients_as_padded(name, chunk):
@@ -227,6 +235,7 @@ def test_packed_rows_give_every_loss_the_same_rows_metrics_and_gradients_as_padd
                 loss_rows_and_grads(name, UNCHUNKED), rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.unit
 def test_packing_runs_one_sequence_of_the_real_tokens_with_restarting_positions():
     model = tiny_model()
     seen = []
@@ -243,6 +252,7 @@ def test_packing_runs_one_sequence_of_the_real_tokens_with_restarting_positions(
     assert torch.equal(seen[0]["input_ids"][0], batch["input_ids"][keep])
 
 
+@pytest.mark.unit
 def test_pack_rows_masks_each_rows_first_token_so_no_row_predicts_its_neighbour():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     attention = (ids != 0).long()
@@ -283,6 +293,7 @@ def _fsdp_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_chunked_head_packing_and_compile_under_fsdp2_give_the_single_process_results(tmp_path):
     """Every loss, chunked and packed on 2 ranks, against one process unchunked and padded: with the
     root kept unsharded after forward (as the trainer does for the policy) or resharded (so backward
@@ -299,6 +310,7 @@ def test_chunked_head_packing_and_compile_under_fsdp2_give_the_single_process_re
 
 # ------------------------------------------------------------------ kernels: attention, compile
 
+@pytest.mark.unit
 def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
     batch = sft_batch()
     values = {}
@@ -310,6 +322,7 @@ def test_attn_implementation_reaches_from_pretrained_and_gives_the_same_loss():
     torch.testing.assert_close(values["eager"], values["sdpa"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["loss_chunk_tokens=0"], "loss_chunk_tokens"),
     (["packing=yes"], "packing"),
@@ -329,6 +342,7 @@ def test_bad_efficiency_options_fail_with_the_key_named(overrides, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.unit
 def test_defaults_are_a_chunked_head_without_packing_or_compile_on_sdpa():
     cfg = make_cfg()
     assert (cfg.loss_chunk_tokens, cfg.packing, cfg.compile, cfg.model.attn_implementation) == \
@@ -364,12 +378,14 @@ def assert_close_compiled(compiled, eager):
         torch.testing.assert_close(compiled[1][k], eager[1][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_blocks_give_the_same_loss_and_gradients(checkpointing):
     assert_close_compiled(compiled_ift_loss_and_grads(checkpointing),
                           compiled_ift_loss_and_grads(checkpointing=False, compiled=False))
 
 
+@pytest.mark.integration
 def test_a_run_with_packing_chunked_head_and_compile_equals_a_plain_run(tmp_path):
     """The trainer's wiring of the three options (and packing's token counts) in a short run."""
     plain = run_inprocess(tmp_path / "plain", *FAST, "loss_chunk_tokens=null")

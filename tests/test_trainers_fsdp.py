@@ -77,6 +77,7 @@ def assert_same_run(a, b, lr=1e-3):
         assert ((weights_a[k] - weights_b[k]).abs() <= 2 * reach + slack).all(), k
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss, tmp_path):
     one = launch(tmp_path / "one", *LOSSES[loss], "gradient_accumulation_steps=4")
@@ -84,6 +85,7 @@ def test_two_ranks_times_two_accumulation_steps_equal_one_process_with_four(loss
     assert_same_run(one, two)
 
 
+@pytest.mark.distributed
 def test_any_causal_lm_trains_under_fsdp2_with_the_blocks_it_names_itself(tmp_path):
     """A Qwen2 directory (tied embeddings) with model.block_name left null: FSDP2 shards the blocks that
     transformers names in _no_split_modules (Qwen2DecoderLayer), and 2 ranks x 2 accumulation steps train
@@ -111,6 +113,7 @@ def ift_one_process(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("ift") / "one", *LOSSES["ift"])
 
 
+@pytest.mark.distributed
 def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp_path, ift_one_process):
     """The same command under torchrun joins its process group instead of starting processes."""
     one = ift_one_process
@@ -129,6 +132,7 @@ def test_torchrun_launch_equals_one_plain_process_and_saves_a_loadable_model(tmp
         torch.testing.assert_close(p, two[1][name])
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(tmp_path, monkeypatch):
     """With checkpointing every decoder block runs its forward once more in backward, and the run's
     losses, gradient norms and weights equal those without it. Counted: calls of each block's MLP
@@ -155,6 +159,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_no_gradient(
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ  # an in-process launch leaves no trace
 
 
+@pytest.mark.distributed
 def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_path, ift_one_process):
     """policy_dtype=bfloat16 under FSDP2: compute in bf16, parameters and gradient reduction in float32,
     final/ in bf16. The losses follow the float32 run closely but not exactly (bf16 compute). The float32
@@ -173,6 +178,7 @@ def test_bf16_mixed_precision_trains_float32_master_weights_and_saves_bf16(tmp_p
     assert a != b and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
 
 
+@pytest.mark.unit
 def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     """Ranks other than 0 build the model on the meta device (no memory); the equivalence tests above
     show they then receive exactly rank 0's weights and buffers."""
@@ -189,6 +195,7 @@ def test_only_rank_zero_reads_the_weights_under_fsdp(monkeypatch):
     assert not any(p.is_meta for p in modeling.load_model(plain, "float32").parameters())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device, torchrun", [("cuda", False), ("cuda", True), ("cpu", False)])
 def test_the_process_group_gets_the_timeout_and_each_rank_its_gpu(device, torchrun, monkeypatch):
     """init_process_group gets dist_timeout_minutes (NCCL's own 10 minutes would kill the waiting ranks
@@ -216,5 +223,6 @@ def test_the_process_group_gets_the_timeout_and_each_rank_its_gpu(device, torchr
     assert (("set_device", 1) in calls) == cuda
 
 
+@pytest.mark.unit
 def test_the_default_timeout_is_an_hour():
     assert make_cfg().dist_timeout_minutes == 60

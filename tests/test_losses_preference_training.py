@@ -83,6 +83,7 @@ def fit_run(run_dir, fit_copy, *overrides):
 
 # ---------------------------------------------------------------- 1. DPO / cDPO / IPO learn the preferences
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name, overrides, initial_loss", [
     ("dpo", ["loss=dpo"], math.log(2)),                           # -log sigmoid(0)
     ("cdpo", ["loss=dpo", "label_smoothing=0.1"], math.log(2)),   # 0.9 log 2 + 0.1 log 2
@@ -128,6 +129,7 @@ def test_dpo_cdpo_and_ipo_lift_the_reward_accuracy_on_their_preferences(tmp_path
     assert sum(r["loss"] for r in trains[4:]) / 4 < trains[0]["loss"]
 
 
+@pytest.mark.integration
 def test_dpo_on_held_out_prompts_moves_the_margin_the_right_way(tmp_path):
     """The held-out test split of ultrafeedback_sample: the random tiny model does not learn the
     tasks in a few dozen DPO steps (held-out reward accuracy stays near chance, even after 3 epochs),
@@ -145,6 +147,7 @@ def test_dpo_on_held_out_prompts_moves_the_margin_the_right_way(tmp_path):
     assert last["loss"] < math.log(2) - 0.002, last
 
 
+@pytest.mark.integration
 def test_dpo_from_an_sft_model_lifts_held_out_reward_accuracy_above_chance(tmp_path):
     """The usual pipeline, SFT then DPO, on held-out prompts: 300 SFT steps teach the tiny model the
     tasks, then 20 DPO steps from that model (also the reference) lift the reward accuracy on the 200
@@ -165,6 +168,7 @@ def test_dpo_from_an_sft_model_lifts_held_out_reward_accuracy_above_chance(tmp_p
 
 # ---------------------------------------------------------------- 2. ORPO
 
+@pytest.mark.integration
 def test_orpo_lowers_the_chosen_nll_and_widens_the_log_odds_ratio(tmp_path, fit_copy):
     """ORPO = NLL of the chosen answer + beta * odds-ratio term. Supervised training on the chosen
     answers alone (beta = 0) already widens the log odds a little, so the odds-ratio term is shown
@@ -193,6 +197,7 @@ def test_orpo_lowers_the_chosen_nll_and_widens_the_log_odds_ratio(tmp_path, fit_
 
 # ---------------------------------------------------------------- 3. the reference model is frozen
 
+@pytest.mark.integration
 def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -249,6 +254,7 @@ def test_the_reference_model_gets_no_gradient_and_keeps_its_weights(tmp_path):
 
 # ---------------------------------------------------------------- 4. a preference loss needs rejected answers
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loss, datasets", [
     ("dpo", "[ultrachat_sample]"),
     ("ipo", "[ultrafeedback_sample,ultrachat_sample]"),  # one SFT-only dataset among preference ones
@@ -273,6 +279,7 @@ def test_a_preference_loss_on_data_without_rejected_answers_fails_before_any_mod
 
 # ---------------------------------------------------------------- 5. reference-free: no reference model at all
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
 def test_reference_free_loads_no_reference_model_and_trains(tmp_path, monkeypatch, fit_copy, loss):
     cfg = make_cfg(f"loss={loss}", "reference_free=true")
@@ -312,6 +319,7 @@ def test_reference_free_loads_no_reference_model_and_trains(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- 6. every baseline on every bundled preference sample
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset, overrides", [
     ("ultrafeedback_sample", ["loss=dpo"]),
     ("ultrafeedback_sample", ["loss=ipo"]),
@@ -335,6 +343,7 @@ def test_every_baseline_trains_on_the_bundled_preference_samples(tmp_path, datas
     assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "final" / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_the_cli_trains_orpo_on_hh(tmp_path):
     """train.py's command line, run in this process (conftest.run_train_py; test_train runs it as a process)."""
     run_dir = tmp_path / "run"

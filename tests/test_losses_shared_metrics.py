@@ -27,6 +27,7 @@ def mean_token_logp(model, prompt_ids, answer_ids):
     return float(sum(logp[i, t] for i, t in enumerate(answer_ids)) / len(answer_ids))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loss", ["sft", "ift", "dpo", "orpo", "dft", "simpo"])
 def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes_them(tmp_path, loss):
     cfg = make_cfg(f"loss={loss}", f"run_dir={tmp_path / loss}", *FAST)
@@ -49,6 +50,7 @@ def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes
     assert last["pref_accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / 12)
 
 
+@pytest.mark.integration
 def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
     cfg = make_cfg("loss=sft", f"run_dir={tmp_path / 'r'}", *FAST[:-3], "datasets=[ultrachat_sample]")
     pipeline.validate_config(cfg)
@@ -58,6 +60,7 @@ def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
     assert evals[-1]["nll"] == pytest.approx(evals[-1]["loss"], rel=1e-6)  # SFT's own loss is the same mean NLL
 
 
+@pytest.mark.unit
 def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_without_trying(tmp_path, monkeypatch):
     """run_data.load_eval_split decides before it loads (one load, no error caught), and a genuinely
     missing split still raises the loader's message naming it."""

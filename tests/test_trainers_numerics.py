@@ -76,6 +76,7 @@ def optimizer_steps_taken(checkpoint):
 
 # ---------------------------------------------------------------- bf16 compute, float32 weights
 
+@pytest.mark.distributed
 def test_bf16_compute_gives_the_same_losses_in_one_process_and_fsdp_with_one_and_two_ranks(tmp_path):
     """model.policy_dtype=bfloat16 on the CPU: BasicTrainer (autocast) against FSDPTrainer
     (MixedPrecisionPolicy) on 1 rank and on 2 gloo ranks, same global batches (2 micro-batches of 4),
@@ -91,7 +92,7 @@ def test_bf16_compute_gives_the_same_losses_in_one_process_and_fsdp_with_one_and
     float32 compute: 1.5e-4). 5e-4 leaves room for other orderings of the same sums, and is still 40
     times smaller than the loss's change in one step here (2-3%), so a lost, doubled or different
     update fails. The float32 run must differ from the bf16 ones, so a run that ignored policy_dtype
-    fails too; float32 runs of the two trainers agree to 1e-5 (tests/test_distributed.py)."""
+    fails too; float32 runs of the two trainers agree to 1e-5 (tests/test_trainers_fsdp.py)."""
     bf16 = ["model.policy_dtype=bfloat16", "n_examples=32", "loss=ift", "gamma=0.9", "loss.min_lambda=0.3",
             "loss.max_lambda=0.3"]
     basic, _ = launch_run(tmp_path / "basic", *STEPS, *bf16, "gradient_accumulation_steps=2")
@@ -107,6 +108,7 @@ def test_bf16_compute_gives_the_same_losses_in_one_process_and_fsdp_with_one_and
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
 
 
+@pytest.mark.integration
 def test_bf16_updates_smaller_than_bf16_resolution_still_train_every_matrix(tmp_path):
     """AdamW moves a weight by about lr per step. At lr=1e-5 that is below half a bf16 step of a
     typical weight (|w| ~ 0.014: a bf16 step is 6e-5), so bf16 parameters would round most updates
@@ -125,6 +127,7 @@ def test_bf16_updates_smaller_than_bf16_resolution_still_train_every_matrix(tmp_
             assert (master[k] != initial[k]).float().mean() > 0.99, k
 
 
+@pytest.mark.unit
 def test_the_policy_computes_in_bf16_under_autocast_with_float32_parameters_and_loss_math():
     """BasicTrainer's policy: float32 parameters, bf16 matrix products (the logits come out bf16),
     the blended-embedding hooks of IFT inside the autocast forward, float32 log-probabilities."""
@@ -146,6 +149,7 @@ def test_the_policy_computes_in_bf16_under_autocast_with_float32_parameters_and_
 
 # ---------------------------------------------------------------- non-finite steps
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("trainer", ["BasicTrainer", "FSDPTrainer"])
 def test_a_nan_gradient_stops_the_run_before_the_update_keeping_what_was_written(trainer, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "batch_loss", inject_nan_gradient({3}))
@@ -158,6 +162,7 @@ def test_a_nan_gradient_stops_the_run_before_the_update_keeping_what_was_written
     assert_all_finite(tmp_path / "r")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("trainer", ["BasicTrainer", "FSDPTrainer"])
 def test_on_nonfinite_skip_drops_the_update_counts_it_and_trains_on(trainer, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "batch_loss", inject_nan_gradient({2}))
@@ -172,6 +177,7 @@ def test_on_nonfinite_skip_drops_the_update_counts_it_and_trains_on(trainer, tmp
     assert (tmp_path / "r" / "final").exists()
 
 
+@pytest.mark.integration
 def test_max_skipped_steps_in_a_row_stops_a_skipping_run(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "batch_loss", inject_nan_gradient({2, 3, 4}))
     with pytest.raises(NonFiniteError, match=r"^grad_norm is nan at step 3: 2 skipped updates in a row"):
@@ -180,6 +186,7 @@ def test_max_skipped_steps_in_a_row_stops_a_skipping_run(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "final").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["error", "skip"])
 def test_a_nonfinite_eval_loss_follows_on_nonfinite(mode, tmp_path, monkeypatch):
     original = losses.batch_loss
@@ -206,6 +213,7 @@ def _nan_on_rank0(local_rank, cfg, world, port):
     pipeline.run(cfg, local_rank, world, port)
 
 
+@pytest.mark.distributed
 def test_two_ranks_skip_together_when_one_rank_has_a_nan_gradient(tmp_path):
     """The decision uses the global gradient norm, so both ranks skip (no rank steps alone, no hang)."""
     cfg = make_cfg(f"run_dir={tmp_path / 'r'}", *STEPS, "trainer=FSDPTrainer", "nproc=2", "n_examples=32",
@@ -218,6 +226,7 @@ def test_two_ranks_skip_together_when_one_rank_has_a_nan_gradient(tmp_path):
     assert_all_finite(tmp_path / "r")
 
 
+@pytest.mark.distributed
 def test_a_diverging_run_on_two_ranks_stops_with_one_clear_line_and_no_nan_on_disk(tmp_path):
     """The issue's run (AdamW at lr=1e6, no clipping, a checkpoint every step), from the command line,
     under FSDP2 with 2 spawned ranks: the error comes back from the ranks as one line."""
@@ -236,11 +245,13 @@ def test_a_diverging_run_on_two_ranks_stops_with_one_clear_line_and_no_nan_on_di
 
 # ---------------------------------------------------------------- float16
 
+@pytest.mark.unit
 def test_float16_is_refused_on_the_cpu_before_anything_loads():
     with pytest.raises(ConfigError, match=r"^model.policy_dtype=float16 is not supported on the CPU"):
         pipeline.validate_config(make_cfg("model.policy_dtype=float16", "device=cpu"))
 
 
+@pytest.mark.integration
 def test_float16_scaler_skips_an_overflow_and_halves_the_scale_without_stopping(tmp_path, monkeypatch):
     """The gradient scaler's logic is device-independent, so it is tested on the CPU, skipping the
     config check that refuses float16 there (CPU float16 autocast runs, slowly). An infinite gradient
@@ -254,6 +265,7 @@ def test_float16_scaler_skips_an_overflow_and_halves_the_scale_without_stopping(
     assert_all_finite(tmp_path / "r")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [[], ["lora=default", "lora.r=4"]])
 def test_a_reference_model_that_changes_during_training_stops_the_run_before_final(lora, tmp_path, monkeypatch):
     """DPO's frozen reference (a loaded copy, or LoRA's adapter-disabled base) nudged by 1e-3 in one
