@@ -180,6 +180,19 @@ MEMORISE = [("Which day follows Monday?", "Tuesday follows Monday."),
             ("How many legs does a cat have?", "A cat has four legs.")]
 
 
+def test_one_step_of_warm_up_already_moves_the_weights(tmp_path):
+    """n_examples=batch_size is one optimizer step; warm-up is clipped to the run's length (W = 1), and
+    update k of W runs at lr·(k+1)/W: the one update runs at lr, not at 0 (transformers' k/W), so final/
+    differs from the weights it started from."""
+    from safetensors.torch import load_file
+    rows = run_inprocess(tmp_path / "r", "n_examples=16", "batch_size=16", "warmup_steps=10", "lr=5e-4",
+                         "do_first_eval=false", "n_eval_examples=16", "eval_batch_size=16", "n_samples=0")
+    assert [r["lr"] for r in rows if r["split"] == "train"] == [5e-4]
+    before = load_file(REPO_DIR / "models" / "tiny-mistral" / "model.safetensors")
+    after = load_file(tmp_path / "r" / "final" / "model.safetensors")
+    assert any(not torch.equal(after[name], before[name]) for name in before)
+
+
 def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     """Trained on four fixed pairs until it has memorised them, the saved model answers each of their
     prompts greedily with exactly the trained answer (and n_samples reports it as an exact match)."""
