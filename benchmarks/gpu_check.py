@@ -545,7 +545,7 @@ def demo(out, device, smoke):
     """commands/run_tiny_ift.sh on the device: eval loss must fall (by >= 80% at full length)."""
     extra = (["n_examples=32", "n_epochs=1", "eval_every=32", "n_eval_examples=16", "eval_batch_size=16",
               "n_samples=2", "max_new_tokens=8", "warmup_steps=1"] if smoke else [])
-    env = {**os.environ, **OFFLINE, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, **OFFLINE, "PYTHON": sys.executable}  # this interpreter, not a .venv (commands/python.sh)
     proc = subprocess.run(["bash", "commands/run_tiny_ift.sh", f"device={device.type}", f"run_dir={out / 'demo'}",
                            *extra], cwd=REPO, env=env, capture_output=True, text=True)
     (out / "demo.log").write_text(proc.stdout + proc.stderr)
