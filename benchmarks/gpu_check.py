@@ -555,9 +555,11 @@ def demo(out, device, smoke):
     evals = [r["loss"] for r in rows if r["split"] == "eval"]
     tok_s = statistics.median(r["tokens_per_s"] for r in rows if r["split"] == "train")
     drop = (evals[0] - evals[-1]) / evals[0]
+    # The bar: on 2 AMD EPYC cores, seeds 0-2 fell by 93%, 95%, 90% (to 0.500, 0.316, 0.673); a device's
+    # kernels move the last bits as a CPU's do (docs/performance.md), and 80% fails only above 1.36, twice the worst.
     ok = drop > 0 if smoke else drop >= 0.8
     return (PASS if ok else FAIL), [f"eval loss {evals[0]:.2f} -> {evals[-1]:.3f} ({-drop:+.0%}; CPU, docs/performance.md: 6.81 -> "
-                                    f"0.457), {tok_s:,.0f} tokens/s"]
+                                    f"0.32-0.67 over seeds 0-2), {tok_s:,.0f} tokens/s"]
 
 
 # ---------------------------------------------------------------- main
