@@ -413,13 +413,14 @@ REFERENCE_FREE = "true: a uniform reference (no reference model is loaded)"
 
 @register
 class DPO(Loss):
-    """Direct Preference Optimization (Rafailov et al., 2023); label_smoothing > 0 is conservative DPO (cDPO)."""
+    """Direct Preference Optimization (Rafailov et al., 2023); label_smoothing > 0 is conservative DPO (cDPO;
+    docs/losses.md: not TRL's robust)."""
 
     name: ClassVar[str] = "dpo"
     needs_pairs: ClassVar[bool] = True
     beta: float = option(0.1, "inverse temperature of the implicit reward; > 0", low=0, low_open=True)
-    label_smoothing: float = option(0.0, "cDPO: assumed probability that a preference label is flipped; in [0, 0.5)",
-                                    low=0, high=0.5, high_open=True)
+    label_smoothing: float = option(0.0, "cDPO (not TRL's robust/rDPO): assumed probability that a preference label "
+                                         "is flipped; in [0, 0.5)", low=0, high=0.5, high_open=True)
     reference_free: bool = option(False, REFERENCE_FREE)
 
     @property
@@ -433,11 +434,13 @@ class DPO(Loss):
 
 @register
 class IPO(Loss):
-    """Identity Preference Optimisation (Azar et al., 2023): (h - 1 / (2 beta))^2 on the reference-relative margin h."""
+    """Identity Preference Optimisation (Azar et al., 2023): (h - 1 / (2 beta))^2 on the reference-relative margin h of
+    summed log-probs (docs/losses.md: not TRL's per-token ipo)."""
 
     name: ClassVar[str] = "ipo"
     needs_pairs: ClassVar[bool] = True
-    beta: float = option(0.1, "regularisation strength (tau in the paper); > 0", low=0, low_open=True)
+    beta: float = option(0.1, "tau of the paper, on summed log-probs as its Eq. 17 (TRL's ipo: per-token means); > 0",
+                         low=0, low_open=True)
     reference_free: bool = option(False, REFERENCE_FREE)
 
     @property

@@ -157,14 +157,13 @@ class BasicTrainer:
 
     def build_scheduler(self, done=0):
         """The config's learning-rate schedule over the optimizer's lr (its param groups' `initial_lr`),
-        positioned after `done` applied updates: the optimizer's lr is set to that of update done + 1.
+        positioned after `done` applied updates: the optimizer's lr is set to that of update done + 1
+        (planning.lr_factor(done): warm-up update k of W runs at (k + 1) / W of lr, never at 0).
         A resumed run rebuilds it from the config rather than loading the checkpoint's scheduler, whose
         state_dict would bring back the checkpoint's base lr (resume_force=true may change lr)."""
-        import transformers
-        if self.cfg.lr_schedule == "cosine":
-            return transformers.get_cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps,
-                                                                last_epoch=done - 1)
-        return transformers.get_constant_schedule_with_warmup(self.optimizer, self.warmup_steps, last_epoch=done - 1)
+        factor = functools.partial(planning.lr_factor, warmup_steps=self.warmup_steps,
+                                   total_steps=self.total_steps, lr_schedule=self.cfg.lr_schedule)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=done - 1)
 
     def global_batch(self, step):
         """Row indices of the global batch of optimizer step `step` (0-based): a function of (seed, epoch)."""

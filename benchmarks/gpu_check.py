@@ -545,7 +545,7 @@ def demo(out, device, smoke):
     """commands/run_tiny_ift.sh on the device: eval loss must fall (by >= 80% at full length)."""
     extra = (["n_examples=32", "n_epochs=1", "eval_every=32", "n_eval_examples=16", "eval_batch_size=16",
               "n_samples=2", "max_new_tokens=8", "warmup_steps=1"] if smoke else [])
-    env = {**os.environ, **OFFLINE, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, **OFFLINE, "PYTHON": sys.executable}  # this interpreter, not a .venv (commands/python.sh)
     proc = subprocess.run(["bash", "commands/run_tiny_ift.sh", f"device={device.type}", f"run_dir={out / 'demo'}",
                            *extra], cwd=REPO, env=env, capture_output=True, text=True)
     (out / "demo.log").write_text(proc.stdout + proc.stderr)
@@ -555,9 +555,11 @@ def demo(out, device, smoke):
     evals = [r["loss"] for r in rows if r["split"] == "eval"]
     tok_s = statistics.median(r["tokens_per_s"] for r in rows if r["split"] == "train")
     drop = (evals[0] - evals[-1]) / evals[0]
+    # The bar: on 2 AMD EPYC cores, seeds 0-2 fell by 93%, 95%, 90% (to 0.500, 0.316, 0.673); a device's
+    # kernels move the last bits as a CPU's do (docs/performance.md), and 80% fails only above 1.36, twice the worst.
     ok = drop > 0 if smoke else drop >= 0.8
     return (PASS if ok else FAIL), [f"eval loss {evals[0]:.2f} -> {evals[-1]:.3f} ({-drop:+.0%}; CPU, docs/performance.md: 6.81 -> "
-                                    f"0.457), {tok_s:,.0f} tokens/s"]
+                                    f"0.32-0.67 over seeds 0-2), {tok_s:,.0f} tokens/s"]
 
 
 # ---------------------------------------------------------------- main

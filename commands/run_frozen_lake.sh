@@ -16,12 +16,12 @@
 #
 #   bash commands/run_frozen_lake.sh             # the full comparison (2 jobs at a time, one thread each)
 #   QUICK=1 bash commands/run_frozen_lake.sh     # the same pipeline on tiny budgets (a test runs it)
-# Environment: OUT, METHODS ("sft ift dpo orpo dft"), SEEDS ("0 1 2"), JOBS (2), PYTHON (python).
+# Environment: OUT, METHODS ("sft ift dpo orpo dft"), SEEDS ("0 1 2"), JOBS (2), PYTHON (commands/python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1   # JOBS single-threaded jobs share the cores
-PYTHON=${PYTHON:-python}
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
 JOBS=${JOBS:-2}
 METHODS=${METHODS:-"sft ift dpo orpo dft"}
 if [[ "${QUICK:-0}" == 1 ]]; then

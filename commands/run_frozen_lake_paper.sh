@@ -11,12 +11,12 @@
 #   bash commands/run_frozen_lake_paper.sh           # the full protocol (1,400 runs of 20 steps)
 #   QUICK=1 bash commands/run_frozen_lake_paper.sh   # 1 map per split, 1 setting, 5 seeds (a test runs it)
 # Environment: OUT (runs/frozen_lake_paper or runs/frozen_lake_paper_quick), JOBS (2 worker processes),
-# PYTHON (python). Finished runs are reused (each run directory's scores.json): rerunning continues.
+# PYTHON (commands/python.sh). Finished runs are reused (each run directory's scores.json): rerunning continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 TQDM_DISABLE=1  # single-threaded workers; no progress bars
-PYTHON=${PYTHON:-python}
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
 if [[ "${QUICK:-0}" == 1 ]]; then
     OUT=${OUT:-runs/frozen_lake_paper_quick}; QUICK_FLAG=--quick
 else

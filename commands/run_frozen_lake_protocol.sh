@@ -9,13 +9,13 @@
 #
 #   bash commands/run_frozen_lake_protocol.sh           # the full protocol (35 training runs + 5 SFT stages)
 #   QUICK=1 bash commands/run_frozen_lake_protocol.sh   # tiny budgets, 1 setting per method
-# Environment: OUT (runs/frozen_lake_protocol or runs/frozen_lake_protocol_quick), JOBS (2), PYTHON (python),
+# Environment: OUT (runs/frozen_lake_protocol or runs/frozen_lake_protocol_quick), JOBS (2), PYTHON (commands/python.sh),
 # METHODS (a comma-separated subset of sft,ift,orpo,dft,dpo; default all; dpo needs sft).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 TQDM_DISABLE=1
-PYTHON=${PYTHON:-python}
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
 if [[ "${QUICK:-0}" == 1 ]]; then
     OUT=${OUT:-runs/frozen_lake_protocol_quick}; QUICK_FLAG=--quick
 else

@@ -16,13 +16,14 @@
 #   bash commands/run_mistral_ift.sh resume_from=latest
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
 COMMON=(model=mistral7b "datasets=[ultrachat,ultrafeedback]" trainer=FSDPTrainer
         n_epochs=3 rows_per_dataset=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32
         lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=1024
         eval_every=10240 save_every=5120 keep_last=2 wandb.enabled=true wandb.mode=online "$@")
 
-python train.py loss=ift loss.min_lambda=0 loss.max_lambda=0 gamma=0 \
+"$PYTHON" train.py loss=ift loss.min_lambda=0 loss.max_lambda=0 gamma=0 \
     exp_name=mistral7b_sft_equivalent run_dir=runs/mistral7b_sft_equivalent "${COMMON[@]}"
-python train.py loss=ift loss.min_lambda=0.2 loss.max_lambda=0.2 gamma=0.95 \
+"$PYTHON" train.py loss=ift loss.min_lambda=0.2 loss.max_lambda=0.2 gamma=0.95 \
     propagation_type=loss propagation_norm=L1 propagation_side=left \
     exp_name=mistral7b_ift run_dir=runs/mistral7b_ift "${COMMON[@]}"

@@ -8,7 +8,8 @@
 #   bash commands/run_mistral_sft.sh resume_from=latest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python train.py loss=sft model=mistral7b "datasets=[ultrachat,ultrafeedback]" trainer=FSDPTrainer \
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
+"$PYTHON" train.py loss=sft model=mistral7b "datasets=[ultrachat,ultrafeedback]" trainer=FSDPTrainer \
     n_epochs=3 rows_per_dataset=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
     lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=1024 \
     eval_every=10240 save_every=5120 keep_last=2 wandb.enabled=true wandb.mode=online \

@@ -18,7 +18,7 @@ if [[ $# -gt 0 && $1 != *=* ]]; then loss=$1; shift; if [[ $# -gt 0 && $1 != *=*
 out=${out:-runs/sft_then_${loss}_$(date +%Y%m%d_%H%M%S)}
 case " $* " in *" datasets="*) ;; *) set -- "datasets=[ultrafeedback_sample]" "$@" ;; esac
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON=${PYTHON:-python}
+source "$REPO/commands/python.sh"  # PYTHON: $PYTHON, else .venv/bin/python, else python
 case $out in /*) ;; *) out="$PWD/$out" ;; esac  # the second stage reads OUT/sft/final from anywhere
 # shellcheck disable=SC2086
 "$PYTHON" "$REPO/train.py" loss=sft "$@" ${SFT_ARGS:-} run_dir="$out/sft"

@@ -5,8 +5,9 @@
 # Extra arguments override anything, e.g. `bash commands/run_tiny_ift.sh loss=sft run_dir=runs/tiny_sft`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-python train.py loss=ift model=tiny device=cpu "datasets=[ultrachat_sample]" \
+"$PYTHON" train.py loss=ift model=tiny device=cpu "datasets=[ultrachat_sample]" \
     optimizer=AdamW lr=2e-3 lr_schedule=cosine warmup_steps=30 max_grad_norm=1.0 \
     batch_size=16 n_epochs=10 n_examples=16000 \
     eval_every=4000 n_eval_examples=200 eval_batch_size=50 n_samples=100 max_new_tokens=24 \

@@ -4,7 +4,8 @@
 # Checkpoints and requeue as in commands/run_mistral_ift.sh: add resume_from=latest to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python train.py model=zephyr7b-sft "datasets=[ultrafeedback]" trainer=FSDPTrainer loss=ift \
+source commands/python.sh  # PYTHON: $PYTHON, else .venv/bin/python, else python
+"$PYTHON" train.py model=zephyr7b-sft "datasets=[ultrafeedback]" trainer=FSDPTrainer loss=ift \
     loss.min_lambda=0.2 loss.max_lambda=0.2 gamma=0.95 \
     n_epochs=3 rows_per_dataset=61136 batch_size=512 gradient_accumulation_steps=64 eval_batch_size=32 \
     lr=5e-7 warmup_ratio=0.15 lr_schedule=cosine optimizer=RMSprop max_length=1024 max_prompt_length=1024 \

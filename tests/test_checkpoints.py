@@ -7,6 +7,7 @@ the checkpoint holding everything else (weights, optimizer, scheduler, step, RNG
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -468,6 +469,40 @@ def test_the_checkpointer_saves_and_loads_plain_objects_without_a_trainer(save_a
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(optimizer.state[a][key], fresh_optimizer.state[b][key])
     assert fresh_scaler.get_scale() == scaler.get_scale() == 2.0 ** 10
+
+
+def closed_form_lr(lr, k, warmup, total, schedule):
+    """The documented lr of update k (0-based), written out apart from training/planning.py: warm-up
+    update k of W at lr·(k+1)/W; then lr (constant) or lr·(1 + cos(π·(k-W)/(total-W)))/2 (cosine)."""
+    if k < warmup:
+        return lr * (k + 1) / warmup
+    return lr if schedule == "constant" else lr * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) / 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("warmup,total,schedule", [(0, 5, "constant"), (0, 5, "cosine"), (3, 8, "constant"),
+                                                   (3, 8, "cosine"), (4, 4, "cosine"), (1, 1, "constant"),
+                                                   (10, 10, "constant"), (30, 1000, "cosine")])
+def test_the_schedule_runs_every_update_at_its_closed_form_lr_and_none_at_zero(warmup, total, schedule):
+    """The lr the trainer's scheduler gives each update equals the closed form, and is never 0: the first
+    warm-up update already trains (transformers' schedulers run it at 0). Tolerance: the two sides round
+    the cosine's argument π·(k-W)/(total-W) in a different order (at most 2 roundings of a value < π, so
+    < 1e-15 apart; cos moves by no more than that), then round a product or two (< 3·2^-53 relative):
+    lr·1e-15 absolute covers both (the warm-up values differ by one rounding at most)."""
+    import types
+
+    import trainers
+    lr = 2e-3
+    cfg = make_cfg(f"lr_schedule={schedule}", f"lr={lr}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    owner = types.SimpleNamespace(cfg=cfg, optimizer=optimizer, warmup_steps=warmup, total_steps=total)
+    scheduler = trainers.BasicTrainer.build_scheduler(owner)
+    for k in range(total):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(closed_form_lr(lr, k, warmup, total, schedule),
+                                                                rel=0, abs=lr * 1e-15), k
+        assert optimizer.param_groups[0]["lr"] > 0, k
+        optimizer.step()
+        scheduler.step()
 
 
 @pytest.mark.unit

@@ -189,6 +189,20 @@ MEMORISE = [("Which day follows Monday?", "Tuesday follows Monday."),
 
 
 @pytest.mark.integration
+def test_one_step_of_warm_up_already_moves_the_weights(tmp_path):
+    """n_examples=batch_size is one optimizer step; warm-up is clipped to the run's length (W = 1), and
+    update k of W runs at lr·(k+1)/W: the one update runs at lr, not at 0 (transformers' k/W), so final/
+    differs from the weights it started from."""
+    from safetensors.torch import load_file
+    rows = run_inprocess(tmp_path / "r", "n_examples=16", "batch_size=16", "warmup_steps=10", "lr=5e-4",
+                         "do_first_eval=false", "n_eval_examples=16", "eval_batch_size=16", "n_samples=0")
+    assert [r["lr"] for r in rows if r["split"] == "train"] == [5e-4]
+    before = load_file(REPO_DIR / "models" / "tiny-mistral" / "model.safetensors")
+    after = load_file(tmp_path / "r" / "final" / "model.safetensors")
+    assert any(not torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.integration
 def test_generation_after_training_reproduces_the_memorised_answers(tmp_path):
     """Trained on four fixed pairs until it has memorised them, the saved model answers each of their
     prompts greedily with exactly the trained answer (and n_samples reports it as an exact match)."""
@@ -358,7 +372,7 @@ echo >> {calls}
     # The Frozen Lake pipelines run experiments/ modules (data, games, tuning) that call train.py themselves:
     # tests/test_frozen_lake.py and tests/test_frozen_lake_paper.py run the first two end to end.
     pipelines = {"run_frozen_lake.sh", "run_frozen_lake_paper.sh", "run_frozen_lake_protocol.sh"}
-    scripts = sorted(s for s in (REPO_DIR / "commands").glob("*.sh") if s.name not in pipelines)
+    scripts = sorted(s for s in (REPO_DIR / "commands").glob("run_*.sh") if s.name not in pipelines)  # python.sh: a helper
     assert len(scripts) >= 6
     requeue = (REPO_DIR / "commands" / "run_mistral_ift.sh", ["resume_from=latest"])  # how a requeue runs it
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the recipes name hub models, which a GPU node downloads
@@ -367,7 +381,7 @@ echo >> {calls}
     for script, extra in [(s, []) for s in scripts] + [requeue] + dry:
         calls.write_text("")
         proc = subprocess.run(["bash", str(script), *extra], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+                              env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": str(shim)})
         assert proc.returncode == 0, (script.name, proc.stderr[-2000:])
         lines = calls.read_text().splitlines()
         assert lines, f"{script.name} never ran python train.py"
@@ -380,6 +394,35 @@ echo >> {calls}
             if extra == ["dry_run=true"]:  # no run may train, nor read a model that an earlier run would write
                 assert cfg.dry_run and "/final" not in cfg.model.name_or_path, (script.name, line)
     assert {"ift", "sft", "dpo", "orpo"} <= {loss for _, loss, _ in checked}, checked
+
+
+@pytest.mark.integration
+def test_a_recipe_runs_with_the_repositorys_venv_without_activating_it(tmp_path):
+    """After `make demo` (which leaves .venv/) the README's `bash commands/run_mistral_ift.sh ... dry_run=true`
+    must work as written, with no venv on PATH: commands/python.sh picks .venv/bin/python. Here the
+    repository is a tree of links to this one with a .venv/bin/python of its own (this interpreter), and
+    the `python` on PATH is one that lacks the packages (it exits 3), as a system Python does."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for entry in REPO_DIR.iterdir():
+        if entry.name not in (".venv", "runs", ".git"):
+            (repo / entry.name).symlink_to(entry)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path, body in ((repo / ".venv" / "bin" / "python", f'exec {sys.executable} "$@"'),
+                       (bare / "python", "echo 'No module named hydra' >&2; exit 3")):
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    args = ["model=tiny", "datasets=[ultrachat_sample]", "trainer=BasicTrainer", "device=cpu", "rows_per_dataset=null",
+            "batch_size=16", "gradient_accumulation_steps=1", "eval_batch_size=16", "max_length=256",
+            "max_prompt_length=128", "wandb.enabled=false", "dry_run=true"]
+    proc = subprocess.run(["bash", "commands/run_mistral_ift.sh", *args], cwd=repo, capture_output=True, text=True,
+                          timeout=600, env={**env, "PATH": f"{bare}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('"optimizer_steps"') == 2, proc.stdout[-2000:]  # both runs' plans
+    assert not (repo / "runs").exists()  # a dry run creates nothing
 
 
 @pytest.mark.unit

@@ -170,8 +170,9 @@ def test_on_nonfinite_skip_drops_the_update_counts_it_and_trains_on(trainer, tmp
                "on_nonfinite=skip", "warmup_steps=4")
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["skipped_steps"] for r in train_rows] == [0, 1, 1, 1]
-    # neither the optimizer nor the scheduler stepped at step 2: lr stays in warm-up, 2 updates by step 3
-    assert [r["lr"] for r in train_rows] == pytest.approx([0, 2.5e-4, 2.5e-4, 5e-4])
+    # neither the optimizer nor the scheduler stepped at step 2: lr stays in warm-up (update k of 4 at
+    # lr·(k+1)/4, lr 1e-3), so step 3 is the 2nd update again and step 4 the 3rd
+    assert [r["lr"] for r in train_rows] == pytest.approx([2.5e-4, 5e-4, 5e-4, 7.5e-4])
     assert optimizer_steps_taken(tmp_path / "r" / "checkpoints" / "step-3") == {2}
     assert_all_finite(tmp_path / "r")
     assert (tmp_path / "r" / "final").exists()

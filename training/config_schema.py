@@ -162,7 +162,8 @@ class Run:
     n_examples: Optional[int] = option(None, "stop after this many training examples; null = no limit", low=1)
     optimizer: str = option("RMSprop", "RMSprop (the reference's) | AdamW", choices=("RMSprop", "AdamW"))
     lr: float = option(5.0e-4, "peak learning rate (suits the tiny model); the paper's Mistral-7B runs use 5e-7 "
-                               "(see commands/)", low=0, low_open=True)
+                               "(see commands/).\nWarm-up update k (0-based) of W runs at lr·(k+1)/W (never 0; "
+                               "the peak at the last)", low=0, low_open=True)
     weight_decay: float = option(0.0, "AdamW only", low=0)
     lr_schedule: str = option("constant", "constant | cosine; both after a linear warm-up",
                               choices=("constant", "cosine"))

@@ -5,10 +5,11 @@ without loading a model.
 The schedule (`schedule`) is the one the trainer follows: an epoch is len(train rows) // batch_size
 global batches (the last incomplete batch is dropped), training stops after n_epochs epochs or
 n_examples examples, whichever comes first, and warm-up is warmup_ratio of all steps (rounded) or
-warmup_steps.
+warmup_steps. `lr_factor` is the learning rate of each step as a fraction of `lr`.
 """
 
 import json
+import math
 
 import numpy as np
 
@@ -32,6 +33,21 @@ def schedule(n_rows, cfg):
     warmup = round(cfg.warmup_ratio * total) if cfg.warmup_ratio is not None else min(cfg.warmup_steps, total)
     return {"steps_per_epoch": steps_per_epoch, "optimizer_steps": total, "warmup_steps": warmup,
             "examples": total * cfg.batch_size}
+
+
+def lr_factor(step, warmup_steps, total_steps, lr_schedule):
+    """The learning rate of optimizer update `step` (0-based: the number of updates applied before it)
+    as a fraction of the peak `lr`. Warm-up: update k of W runs at (k + 1) / W, so the first update
+    already moves the weights (lr / W) and the last warm-up update runs at the peak; transformers'
+    schedulers run update k at k / W, which makes the first update a no-op (lr 0). After warm-up:
+    `constant` stays at 1; `cosine` is transformers' half cosine from 1 at update W towards 0 at
+    update total_steps (never reached: the last update runs just above 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if lr_schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def model_shape(cfg):
