@@ -165,7 +165,7 @@ class ModelCall:
             weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
             got["inputs"] = HeadInputs(hidden[0], weight.clone() if sharded else weight,
                                        bias.clone() if sharded and bias is not None else bias)
-            return hidden
+            return hidden.new_empty((*hidden.shape[:-1], 0))  # no logits: a new (1, N, 0) tensor, not a view
 
         with target_positions_only(model, model_mask), replaced_head(model, keep_inputs):
             model(**inputs, use_cache=False)
@@ -427,7 +427,9 @@ class TargetLogpsAndKL(torch.autograd.Function):
         lead = hidden.shape[:-1]
         h, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        out = torch.empty((h.shape[0], 2), dtype=acc, device=hidden.device)
+        # a new tensor, not a view (FSDP2 hooks the model's output: see ChunkedTargetLogps), filled through a flat view
+        result = torch.empty((*lead, 2), dtype=acc, device=hidden.device)
+        out = result.view(-1, 2)
         lse = torch.empty(h.shape[0], dtype=acc, device=hidden.device)
         ref_lse = torch.empty_like(lse)
         ctx.compute_dtype = hidden.dtype
@@ -448,7 +450,7 @@ class TargetLogpsAndKL(torch.autograd.Function):
             out[rows, 1] = torch.where(p_ref > 0, p_ref * difference, 0.0).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, ref_lse)
         ctx.chunk = chunk
-        return out.reshape(*lead, 2)
+        return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
