@@ -82,6 +82,20 @@ class PairLogps:
         return self.chosen / self.chosen_n.clamp(min=1), self.rejected / self.rejected_n.clamp(min=1)
 
 
+@dataclass
+class HeadInputs:
+    """What a model's output head reads at N target positions (ModelCall.head_inputs).
+    hidden: (N, H). weight: (V, H). bias: (V,) or None. No gradient."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _scatter(mask, values):
+    """values (N,) laid out as mask's shape (B, T-1) in row-major order, zero off the mask."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 @dataclass(frozen=True)
 class ModelCall:
     """How the losses call a model; the math does not depend on it (the tests check both ways agree).
@@ -102,16 +116,7 @@ class ModelCall:
         """
         mask = _target_mask(labels)
         targets = labels[:, 1:][mask]
-        if self.packing:
-            keep, position_ids, packed_labels = pack_rows(input_ids, attention_mask, labels)
-            # No attention mask: transformers then keeps attention within each run of position ids
-            # (a block-diagonal mask for sdpa/eager, the varlen kernel for flash_attention_2).
-            inputs = dict(input_ids=input_ids[keep][None], position_ids=position_ids, attention_mask=None)
-            model_mask = _target_mask(packed_labels)
-            intuitive_ids = intuitive_ids[keep][None] if intuitive_ids is not None else None
-        else:
-            inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-            model_mask = mask
+        inputs, model_mask, intuitive_ids = self._model_inputs(input_ids, attention_mask, labels, intuitive_ids)
         chunk = self.loss_chunk_tokens
         chunked = chunk is not None and _chunkable(model, model.get_output_embeddings())
         with contextlib.ExitStack() as hooks:
@@ -129,6 +134,71 @@ class ModelCall:
             return TargetLogps(logps[0], head_out["argmax"] if argmax else None, mask)
         logits = output[0]  # (N, V)
         return TargetLogps(gather_logps(logits, targets), logits.argmax(-1) if argmax else None, mask)
+
+    def _model_inputs(self, input_ids, attention_mask, labels, intuitive_ids=None):
+        """The model's keyword arguments (packed or padded rows), the (.., T-1) mask that
+        target_positions_only selects with, and intuitive_ids laid out like the inputs (or None)."""
+        if not self.packing:
+            return dict(input_ids=input_ids, attention_mask=attention_mask), _target_mask(labels), intuitive_ids
+        keep, position_ids, packed_labels = pack_rows(input_ids, attention_mask, labels)
+        # No attention mask: transformers then keeps attention within each run of position ids
+        # (a block-diagonal mask for sdpa/eager, the varlen kernel for flash_attention_2).
+        inputs = dict(input_ids=input_ids[keep][None], position_ids=position_ids, attention_mask=None)
+        return inputs, _target_mask(packed_labels), intuitive_ids[keep][None] if intuitive_ids is not None else None
+
+    @torch.no_grad()
+    def head_inputs(self, model, input_ids, attention_mask, labels):
+        """One no-grad forward of `model` (a frozen reference) that stops at its output head: what the head
+        would read at the target positions, for a loss that needs the reference's whole distribution there
+        (ASFT's KL) without a (N, V) tensor. The head is skipped, so no logits are made here.
+
+        input_ids, attention_mask, labels: (B, T). Returns HeadInputs: hidden (N, H) in the model's compute
+        dtype, the head's weight (V, H) and bias (V,) or None. Under FSDP2 the head's unsharded weight is
+        freed after the forward, so a copy of it is kept (V x H, the memory the unsharded head takes anyway).
+        """
+        head = model.get_output_embeddings()
+        inputs, model_mask, _ = self._model_inputs(input_ids, attention_mask, labels)
+        sharded = hasattr(head.weight, "full_tensor")  # a DTensor outside the forward: FSDP2
+        got = {}
+
+        def keep_inputs(hidden):
+            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+            got["inputs"] = HeadInputs(hidden[0], weight.clone() if sharded else weight,
+                                       bias.clone() if sharded and bias is not None else bias)
+            return hidden.new_empty((*hidden.shape[:-1], 0))  # no logits: a new (1, N, 0) tensor, not a view
+
+        with target_positions_only(model, model_mask), replaced_head(model, keep_inputs):
+            model(**inputs, use_cache=False)
+        return got["inputs"]
+
+    def logps_and_kl(self, model, reference, input_ids, attention_mask, labels):
+        """One forward of `model` (the policy): the target log-probs and, at each target position,
+        KL(reference || model) over the whole vocabulary, computed chunk by chunk (TargetLogpsAndKL).
+
+        reference: HeadInputs of the same rows (head_inputs). input_ids, attention_mask, labels: (B, T).
+        Returns (logps (B, T-1), kl (B, T-1), both zero off the mask and with gradient; mask (B, T-1) bool).
+        """
+        mask = _target_mask(labels)
+        targets = labels[:, 1:][mask]
+        inputs, model_mask, _ = self._model_inputs(input_ids, attention_mask, labels)
+        head = model.get_output_embeddings()
+        if not _chunkable(model, head):
+            raise ValueError(f"{type(model).__name__}'s output head is not a plain linear layer whose logits the "
+                             "model returns unchanged; the chunked KL of loss=asft needs one")
+        chunk = self.loss_chunk_tokens or max(1, int(targets.numel()))
+        out = {}
+
+        def forward(hidden):
+            out["both"] = TargetLogpsAndKL.apply(hidden, head.weight, head.bias, targets.to(hidden.device)[None],
+                                                 reference.hidden, reference.weight, reference.bias, int(chunk))
+            return out["both"]
+
+        with target_positions_only(model, model_mask), replaced_head(model, forward):
+            both = model(**inputs, use_cache=False).logits  # (1, N, 2)
+        if both is not out["both"]:
+            raise ValueError(f"{type(model).__name__} changes the logits after lm_head; loss=asft cannot use it")
+        logps, kl = (_scatter(mask, both[0, :, i]) for i in (0, 1))
+        return logps, kl, mask
 
     def logps(self, model, input_ids, attention_mask, labels, intuitive_ids=None, lam=0.0):
         """One forward of `model`; log-probabilities of the target tokens.
@@ -336,6 +406,97 @@ class ChunkedTargetLogps(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+class TargetLogpsAndKL(torch.autograd.Function):
+    """log p(target) and KL(p_ref || p) over the whole vocabulary at each of N positions, for a linear
+    head p = softmax(hidden · Wᵀ + b) against a frozen reference head p_ref = softmax(ref_hidden · W_refᵀ + b_ref),
+    computed chunk by chunk so that no (N, V) tensor is made (loss=asft).
+
+    forward(hidden (..., N, H), weight (V, H), bias (V,) or None, targets (..., N) long, ref_hidden (N, H),
+    ref_weight (V, H), ref_bias (V,) or None, chunk int) -> (..., N, 2) float32 (float64 for float64 inputs):
+    [..., 0] the target log-probs, [..., 1] KL(p_ref || p) = Σ_v p_ref,v (log p_ref,v − log p_v).
+    Gradients reach hidden, weight and bias only (the reference is frozen).
+    Forward: both heads' logits for `chunk` positions at a time, reduced to the two outputs and each
+    position's two log-sum-exps (kept: 2N floats). Backward recomputes both heads' logits in blocks of
+    vocabulary columns over all N positions, as ChunkedTargetLogps does; with g0, g1 the upstream
+    gradients of the two outputs, d/dlogits_nv = g0·(1[v = t_n] − p_nv) + g1·(p_nv − p_ref,nv).
+    The reference's products run in its own weight's dtype, outside any autocast (as in its own forward).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, chunk):
+        lead = hidden.shape[:-1]
+        h, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # a new tensor, not a view (FSDP2 hooks the model's output: see ChunkedTargetLogps), filled through a flat view
+        result = torch.empty((*lead, 2), dtype=acc, device=hidden.device)
+        out = result.view(-1, 2)
+        lse = torch.empty(h.shape[0], dtype=acc, device=hidden.device)
+        ref_lse = torch.empty_like(lse)
+        ctx.compute_dtype = hidden.dtype
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(h[rows], weight, bias)
+            ctx.compute_dtype = logits.dtype
+            logp = logits.to(acc)
+            lse[rows] = torch.logsumexp(logp, -1)
+            out[rows, 0] = logp.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            ref_logp = _reference_logits(ref_hidden[rows], ref_weight, ref_bias, acc)
+            ref_lse[rows] = torch.logsumexp(ref_logp, -1)
+            logp.sub_(lse[rows, None])  # in place from here on: log p, log p_ref, then their difference
+            ref_logp.sub_(ref_lse[rows, None])
+            difference = logp.neg_().add_(ref_logp)  # log p_ref − log p
+            p_ref = ref_logp.exp_()
+            # where p_ref underflows to 0 the term is 0 (p_ref log p_ref -> 0), never 0 · inf
+            out[rows, 1] = torch.where(p_ref > 0, p_ref * difference, 0.0).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, ref_lse)
+        ctx.chunk = chunk
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, ref_lse = ctx.saved_tensors
+        shape, hidden = hidden.shape, hidden.reshape(-1, hidden.shape[-1])
+        N, V = hidden.shape[0], weight.shape[0]
+        dtype = ctx.compute_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_out.reshape(-1, 2).to(lse.dtype)
+        g_target, g_kl = g[:, 0], g[:, 1]
+        with torch.autocast(hidden.device.type, enabled=False):  # explicit casts decide every dtype
+            h = hidden.to(dtype)
+            grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else None
+            grad_w = torch.empty_like(weight) if need_w else None
+            grad_b = torch.empty_like(bias) if need_b else None
+            # two (N, columns) blocks of logits at a time: about the memory of the forward's chunk
+            columns = V if N <= ctx.chunk else max(1, ctx.chunk * V // N)
+            for start in range(0, V, columns):
+                cols = slice(start, start + columns)
+                w = weight[cols].to(dtype)
+                p = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
+                p = p.sub_(lse[:, None]).exp_()
+                p_ref = _reference_logits(ref_hidden, ref_weight[cols], None if ref_bias is None else ref_bias[cols],
+                                          lse.dtype)
+                p_ref = p_ref.sub_(ref_lse[:, None]).exp_()
+                grad = p.mul_((g_kl - g_target)[:, None]).sub_(p_ref.mul_(g_kl[:, None]))
+                inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
+                grad[inside, targets[inside] - start] += g_target[inside]  # + g0 at each row's target
+                if need_b:
+                    grad_b[cols] = grad.sum(0).to(bias.dtype)
+                grad = grad.to(dtype)
+                if need_w:
+                    grad_w[cols] = (grad.T @ h).to(weight.dtype)
+                if need_h:
+                    grad_h += grad @ w
+        grad_h = grad_h.to(hidden.dtype).reshape(shape) if need_h else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _reference_logits(hidden, weight, bias, acc):
+    """The frozen reference head's logits (n, V') in `acc`, computed in the reference weight's dtype."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.to(weight.dtype), weight, bias).to(acc)
+
+
 def _chunkable(model, head):
     """Whether the head can be computed by ChunkedTargetLogps: a plain linear layer whose output the
     model returns unchanged (some models scale or soft-cap the logits after lm_head)."""
@@ -364,10 +525,19 @@ def chunked_head(model, targets, chunk, argmax=False):
         out["argmax"], out["logps"] = best.reshape(-1), logps
         return logps
 
+    with replaced_head(model, forward):
+        yield out
+
+
+@contextlib.contextmanager
+def replaced_head(model, forward):
+    """Inside this block, lm_head's forward is `forward(hidden)`: it runs inside lm_head's own call,
+    within the model's forward, where FSDP2 has unsharded the head's weight."""
+    head = model.get_output_embeddings()
     saved = head.__dict__.get("forward")
     head.forward = forward
     try:
-        yield out
+        yield
     finally:
         if saved is None:
             del head.forward

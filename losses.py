@@ -1,4 +1,4 @@
-"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO, ORPO, and the DFT and SimPO baselines.
+"""Losses: SFT, IFT (Intuitive Fine-Tuning), DPO / cDPO / IPO, ORPO, and the DFT, ASFT and SimPO baselines.
 
 Read top-down: the registry (what the trainer calls), then each loss, its math beside its class. The
 IFT math follows docs/ift_spec.md section by section ("spec §N" in the comments is its section N).
@@ -85,6 +85,11 @@ class Loss:
 
     name: ClassVar[str]
     needs_pairs: ClassVar[bool] = False  # trains on (chosen, rejected) pairs
+    # a reference's per-row summed log-probs are all it needs of the reference (reference_logps=precompute)
+    reference_precomputable: ClassVar[bool] = True
+    # None: the output head as ModelCall computes it (training/flops.py); an int: the loss computes the head
+    # itself and its backward recomputes that many heads' logits at the target positions
+    head_recomputes: ClassVar[Optional[int]] = None
 
     @property
     def needs_reference(self):
@@ -584,6 +589,48 @@ def dft_rows(call, model, input_ids, attention_mask, labels):
     row_losses = row_mean(-weights * logps, mask)
     return row_losses, mask.any(-1), {"loss": row_losses.detach(), "nll": row_mean(-logps.detach(), mask),
                                       "weight_mean": row_mean(weights, mask)}
+
+
+# ---------------------------------------------------------------- ASFT
+
+@register
+class ASFT(Loss):
+    """Anchored Supervised Fine-Tuning (Zhu et al., 2025, arXiv 2509.23753): DFT's loss plus kl_weight times
+    the token-level KL(π_ref ‖ π_θ) over the whole vocabulary at each answer position, π_ref the frozen base
+    (with LoRA: the base with its adapters off). Per sequence, averaged over sequences like DFT; docs/losses.md."""
+
+    name: ClassVar[str] = "asft"
+    # its reference term is a whole distribution at every answer position, not a per-row sum to precompute
+    reference_precomputable: ClassVar[bool] = False
+    # the chunked KL's backward recomputes both heads' logits at the answer positions (training/flops.py)
+    head_recomputes: ClassVar[Optional[int]] = 2
+    kl_weight: float = option(0.1, "weight of the KL(reference ‖ policy) term per answer token; >= 0 (0 is DFT; "
+                                   "the authors' code uses 0.1)", low=0)
+
+    @property
+    def needs_reference(self):
+        return True
+
+    def rows(self, call, policy, reference, batch, info):
+        if reference is None:
+            raise ValueError("loss=asft needs a reference model (it is loaded unless reference_logps=precompute)")
+        return LossOutput(*asft_rows(call, policy, reference, *_unpack(batch), self.kl_weight))
+
+
+def asft_rows(call, model, reference, input_ids, attention_mask, labels, kl_weight):
+    """Per-row ASFT loss: Σ_t [−sg(p_t)·log p_t + kl_weight·KL_t] / n, KL_t = KL(π_ref(·|x,y<t) ‖ π_θ(·|x,y<t))
+    over the vocabulary, averaged over rows like SFT and DFT. With kl_weight = 0 the value is DFT's.
+
+    model: the policy. reference: the frozen reference (or lora.AdaptersDisabled). input_ids, attention_mask,
+    labels: (B, T). Returns (row_losses (B,) with gradient; valid (B,) bool, n > 0; metrics (B,) detached:
+    loss, nll (unweighted mean NLL), weight_mean (mean sg(p_t)), kl (mean KL_t over the row's targets)).
+    """
+    anchor = call.head_inputs(reference, input_ids, attention_mask, labels)
+    logps, kl, mask = call.logps_and_kl(model, anchor, input_ids, attention_mask, labels)
+    weights = logps.detach().exp()  # sg(p_t), as DFT
+    row_losses = row_mean(-weights * logps + kl_weight * kl, mask)
+    return row_losses, mask.any(-1), {"loss": row_losses.detach(), "nll": row_mean(-logps.detach(), mask),
+                                      "weight_mean": row_mean(weights, mask), "kl": row_mean(kl.detach(), mask)}
 
 
 # ---------------------------------------------------------------- SimPO

@@ -183,7 +183,8 @@ class BasicTrainer:
         batch's micro-batches (arrays of row indices). info: the step's losses.StepInfo."""
         passes = self.loss.no_grad_passes(info) + (self.reference is not None)  # + a live reference's forward
         return flops.step_flops(self.shape, self.train_sizes, micro, passes, lora=lora.enabled(self.cfg),
-                                head_chunk=self.head_chunk, recompute_blocks=self.recomputes_blocks)
+                                head_chunk=self.head_chunk, recompute_blocks=self.recomputes_blocks,
+                                head_recomputes=self.loss.head_recomputes)
 
     def train_micro_batches(self, micro, n_rows, info):
         """Forward and backward of this rank's micro-batches of one training batch; the gradients of the

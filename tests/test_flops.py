@@ -108,6 +108,25 @@ def test_a_dpo_step_with_a_live_reference_costs_one_more_forward(monkeypatch):
     assert measured > flops.call_flops(shape, [T] * 2 * B, [T - P] * 2 * B)
 
 
+@pytest.mark.parametrize("chunk", [512, 5])  # all 16 answer tokens in one chunk, and in four
+def test_an_asft_step_costs_the_reference_forward_and_both_heads_recomputed(chunk, monkeypatch):
+    """The reference's forward (its head at the answer tokens computed inside the policy's, for the KL over
+    the vocabulary), and a backward that recomputes both heads' logits whatever the chunk."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.config._attn_implementation = "eager"
+    reference = copy.deepcopy(model).requires_grad_(False)
+    B, T, P = 2, 12, 4
+    loss = losses.build({"name": "asft"})
+    measured = _measured(loss, model, _equal_length_batch(B, T, P), chunk=chunk, reference=reference)
+    monkeypatch.setattr(flops, "attention_pairs", lambda n, window=None: np.asarray(n) * np.asarray(n))
+    shape = flops.shape_of(model)
+    expected = flops.call_flops(shape, [T] * B, [T - P] * B, no_grad_passes=1, head_chunk=chunk,
+                                head_recomputes=loss.head_recomputes)
+    assert measured == expected
+    assert expected == flops.call_flops(shape, [T] * B, [T - P] * B, no_grad_passes=1) + 2 * 2 * 64 * 32 * 16
+
+
 def test_lora_and_activation_checkpointing_change_the_count_as_documented():
     shape = flops.Shape(body=1000, head=100, attn_width=8, windows=(None, None))
     tokens, targets = [5, 3], [2, 1]

@@ -29,6 +29,7 @@ CONFIGS = {
     "ipo": {"name": "ipo", "beta": 0.5, "reference_free": False},
     "orpo": {"name": "orpo", "beta": 0.5},
     "dft": {"name": "dft"},
+    "asft": {"name": "asft", "kl_weight": 0.5},
     "simpo": {"name": "simpo", "beta": 2.0, "gamma_margin": 0.5},
 }
 LAM = 0.4

@@ -114,11 +114,11 @@ def test_a_lora_ift_run_trains_the_adapters_and_final_is_base_plus_their_deltas(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo", "dft", "simpo"])
+@pytest.mark.parametrize("loss", ["sft", "dpo", "ipo", "orpo", "dft", "asft", "simpo"])
 def test_every_loss_trains_lora_adapters_and_leaves_the_rest_of_the_base_alone(loss, tmp_path):
     """(IFT: the test above.) DPO and IPO run against the adapter-disabled base, which the trainer
     fingerprints and checks unchanged at the end."""
-    data = ["datasets=[ultrachat_sample]"] if loss in ("sft", "dft") else ["datasets=[ultrafeedback_sample]"]
+    data = ["datasets=[ultrachat_sample]"] if loss in ("sft", "dft", "asft") else ["datasets=[ultrafeedback_sample]"]
     _, final = launch_run(tmp_path / loss, *STEPS, "n_examples=16", f"loss={loss}", *data, *LORA)
     base = load_file(BASE / "model.safetensors")
     changed = {k for k in base if not torch.equal(final[k], base[k])}
@@ -178,6 +178,7 @@ def _dpo_batch():
 FSDP_LOSSES = {
     "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3", "lora.trainable_modules=[embed_tokens]"],
     "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],  # the reference: the sharded base, adapters off
+    "asft": ["loss=asft", "loss.kl_weight=0.5"],  # its head reads the sharded base's head weight, adapters off
 }
 
 
@@ -191,7 +192,7 @@ def test_fsdp2_two_ranks_train_lora_like_one_process(loss, tmp_path):
     assert_same_run(one, two)
     base = load_file(BASE / "model.safetensors")
     embed = "model.embed_tokens.weight"
-    assert torch.equal(two[1][embed], base[embed]) == (loss == "dpo")  # trained only where listed
+    assert torch.equal(two[1][embed], base[embed]) == (loss != "ift")  # trained only where listed
     assert torch.equal(two[1]["lm_head.weight"], base["lm_head.weight"])  # never listed: frozen
 
 

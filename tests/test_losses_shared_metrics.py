@@ -28,7 +28,7 @@ def mean_token_logp(model, prompt_ids, answer_ids):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("loss", ["sft", "ift", "dpo", "orpo", "dft", "simpo"])
+@pytest.mark.parametrize("loss", ["sft", "ift", "dpo", "orpo", "dft", "asft", "simpo"])
 def test_every_loss_logs_nll_margin_and_pref_accuracy_as_a_float64_loop_computes_them(tmp_path, loss):
     cfg = make_cfg(f"loss={loss}", f"run_dir={tmp_path / loss}", *FAST)
     pipeline.validate_config(cfg)

@@ -26,6 +26,7 @@ LOSSES = {
     "ift": ["loss=ift", "gamma=0.9", "loss.min_lambda=0.3", "loss.max_lambda=0.3"],
     "dpo": ["loss=dpo", "datasets=[ultrafeedback_sample]"],
     "dft": ["loss=dft"],
+    "asft": ["loss=asft", "loss.kl_weight=0.5"],
     "simpo": ["loss=simpo", "datasets=[ultrafeedback_sample]"],
 }
 

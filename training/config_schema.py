@@ -395,6 +395,10 @@ def check_run(cfg, world):
     if not use_cuda(cfg) and cfg.model.policy_dtype == "float16":  # float16 needs a GPU's kernels and loss scaling
         raise ConfigError("model.policy_dtype=float16 is not supported on the CPU; use bfloat16 (same speed, "
                           "no loss scaling needed) or float32, or run on a GPU")
+    if cfg.get("reference_logps", "live") == "precompute" and not losses.build(cfg.loss).reference_precomputable:
+        raise ConfigError(f"reference_logps=precompute keeps only the reference's summed log-probs per row; "
+                          f"loss={cfg.loss.name} needs its whole distribution at every answer token: use "
+                          f"reference_logps=live")
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
         # flash-attn's kernels take float16/bfloat16 only; a float32 forward fails at its first call

@@ -21,6 +21,9 @@ A step then costs, per sequence the loss reads (chosen and rejected for DPO/IPO/
     DPO/IPO/cDPO reference forward (reference_logps=live; none with precompute);
   - + 2·N_head·Σ m of the chunked head's backward, which recomputes the logits when the call's
     targets exceed loss_chunk_tokens (one chunk keeps them instead);
+  - ASFT instead: its reference forward (F, its head included: the reference's logits at the answer
+    positions, computed inside the policy's head for the full-vocabulary KL), and 2·2·N_head·Σ m for
+    its backward, which always recomputes both heads' logits (Loss.head_recomputes = 2);
   - + the blocks' forward again under activation checkpointing (2·N·Σ n + attention).
 These are the FLOPs the step executes (recomputation included), so with recomputation the "MFU" is
 strictly a hardware-FLOPs utilisation; without it the two agree.
@@ -147,31 +150,37 @@ def forward_flops(shape, tokens, targets):
             float(2 * shape.head * int(np.asarray(targets, dtype=np.int64).sum())))
 
 
-def call_flops(shape, tokens, targets, no_grad_passes=0, lora=False, head_chunk=None, recompute_blocks=False):
+def call_flops(shape, tokens, targets, no_grad_passes=0, lora=False, head_chunk=None, recompute_blocks=False,
+               head_recomputes=None):
     """FLOPs of one trained forward call with its backward, plus `no_grad_passes` forwards over the same
     sequences (module docstring). tokens, targets: (S,) per sequence of the call. lora: the weight
     matrices are frozen. head_chunk: loss_chunk_tokens when the chunked head runs, else None.
-    recompute_blocks: activation checkpointing. Returns a float."""
+    recompute_blocks: activation checkpointing. head_recomputes: None, or the number of heads whose
+    logits at the target positions the loss's own head recomputes in backward (ASFT: 2, its policy's and
+    its reference's), which then replaces the chunked head's count. Returns a float."""
     weights, attention, head = forward_flops(shape, tokens, targets)
     forward = weights + attention + head
     # backward: the activations' gradients (one product per forward one) and, unless frozen, the
     # weights' (one more); attention has no weights but needs two products per forward one
     backward = (1 if lora else 2) * (weights + head) + 2 * attention
     total = forward + backward + no_grad_passes * forward
-    if head_chunk is not None and int(np.sum(targets)) > head_chunk:
+    if head_recomputes is not None:
+        total += head_recomputes * head
+    elif head_chunk is not None and int(np.sum(targets)) > head_chunk:
         total += head  # the chunked head's backward recomputes the logits
     if recompute_blocks:
         total += weights + attention
     return total
 
 
-def step_flops(shape, sizes, micro, no_grad_passes=0, lora=False, head_chunk=None, recompute_blocks=False):
+def step_flops(shape, sizes, micro, no_grad_passes=0, lora=False, head_chunk=None, recompute_blocks=False,
+               head_recomputes=None):
     """FLOPs of one optimizer step over all ranks: call_flops of each micro-batch's trained call (the
     trainer's metric `tflops` and planning's plan both count this). sizes: sequence_sizes of the
     training data. micro: the global batch's micro-batches (arrays of row indices). Returns a float."""
     tokens, targets = sizes
     return sum(call_flops(shape, tokens[rows].ravel(), targets[rows].ravel(), no_grad_passes, lora=lora,
-                          head_chunk=head_chunk, recompute_blocks=recompute_blocks)
+                          head_chunk=head_chunk, recompute_blocks=recompute_blocks, head_recomputes=head_recomputes)
                for rows in micro if len(rows))
 
 

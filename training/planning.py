@@ -99,13 +99,17 @@ def plan(cfg, data, loss, world=None):
             no_grad_steps += passes > 0
             total += flops.step_flops(model[0], sizes, micro_batches(batch, lengths, n_micro),
                                       passes + reference, lora=lora.enabled(cfg),
-                                      head_chunk=model[1], recompute_blocks=recompute)
+                                      head_chunk=model[1], recompute_blocks=recompute,
+                                      head_recomputes=loss.head_recomputes)
     counted = ["3F per trained sequence (F: one forward's matrix products; 2F its backward" +
                (", less the frozen weights' gradients under LoRA)" if lora.enabled(cfg) else ")")]
     if no_grad_steps:
         counted.append(f"F for the loss's no-grad forward (IFT, lambda > 0) at {no_grad_steps:,} of the steps")
     if reference:
         counted.append("F for the reference model's forward")
+    if loss.head_recomputes:
+        counted.append(f"{loss.head_recomputes} x the output head at the answer tokens, recomputed in backward "
+                       f"(loss={loss.name})")
     return {**steps, "tokens": tokens, "parameters": None if model is None else model[2],
             "flops": None if model is None else total, "flops_counted": " + ".join(counted)}
 
