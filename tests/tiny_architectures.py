@@ -37,3 +37,30 @@ def build_model_dir(arch, directory, tokenizer=True, **config):
             if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
                 shutil.copy(f, directory)
     return directory
+
+
+# The model zoo (tests/test_model_zoo.py): name -> (architecture, config values beyond SHAPE, the run's
+# model.* keys). Each keeps what makes its family differ from Mistral: Llama-3's rope scaling,
+# Qwen2's tied embeddings, Qwen3's q/k norms, Gemma-2's logit soft-capping and sliding window (eager
+# attention: transformers has no sdpa path for its soft-capping), Gemma-3's sliding and full layers with
+# their own rope, Phi-3's fused qkv and gate_up projections, OLMo-2's norms after attention and MLP.
+# sliding_window=16 is shorter than the sample rows (tens of tokens), so the window masks something.
+ZOO = {
+    "llama3": ("LlamaForCausalLM", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)), {}),
+    "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True), {}),
+    "qwen3": ("Qwen3ForCausalLM", {}, {}),
+    "gemma2": ("Gemma2ForCausalLM", dict(sliding_window=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+               dict(attn_implementation="eager")),
+    "gemma3": ("Gemma3ForCausalLM", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"]), {}),
+    "phi3": ("Phi3ForCausalLM", {}, {}),
+    "olmo2": ("Olmo2ForCausalLM", {}, {}),
+}
+
+
+def build_zoo(root):
+    """Every ZOO model saved under root/<name>. Returns {name: its run's model.* keys (name_or_path and the
+    ZOO entry's own)}."""
+    return {name: {"name_or_path": str(build_model_dir(arch, root / name, **config)), **model_keys}
+            for name, (arch, config, model_keys) in ZOO.items()}

@@ -139,6 +139,11 @@ class AdaptersDisabled:
         finally:
             self.policy.train(was_training)
 
+    @property
+    def config(self):
+        # forward._chunkable reads it: a model that soft-caps its logits (Gemma-2) needs the plain head
+        return self.policy.config
+
     def get_input_embeddings(self):
         return self.policy.get_input_embeddings()
 
