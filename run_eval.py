@@ -15,6 +15,12 @@ Suites: `paper` is the paper's benchmark list with the Open LLM Leaderboard (v1)
 (see PAPER_SUITE and docs/evaluation.md); it downloads the benchmarks from the hub. `quick` is the bundled
 task eval_tasks/ift_quick.yaml (greedy answers to the UltraChat test sample, exact match), which
 runs offline. lm-eval is installed from requirements-eval.txt.
+
+    python run_eval.py RUN_DIR --generate alpaca_eval|arena_hard|mt_bench [--prompts FILE] [--out FILE]
+                               [--max-new-tokens N] [--temperature T --top-p P] [--batch-size B]
+
+answers a judge-based benchmark's prompts with RUN_DIR/final instead, in the judging tool's own input
+format (training/generation.py; how to run each judge on the file: docs/evaluation.md).
 """
 
 import argparse

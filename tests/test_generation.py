@@ -254,3 +254,28 @@ def test_offline_without_prompts_the_error_names_the_hub_file_and_prompts(run, m
     with pytest.raises(SystemExit) as e:
         run_eval.main([str(run), "--generate", "mt_bench", "--out", str(run / "never.jsonl")])
     assert "HuggingFaceH4/mt_bench_prompts/raw/question.jsonl" in str(e.value) and "--prompts FILE" in str(e.value)
+
+
+def test_a_runs_own_end_of_turn_token_other_than_eos_stops_and_cuts_answers(run, loaded, tmp_path, monkeypatch):
+    """model.eot_token of the run's config.yaml (a ChatML-like turn end, not eos) joins eos as a stop
+    token, and an answer ends before the first of either."""
+    tokenizer, other = loaded.tokenizer, 5  # any single token other than eos stands in for '<|im_end|>'
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final").symlink_to(run / "final")
+    (tmp_path / "run" / "config.yaml").write_text(f"model:\n  eot_token: '{tokenizer.convert_ids_to_tokens(other)}'\n")
+    (tmp_path / "q.json").write_text(json.dumps([{"instruction": "Hi"}]))
+    captured = []
+
+    def capture(final, tok, stop_ids, *a):
+        captured.append(stop_ids)
+        raise generation.GenerationError("captured")
+
+    monkeypatch.setattr(generation, "make_generator", capture)
+    with pytest.raises(SystemExit):
+        run_eval.main([str(tmp_path / "run"), "--generate", "alpaca_eval", "--prompts", str(tmp_path / "q.json")])
+    assert captured == [[other, tokenizer.eos_token_id]]
+
+    cutter = SimpleNamespace(tokenizer=tokenizer, stop_ids=captured[0])
+    words = tokenizer("blue sky", add_special_tokens=False)["input_ids"]
+    for stop in captured[0]:
+        assert generation.HFGenerator._text(cutter, words + [stop] + words) == tokenizer.decode(words).strip()
