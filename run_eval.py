@@ -307,7 +307,10 @@ def generate_answers(args):
     tokenizer = generation.load_tokenizer(run_dir / "final")
     config = run_dir / "config.yaml"  # the run's own model.eot_token, if it set one
     configured = OmegaConf.load(config).get("model", {}).get("eot_token") if config.is_file() else None
-    stop_ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer, configured))]
+    try:
+        stop_ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer, configured))]
+    except ValueError as e:  # DataError: no end-of-turn token found, or model.eot_token is not one token
+        raise EvalError(f"{run_dir / 'final'}: {e}") from None
     stop_ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, *stop_ids) else []
     generator = generation.make_generator(run_dir / "final", tokenizer, stop_ids, settings, args.engine,
                                           args.device, args.dtype)

@@ -265,10 +265,12 @@ def answer_all(name, prompts, out, generator, tokenizer, model_id, settings, bat
     prompt file's order) after each batch. Returns the records, in prompt order."""
     from tqdm import tqdm
     done = load_done(out, model_id, settings)
+    # longest first: batches of like lengths pad little, and a batch too large for memory fails at once
     todo = sorted((p for p in prompts if p.id not in done),
                   key=lambda p: -len(prompt_ids(tokenizer, [{"role": "user", "content": p.turns[0]}])))
     order = [p.id for p in prompts]
-    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{name} answers", disable=not progress) as bar:
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"{name} answers", disable=not progress)
+    with bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             chats = [[] for _ in batch]
