@@ -220,14 +220,6 @@ def _subtasks(group_subtasks, name):
     return leaves
 
 
-def write_atomic(path, text):
-    """Write a file through a temporary sibling and a rename, so a crash never leaves half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(results):
     """results.json's tasks as a markdown table (percentages), with the leaderboard average when
     all six paper tasks are there."""
@@ -280,9 +272,9 @@ def evaluate(args):
         results["tasks"][spec.name] = task_entry(spec, outputs[spec.name], limit)
         if args.log_samples:
             write_samples(eval_dir, spec.name, outputs[spec.name])
-    write_atomic(path, json.dumps(results, indent=2) + "\n")
+    generation.write_atomic(path, json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
-    write_atomic(eval_dir / "results.md", table)
+    generation.write_atomic(eval_dir / "results.md", table)
     print(table)
     print(f"wrote {path} and {eval_dir / 'results.md'}")
     return results
