@@ -15,6 +15,12 @@ Suites: `paper` is the paper's benchmark list with the Open LLM Leaderboard (v1)
 (see PAPER_SUITE and docs/evaluation.md); it downloads the benchmarks from the hub. `quick` is the bundled
 task eval_tasks/ift_quick.yaml (greedy answers to the UltraChat test sample, exact match), which
 runs offline. lm-eval is installed from requirements-eval.txt.
+
+    python run_eval.py RUN_DIR --generate alpaca_eval|arena_hard|mt_bench [--prompts FILE] [--out FILE]
+                               [--max-new-tokens N] [--temperature T --top-p P] [--batch-size B]
+
+answers a judge-based benchmark's prompts with RUN_DIR/final instead, in the judging tool's own input
+format (training/generation.py; how to run each judge on the file: docs/evaluation.md).
 """
 
 import argparse
@@ -25,6 +31,8 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from training import generation
 
 REPO_DIR = Path(__file__).resolve().parent
 TASKS_DIR = REPO_DIR / "eval_tasks"
@@ -79,6 +87,21 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32 / bfloat16 / float16 / auto = as saved (default)")
     p.add_argument("--log-samples", action="store_true", help="also write eval/samples_<task>.jsonl")
+    g = p.add_argument_group("answers for judge-based benchmarks (instead of lm-eval; docs/evaluation.md)")
+    g.add_argument("--generate", choices=sorted(generation.BENCHMARKS), default=None,
+                   help="answer the benchmark's prompts and write them in its judge's input format")
+    g.add_argument("--prompts", type=Path, default=None,
+                   help="the prompt file (default: from the hub: " + "; ".join(
+                       f"{k}: {b.hub_repo}/{b.hub_file}" for k, b in generation.BENCHMARKS.items()) + ")")
+    g.add_argument("--out", type=Path, default=None, help="the answer file (default: RUN/eval/<benchmark>_answers"
+                   ".json[l]); a rerun skips the prompts it holds")
+    g.add_argument("--model-id", default=None, help="the model's name in the answer file (default: RUN's name)")
+    g.add_argument("--max-new-tokens", type=int, default=2048, help="per answer (default: 2048)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature (default: 1)")
+    g.add_argument("--seed", type=int, default=0, help="of the sampling (default: 0)")
+    g.add_argument("--engine", choices=["auto", "hf", "vllm"], default="auto",
+                   help="auto: vLLM when installed and a GPU is present, else transformers' generate")
     return p.parse_args(argv)
 
 
@@ -197,14 +220,6 @@ def _subtasks(group_subtasks, name):
     return leaves
 
 
-def write_atomic(path, text):
-    """Write a file through a temporary sibling and a rename, so a crash never leaves half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(results):
     """results.json's tasks as a markdown table (percentages), with the leaderboard average when
     all six paper tasks are there."""
@@ -257,18 +272,50 @@ def evaluate(args):
         results["tasks"][spec.name] = task_entry(spec, outputs[spec.name], limit)
         if args.log_samples:
             write_samples(eval_dir, spec.name, outputs[spec.name])
-    write_atomic(path, json.dumps(results, indent=2) + "\n")
+    generation.write_atomic(path, json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
-    write_atomic(eval_dir / "results.md", table)
+    generation.write_atomic(eval_dir / "results.md", table)
     print(table)
     print(f"wrote {path} and {eval_dir / 'results.md'}")
     return results
 
 
+def generate_answers(args):
+    """--generate: the benchmark's prompts answered by RUN/final, written to the judge's input file."""
+    from omegaconf import OmegaConf
+    from training.tokenization import end_of_turn_token
+    run_dir = args.run_dir.resolve()
+    check_model_dir(run_dir)
+    if args.batch_size == "auto" or args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        raise EvalError("--generate needs an integer --batch-size, --temperature >= 0, 0 < --top-p <= 1 and "
+                        "--max-new-tokens >= 1")
+    prompts = generation.read_prompts(args.generate, args.prompts or generation.fetch_prompts(args.generate))
+    out = args.out or run_dir / "eval" / f"{args.generate}_answers{generation.BENCHMARKS[args.generate].suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = generation.Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    model_id = args.model_id or run_dir.name
+    generation.load_done(out, model_id, settings)  # other settings stop here, before the model loads
+
+    tokenizer = generation.load_tokenizer(run_dir / "final")
+    config = run_dir / "config.yaml"  # the run's own model.eot_token, if it set one
+    configured = OmegaConf.load(config).get("model", {}).get("eot_token") if config.is_file() else None
+    try:
+        stop_ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer, configured))]
+    except ValueError as e:  # DataError: no end-of-turn token found, or model.eot_token is not one token
+        raise EvalError(f"{run_dir / 'final'}: {e}") from None
+    stop_ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, *stop_ids) else []
+    generator = generation.make_generator(run_dir / "final", tokenizer, stop_ids, settings, args.engine,
+                                          args.device, args.dtype)
+    generation.answer_all(args.generate, prompts, out, generator, tokenizer, model_id, settings, args.batch_size)
+    print(f"wrote {len(prompts)} answers to {out}")
+    return out
+
+
 def main(argv=None):
     try:
-        evaluate(parse_args(argv))
-    except EvalError as e:
+        args = parse_args(argv)
+        generate_answers(args) if args.generate else evaluate(args)
+    except (EvalError, generation.GenerationError) as e:
         sys.exit(f"run_eval.py: {e}")
 
 
