@@ -18,6 +18,8 @@ from training.tokenization import encode_chat, end_of_turn_token
 
 from utils import REPO_DIR
 
+pytestmark = pytest.mark.integration  # loads and runs the tiny model
+
 MAX_NEW = 10
 QUESTIONS = ["Name a colour.", "What is the capital of France?", "Write a short poem about the sea and the wind.",
              "Hi", "List three fruits, please, in order of size."]

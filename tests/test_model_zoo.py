@@ -30,8 +30,6 @@ from training.tokenization import end_of_turn_token
 from conftest import make_cfg
 from tiny_architectures import ZOO, build_zoo
 
-pytestmark = pytest.mark.integration
-
 # rows of tens of tokens: longer than Gemma's window of 16
 DATA = {kind: [f"datasets=[{name}]", "max_length=128", "max_prompt_length=64"]
         for kind, name in (("single", "ultrachat_sample"), ("pairs", "ultrafeedback_sample"))}
@@ -159,6 +157,7 @@ def trained(zoo, steps):
     return get
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("way", sorted(WAYS))
 @pytest.mark.parametrize("name, loss_name", cases())
 def test_chunked_head_and_packing_take_the_plain_paths_steps(name, loss_name, way, trained):
@@ -168,6 +167,7 @@ def test_chunked_head_and_packing_take_the_plain_paths_steps(name, loss_name, wa
     assert trained(name, loss_name, way) == pytest.approx(trained(name, loss_name, "plain"), rel=REL, abs=ABS)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name, loss_name", cases())
 def test_lora_starts_at_the_full_models_loss_and_trains_only_its_adapters(name, loss_name, zoo, steps, trained):
     """lora=default targets peft's all-linear on every architecture. B = 0 at the start, so step 1 adds
