@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from safetensors.torch import load_file
 
 from training import launch as launcher
@@ -89,3 +91,51 @@ def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each step once: steps 3-4 continued the checkpoint
     one = launch_run(tmp_path / "one", *RUN, "save_every=null")
     assert_same_run(one, (rows, load_file(run_dir / "final" / "model.safetensors")))
+
+
+# Every process started with this folder on PYTHONPATH (the spawned ranks too) counts its builds in $BUILDS
+SITECUSTOMIZE = """import json, os
+from training import tokenization
+tokenise = tokenization._tokenise
+def counted(source, folder, key, label, *args, **kwargs):
+    with open(os.environ["BUILDS"], "a") as f:
+        f.write(json.dumps([os.getpid(), label]) + "\\n")
+    return tokenise(source, folder, key, label, *args, **kwargs)
+tokenization._tokenise = counted
+"""
+
+
+def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_flops(tmp_path):
+    """train.py nproc=2 on a cold datasets cache: each split is built once over all processes (rank 1
+    waits for rank 0, then maps its entry), and Σ over steps of tflops · step_time_s · ranks · 1e12 is
+    the plan's FLOPs (tflops is per device: the step's FLOPs over all ranks / time / ranks)."""
+    from omegaconf import OmegaConf
+
+    import losses
+    from training import modeling, planning, run_data
+    from training.tokenization import end_of_turn_token
+    from conftest import make_cfg
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    run = [*RUN[:-1], "trainer=FSDPTrainer", "nproc=2", "device=cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+           "BUILDS": str(tmp_path / "builds.jsonl"), "PYTHONPATH": f"{hooks}{os.pathsep}{REPO_DIR}"}
+    proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'run'}", *run], cwd=REPO_DIR, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    built = [json.loads(line) for line in (tmp_path / "builds.jsonl").read_text().splitlines()]
+    assert sorted(label for _, label in built) == ["dataset 'ultrachat_sample' (test)",
+                                                   "dataset 'ultrachat_sample' (train)"], built
+
+    cfg = make_cfg(*run)
+    OmegaConf.update(cfg, "run_dir", None)
+    import datasets
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path / "cache")  # the run's entries (this process tokenises nothing)
+    tokenizer = modeling.load_tokenizer(cfg)
+    loss = losses.build(cfg.loss)
+    train, _ = run_data.load_data(cfg, tokenizer, loss.needs_pairs, end_of_turn_token(tokenizer, cfg.model.eot_token))
+    planned = planning.plan(cfg, train, loss, world=2)["flops"]
+    rows = read_rows(tmp_path / "run", "train")
+    # each row's tflops is FLOPs / dt / 2 / 1e12 in float64: 3 roundings, ~1e-16 each, so 1e-12 is ample
+    assert sum(r["tflops"] * r["step_time_s"] * 2 * 1e12 for r in rows) == pytest.approx(planned, rel=1e-12)

@@ -149,18 +149,19 @@ def test_epoch_two_has_its_own_seeded_order_in_the_trainer_and_the_plan():
 
 def test_the_plan_counts_the_tokens_of_each_epochs_own_batches(monkeypatch):
     """Rows of varied length over 3 epochs: the plan's tokens are the sum over every step's rows of
-    epoch_batches(seed, epoch), summed here by a plain loop."""
-    lengths = np.random.default_rng(1).integers(3, 50, size=20)
-    data = types.SimpleNamespace(__len__=None, lengths=lambda: lengths)
-    data = type("Data", (), {"__len__": lambda self: 20, "lengths": lambda self: lengths})()
+    epoch_batches(seed, epoch), summed here by a plain loop. 22 rows in batches of 4: each epoch drops
+    2 rows of its own, so an epoch that reused epoch 0's order would count other tokens."""
+    lengths = np.random.default_rng(1).integers(3, 50, size=22)
+    data = type("Data", (), {"__len__": lambda self: 22, "lengths": lambda self: lengths})()
     monkeypatch.setattr(planning.flops, "sequence_sizes", lambda d: (lengths[:, None], None))
     monkeypatch.setattr(planning, "model_shape", lambda cfg: None)
     cfg = OmegaConf.create({"batch_size": 4, "n_epochs": 3, "n_examples": None, "warmup_ratio": None,
                             "warmup_steps": 0, "seed": 7, "gradient_accumulation_steps": 1, "trainer": "BasicTrainer",
                             "activation_checkpointing": False, "lora": None})
     loss = types.SimpleNamespace(needs_reference=False)
+    reused = sum(int(lengths[b].sum()) for epoch in range(3) for b in batching.epoch_batches(lengths, 4, 7, 0))
     expected = sum(int(lengths[b].sum()) for epoch in range(3) for b in batching.epoch_batches(lengths, 4, 7, epoch))
-    assert planning.plan(cfg, data, loss, world=1)["tokens"] == expected
+    assert planning.plan(cfg, data, loss, world=1)["tokens"] == expected != reused
 
 
 def test_n_examples_not_a_multiple_of_the_batch_rounds_down():
