@@ -213,3 +213,17 @@ def test_not_math_holds_the_reviewed_keys_only_and_every_key_that_feeds_the_math
 def _keys(tree, prefix=""):
     for k, v in tree.items():
         yield from _keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+
+
+def test_each_dataset_draws_its_own_sample():
+    """The same seed and row count, two dataset names: two samples (sample_rows seeds with the name)."""
+    a, b = tokenization.sample_rows(1000, 10, 0, "a"), tokenization.sample_rows(1000, 10, 0, "b")
+    assert not np.array_equal(a, b) and np.array_equal(a, tokenization.sample_rows(1000, 10, 0, "a"))
+
+
+def test_a_column_iterates_over_every_row_across_its_blocks():
+    """9,000 rows (three of Column's 4,096-row blocks), each row's ids [i, i]: all of them, in order."""
+    n = 9000
+    table = datasets.Dataset.from_dict({"prompt_ids": [[i, i] for i in range(n)], "chosen_ids": [[i] for i in range(n)]})
+    data = TokenizedData(table, False, [], "train")
+    assert list(data.prompt_ids) == [[i, i] for i in range(n)]
