@@ -227,3 +227,19 @@ def test_a_column_iterates_over_every_row_across_its_blocks():
     table = datasets.Dataset.from_dict({"prompt_ids": [[i, i] for i in range(n)], "chosen_ids": [[i] for i in range(n)]})
     data = TokenizedData(table, False, [], "train")
     assert list(data.prompt_ids) == [[i, i] for i in range(n)]
+
+
+def test_load_split_keys_and_reads_by_the_identity_rank_0_decided(tok, cache, tmp_path, monkeypatch):
+    """run_data broadcasts rank 0's source identities: load_split keys by them without looking the
+    source up itself, and a hub identity names the commit that is read."""
+    from training import sources
+    path = str(write_rows(tmp_path / "rows.jsonl"))
+    monkeypatch.setattr(tokenization, "source_identity", lambda *a: pytest.fail("looked up on this rank"))
+    tokenization.load_split([path], tokenizer=tok, identities={path: "v1"}, **BASE)
+    monkeypatch.setattr(tokenization, "_tokenise", lambda *a, **k: pytest.fail("tokenised again"))
+    tokenization.load_split([path], tokenizer=tok, identities={path: "v1"}, **BASE)  # rank 0's key: in the cache
+    with pytest.raises(pytest.fail.Exception, match="tokenised again"):
+        tokenization.load_split([path], tokenizer=tok, identities={path: "v2"}, **BASE)
+    assert sources.identity_revision("hub:HuggingFaceH4/ultrachat_200k@1111aaaa") == "1111aaaa"
+    assert sources.identity_revision("hub:HuggingFaceH4/ultrachat_200k@unresolved") is None
+    assert sources.identity_revision(sources.source_identity(path)) is None
