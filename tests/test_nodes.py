@@ -20,9 +20,9 @@ from utils import REPO_DIR
 from conftest import launch_run, read_rows
 from test_distributed import assert_same_run
 
-RUN = ["datasets=[ultrachat_sample]", "loss=sft", "n_examples=32", "batch_size=8", "eval_batch_size=8",
-       "n_eval_examples=8", "eval_every=1000", "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0",
-       "optimizer=AdamW", "lr=1e-3", "save_every=8"]  # 4 steps, a checkpoint after each
+RUN = ["datasets=[ultrachat_sample]", "loss=sft", "n_examples=24", "batch_size=6", "eval_batch_size=6",
+       "n_eval_examples=6", "eval_every=1000", "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0",
+       "optimizer=AdamW", "lr=1e-3", "save_every=6"]  # 4 steps of 6 rows (3 ranks), a checkpoint after each
 
 # train.py as torchrun runs it, with every build of a tokenised cache entry appended to $BUILDS
 COUNTING = """import os, runpy, sys
@@ -41,7 +41,8 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def start_nodes(tmp_path, run_dir, *overrides):
-    """Two torchrun agents (node_rank 0 and 1, one rank each) meeting at a c10d rendezvous."""
+    """Two torchrun agents meeting at a c10d rendezvous: node 0 with one rank, node 1 with two, so a
+    node whose first rank is not global rank 0 has a second rank that must wait for it."""
     script = tmp_path / "counting_train.py"
     script.write_text(COUNTING)
     port = launcher.free_port()
@@ -51,9 +52,8 @@ def start_nodes(tmp_path, run_dir, *overrides):
                "HF_DATASETS_CACHE": str(tmp_path / f"node{node}" / "cache"),
                "BUILDS": str(tmp_path / f"node{node}" / "builds.jsonl")}
         (tmp_path / f"node{node}").mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", "nodes-test", str(script), f"run_dir={run_dir}", *RUN, "trainer=FSDPTrainer",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(node + 1),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nodes-test", str(script), f"run_dir={run_dir}", *RUN, "trainer=FSDPTrainer",
                "device=cpu", *overrides]
         procs.append(subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -82,14 +82,16 @@ def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
-    # each node built the train and the test split once, in one process, over both starts
+    # each node built the train and the test split once, over all its ranks and both starts (c10d
+    # decides which node holds global rank 0: either way)
     for node in (0, 1):
         built = builds(tmp_path, node)
         assert sorted(label for _, label in built) == ["dataset 'ultrachat_sample' (test)",
                                                        "dataset 'ultrachat_sample' (train)"], (node, built)
     rows = read_rows(run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each step once: steps 3-4 continued the checkpoint
-    one = launch_run(tmp_path / "one", *RUN, "save_every=null")
+    # one process with 3 accumulation steps: the same micro-batches (and padding) as 3 ranks, as in test_distributed
+    one = launch_run(tmp_path / "one", *RUN, "save_every=null", "gradient_accumulation_steps=3")
     assert_same_run(one, (rows, load_file(run_dir / "final" / "model.safetensors")))
 
 

@@ -44,7 +44,7 @@ def test_each_input_of_load_splits_key_alone_makes_a_new_entry(tok, cache, tmp_p
     """Changed one at a time from BASE (rows_per_dataset=4 of 12 rows, so the seed picks the sample),
     every setting that changes the tokens reaches the tokeniser again; the same settings do not."""
     path = write_rows(tmp_path / "rows.jsonl")
-    other_template = tokenization.ensure_chat_template(AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral")))
+    other_template = AutoTokenizer.from_pretrained(str(REPO_DIR / "models/tiny-mistral"))
     other_template.chat_template = "{{ '#' }}" + tokenization.ZEPHYR_CHAT_TEMPLATE  # one more character
 
     def load(tokenizer=tok, names=(str(path),), **changes):
@@ -224,7 +224,8 @@ def test_each_dataset_draws_its_own_sample():
 def test_a_column_iterates_over_every_row_across_its_blocks():
     """9,000 rows (three of Column's 4,096-row blocks), each row's ids [i, i]: all of them, in order."""
     n = 9000
-    table = datasets.Dataset.from_dict({"prompt_ids": [[i, i] for i in range(n)], "chosen_ids": [[i] for i in range(n)]})
+    table = datasets.Dataset.from_dict({"prompt_ids": [[i, i] for i in range(n)],
+                                        "chosen_ids": [[i] for i in range(n)]})
     data = TokenizedData(table, False, [], "train")
     assert list(data.prompt_ids) == [[i, i] for i in range(n)]
 
