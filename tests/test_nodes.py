@@ -107,7 +107,7 @@ tokenization._tokenise = counted
 """
 
 
-def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_flops(tmp_path):
+def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_flops(tmp_path, monkeypatch):
     """train.py nproc=2 on a cold datasets cache: each split is built once over all processes (rank 1
     waits for rank 0, then maps its entry), and Σ over steps of tflops · step_time_s · ranks · 1e12 is
     the plan's FLOPs (tflops is per device: the step's FLOPs over all ranks / time / ranks)."""
@@ -133,7 +133,7 @@ def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_fl
     cfg = make_cfg(*run)
     OmegaConf.update(cfg, "run_dir", None)
     import datasets
-    datasets.config.HF_DATASETS_CACHE = str(tmp_path / "cache")  # the run's entries (this process tokenises nothing)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the run's entries
     tokenizer = modeling.load_tokenizer(cfg)
     loss = losses.build(cfg.loss)
     train, _ = run_data.load_data(cfg, tokenizer, loss.needs_pairs, end_of_turn_token(tokenizer, cfg.model.eot_token))
