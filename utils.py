@@ -169,15 +169,29 @@ def broadcast_object(obj):
     return box[0]
 
 
+def local_rank():
+    """This rank's index on its node: torchrun's LOCAL_RANK; the global rank for the processes
+    training/launch.py starts (all on one node) and for one plain process."""
+    return int(os.environ.get("LOCAL_RANK", rank())) if launched_by_torchrun() else rank()
+
+
 @contextlib.contextmanager
-def main_process_first():
-    """Rank 0 runs the body first (e.g. tokenises and fills the datasets cache); the others then
-    run it and find the cache warm."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
+def node_first():
+    """Global rank 0 runs the body first (reads and tokenises into its datasets cache); then the first
+    rank of every other node (local_rank 0) runs it, and builds what its node's cache lacks (a
+    node-local HF_DATASETS_CACHE); then all the other ranks, which find their node's cache warm.
+    So each node tokenises at most once, whether or not the nodes share the cache. The waits are
+    barriers of the whole group: a node's ranks could start no sooner, since training begins with a
+    collective of all ranks."""
+    first, node_head = is_main(), local_rank() == 0
+    if first:
+        yield
+    barrier()  # global rank 0 has built
+    if node_head and not first:
+        yield
+    barrier()  # every node's first rank has built what its node lacked
+    if not node_head:
+        yield
 
 
 def launched_by_torchrun():

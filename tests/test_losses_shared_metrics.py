@@ -62,7 +62,7 @@ def test_on_data_without_rejected_answers_only_nll_is_logged(tmp_path):
 
 @pytest.mark.unit
 def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_without_trying(tmp_path, monkeypatch):
-    """run_data.load_eval_split decides before it loads (one load, no error caught), and a genuinely
+    """run_data.eval_pairs_of decides before anything loads (one load, no error caught), and a genuinely
     missing split still raises the loader's message naming it."""
     from preference_datasets import DataError
     from training import run_data, sources
@@ -88,13 +88,10 @@ def test_the_eval_split_keeps_rejected_answers_as_the_registry_or_the_rows_say_w
         m.setattr(sources, "_split_rows", lambda *a, **k: pytest.fail("the file's rows were read again"))
         assert sources.has_rejected_answers(str(own), "test")
 
-    loads = []
-    monkeypatch.setattr(run_data, "load_split", lambda names, split, **kw: loads.append((names, split, kw["pairs"])))
     for names, pairs in ((["ultrachat_sample"], False), (["ultrafeedback_sample", str(own)], True),
                          (["ultrafeedback_sample", "ultrachat_sample"], False)):
-        run_data.load_eval_split(names, {"pairs": False, "dataset_paths": None})
-        assert loads.pop() == (names, "test", pairs) and not loads  # one load, decided before it
+        assert run_data.eval_pairs_of(names, False, None) == pairs
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=f"{empty}: no 'train' file"):
-        run_data.load_eval_split([str(empty)], {"pairs": False, "dataset_paths": None})
+        run_data.eval_pairs_of([str(empty)], False, None)

@@ -7,7 +7,7 @@ Each way's per-step losses must equal the plain path's.
 
 What runs is what the trainer runs for each micro-batch (modeling.load_model, lora.apply, FSDPTrainer's
 sharding, losses.batch_loss with a forward.ModelCall); the loop around it is a few lines here (`train_steps`),
-not the trainer's, whose rank- and accumulation-invariance tests/test_distributed.py checks on full runs.
+not the trainer's, whose rank- and accumulation-invariance tests/test_trainers_fsdp.py checks on full runs.
 Short on purpose: every architecture x loss x way in one process, and one 2-rank job for all of FSDP2.
 """
 

@@ -4,33 +4,39 @@ rows for one batch) before any model loads or any run directory exists."""
 from omegaconf import OmegaConf
 
 from preference_datasets import DataError
-from training.sources import has_rejected_answers
+from training.sources import has_rejected_answers, source_identity
 from training.tokenization import load_split, mask_audit
-from utils import is_main, main_process_first
+from utils import broadcast_object, is_main, node_first
 
 
 def load_data(cfg, tokenizer, pairs, eot_token=None):
-    """(train, eval) TokenizedData of cfg.datasets (eval cut to n_eval_examples); rank 0 first, so the
-    other ranks find the datasets cache warm. pairs: keep the rejected answers (the loss needs them)."""
+    """(train, eval) TokenizedData of cfg.datasets (eval cut to n_eval_examples). What keys the cache
+    (each dataset's source identity, with its hub commit; whether the eval rows keep their rejected
+    answers) is decided on rank 0 and broadcast, so every rank of every node keys the same entries;
+    then they are built once per node (utils.node_first: rank 0, then each other node's first rank
+    if its datasets cache lacks them), and the other ranks map them. pairs: keep the rejected answers
+    (the loss needs them)."""
+    dataset_paths = OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None
+    identities, eval_pairs = broadcast_object(
+        ({name: source_identity(name, dataset_paths) for name in cfg.datasets},
+         eval_pairs_of(cfg.datasets, pairs, dataset_paths)) if is_main() else None)
     kw = dict(tokenizer=tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, pairs=pairs,
-              dataset_paths=OmegaConf.to_container(cfg.dataset_paths) if cfg.dataset_paths else None,
-              eot_token=eot_token, min_answer_tokens=cfg.min_answer_tokens, num_proc=cfg.num_proc,
-              log=print if is_main() else None)
-    with main_process_first():  # rank 0 reads and tokenises into the cache; the others then map its files
+              dataset_paths=dataset_paths, eot_token=eot_token, min_answer_tokens=cfg.min_answer_tokens,
+              num_proc=cfg.num_proc, log=print if is_main() else None, identities=identities)
+    with node_first():
         train = load_split(cfg.datasets, "train", **kw, rows_per_dataset=cfg.rows_per_dataset, seed=cfg.seed)
-        evals = load_eval_split(cfg.datasets, kw)
+        evals = load_split(cfg.datasets, "test", **{**kw, "pairs": eval_pairs})
     if cfg.n_eval_examples is not None and len(evals) > cfg.n_eval_examples:
         evals = evals.first(cfg.n_eval_examples)
     return train, evals
 
 
-def load_eval_split(datasets, kw):
-    """The held-out rows, with their rejected answers whenever every dataset's test rows have one
-    (whatever the loss), so that every method's evaluation reports the same preference metrics
+def eval_pairs_of(datasets, pairs, dataset_paths):
+    """Whether the held-out rows keep their rejected answers: whenever every dataset's test rows have
+    one (whatever the loss), so that every method's evaluation reports the same preference metrics
     (margin, pref_accuracy). Decided before loading: preference_datasets.has_rejected_answers (the
     registry, or the rows of a file of your own)."""
-    pairs = kw["pairs"] or all(has_rejected_answers(name, "test", kw["dataset_paths"]) for name in datasets)
-    return load_split(datasets, "test", **{**kw, "pairs": pairs})
+    return pairs or all(has_rejected_answers(name, "test", dataset_paths) for name in datasets)
 
 
 def check_data(cfg, tokenizer, eot_token, train_data, eval_data):

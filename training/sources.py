@@ -150,12 +150,13 @@ def _held_out(n_rows, split):
     return range(n_rows - n_test, n_rows) if split == "test" else range(n_rows - n_test)
 
 
-def _hub_split(source, key, split):
-    """_split_rows of a registered dataset loaded from the hub (the datasets library's own cache)."""
+def _hub_split(source, key, split, revision=None):
+    """_split_rows of a registered dataset loaded from the hub (the datasets library's own cache), at
+    commit `revision` (None: the main branch)."""
     import datasets
     hub_split = source.splits[split] or source.splits["train"]
     try:
-        ds = datasets.load_dataset(source.hub_id, split=hub_split)
+        ds = datasets.load_dataset(source.hub_id, split=hub_split, revision=revision)
     except Exception as e:  # offline, unreachable, or not found: say how to point at a local copy
         raise DataError(
             f"could not load '{source.hub_id}' (split '{hub_split}') from the hub: {type(e).__name__}: {e}. "
@@ -193,7 +194,7 @@ def _locate(name, dataset_paths):
     return path, None
 
 
-def _split_rows(name, split, dataset_paths=None):
+def _split_rows(name, split, dataset_paths=None, revision=None):
     """(rows, held_out) of one dataset (a registry name, '<name>_sample', or a local path) for split
     'train' or 'test': rows iterates, one row at a time, over (where, normalised row) of the files (or
     hub split) holding the split, where naming the file and line or row for messages; held_out is None,
@@ -201,7 +202,7 @@ def _split_rows(name, split, dataset_paths=None):
     A missing file or directory raises at once; a malformed row raises when it is reached."""
     path, source = _locate(name, dataset_paths)
     if path is None:
-        return _hub_split(source, name, split)
+        return _hub_split(source, name, split, revision)
     if source is None:
         return _local_split(path, split, None)
     return _local_split(path, split, source.normalise, _split_names(source))
@@ -233,13 +234,14 @@ def plain_row(row):
             "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
-def normalised_arrow(name, split, dataset_paths, folder):
+def normalised_arrow(name, split, dataset_paths, folder, identity=None):
     """The normalised rows of one dataset's split (_split_rows) as a datasets.Dataset memory-mapped from
     folder/normalised.arrow: rows are read, normalised and written a few hundred at a time, so no
-    dataset's text is ever held in Python."""
+    dataset's text is ever held in Python. identity: the source_identity the cache entry is keyed by
+    (decided on rank 0): a hub dataset is read at the commit it names."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
-    rows, held_out = _split_rows(name, split, dataset_paths)
+    rows, held_out = _split_rows(name, split, dataset_paths, identity_revision(identity))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "normalised.arrow"
     with ArrowWriter(features=normalised_features(), path=str(path), writer_batch_size=256) as writer:
@@ -289,6 +291,13 @@ def source_identity(name, dataset_paths=None):
         return f"hub:{source.hub_id}@{_hub_revision(source.hub_id) or 'unresolved'}"
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     return json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def identity_revision(identity):
+    """The hub commit a source_identity names ('hub:ID@COMMIT'), or None (a local copy, unresolved)."""
+    if identity is None or not identity.startswith("hub:") or identity.endswith("@unresolved"):
+        return None
+    return identity.rsplit("@", 1)[1]
 
 
 HUB_TIMEOUT_S = 10  # seconds _hub_revision waits for the hub before falling back to the local cache's record

@@ -471,13 +471,13 @@ def tokenize_rows(rows, tokenizer, max_length, max_prompt_length, pairs, eot_tok
                          None)
 
 
-def _read_and_tokenise(name, split, dataset_paths, folder, key, sample, seed, settings):
+def _read_and_tokenise(name, split, dataset_paths, folder, key, sample, seed, settings, identity=None):
     """One dataset's split, tokenised into `folder` (a cache entry being built: _build): its rows are
     streamed into an Arrow file (normalised_arrow, in the folder's source/, removed at the end),
     sampled (sample_rows) and tokenised from that memory map (_tokenise)."""
     import shutil
     try:
-        source = normalised_arrow(name, split, dataset_paths, folder / "source")
+        source = normalised_arrow(name, split, dataset_paths, folder / "source", identity)
         if len(source) == 0:
             raise DataError(f"dataset '{name}' has no '{split}' rows")
         if settings["pairs"]:  # refused before anything is tokenised
@@ -498,19 +498,22 @@ def _read_and_tokenise(name, split, dataset_paths, folder, key, sample, seed, se
 
 
 def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, dataset_paths=None, eot_token=None,
-               rows_per_dataset=None, seed=0, min_answer_tokens=128, num_proc=None, log=None):
+               rows_per_dataset=None, seed=0, min_answer_tokens=128, num_proc=None, log=None, identities=None):
     """Rows of `split` from every dataset in `names`, tokenised (cached: see _tokenise) into one
     TokenizedData. Training rows are first sampled (sample_rows: rows_per_dataset, seed) before any
     is tokenised. A dataset whose tokenised rows are already in the cache is not read again.
     log: called with one line per dataset (rows, sample, truncation counts). eot_token: the
-    end-of-turn token (None = detected from the chat template)."""
+    end-of-turn token (None = detected from the chat template). identities: {name: source_identity},
+    decided once for all ranks (run_data.load_data: on rank 0, so every node keys, and reads, the
+    same hub commit); None: looked up here."""
     import datasets
 
     eot_token = end_of_turn_token(tokenizer, eot_token)
     tables, parts = [], []
     for name in names:
         sample = rows_per_dataset if split == "train" else None
-        key = hashlib.sha256(json.dumps([_tokenizer_key(tokenizer, eot_token), source_identity(name, dataset_paths),
+        identity = identities[name] if identities is not None else source_identity(name, dataset_paths)
+        key = hashlib.sha256(json.dumps([_tokenizer_key(tokenizer, eot_token), identity,
                                          name, split, sample, seed if sample else None, max_length, max_prompt_length,
                                          min_answer_tokens, pairs]).encode()).hexdigest()[:32]
         cached = _cached(key)
@@ -519,7 +522,7 @@ def load_split(names, split, tokenizer, max_length, max_prompt_length, pairs, da
                             max_prompt_length=max_prompt_length, min_answer_tokens=min_answer_tokens,
                             num_proc=num_proc)
             cached = _build(key, lambda folder: _read_and_tokenise(name, split, dataset_paths, folder, key, sample,
-                                                                   seed, settings))
+                                                                   seed, settings, identity))
         table, info = cached
         counts, available = info["counts"], info["available"]
         tables.append(table)
