@@ -289,7 +289,7 @@ def test_sample_chats_have_small_token_lengths(tok, rows):
     assert 15 <= lengths[0] and lengths[len(lengths) // 2] <= 50 and lengths[-1] <= 80
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # loads the tiny model (seconds)
 def test_model_loads_and_is_mistral(model, tok):
     assert type(model).__name__ == "MistralForCausalLM"
     assert type(model.model.layers[0]).__name__ == "MistralDecoderLayer"
@@ -307,7 +307,7 @@ def test_model_loads_and_is_mistral(model, tok):
     assert sum(p.numel() for p in model.parameters()) < 1_250_000
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # loads the tiny model (seconds)
 def test_model_forward_and_generate(model, tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
                                      add_generation_prompt=True)

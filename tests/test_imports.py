@@ -12,6 +12,7 @@ folder first, then the repository root (which it puts on sys.path, or pytest doe
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def imports_of(path, modules, repo=REPO):
     return sorted(found - {module_name(path, repo)})
 
 
+@functools.lru_cache(maxsize=None)  # the tests of one session read the same tree: parse it once
 def import_graph(repo=REPO):
     """{module: sorted repository modules it imports}, over every .py file of the repository."""
     modules = repository_files(repo)
