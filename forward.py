@@ -372,38 +372,17 @@ class ChunkedTargetLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_argmax):
         hidden, weight, bias, targets, lse, probs = ctx.saved_tensors
-        shape, hidden, targets = hidden.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        N, V = hidden.shape[0], weight.shape[0]
-        dtype = ctx.compute_dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        # Explicit casts below decide every dtype; an autocast region around backward must not.
-        with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.to(dtype)
-            g = grad_logps.reshape(-1).to(lse.dtype)
-            grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else None
-            grad_w = torch.empty_like(weight) if need_w else None
-            grad_b = torch.empty_like(bias) if need_b else None
-            columns = V if N <= ctx.chunk else max(1, ctx.chunk * V // N)
-            for start in range(0, V, columns):
-                cols = slice(start, start + columns)
-                w = weight[cols].to(dtype)
-                if probs is None:  # recompute this block's softmax from the logits
-                    logits = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
-                    grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: -g * softmax
-                else:  # one block of all V columns, kept by the forward
-                    grad = probs * -g[:, None]
-                # + g at each row's target
-                inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
-                grad[inside, targets[inside] - start] += g[inside]
-                if need_b:
-                    grad_b[cols] = grad.sum(0).to(bias.dtype)
-                grad = grad.to(dtype)
-                if need_w:
-                    grad_w[cols] = (grad.T @ h).to(weight.dtype)
-                if need_h:
-                    grad_h += grad @ w
-        grad_h = grad_h.to(hidden.dtype).reshape(shape) if need_h else None
-        return grad_h, grad_w, grad_b, None, None, None
+        g = grad_logps.reshape(-1).to(lse.dtype)
+
+        def logit_grad(start, cols, h, w):  # -g * softmax of these columns (the + g at the target is added for us)
+            if probs is not None:  # one block of all V columns, kept by the forward
+                return probs * -g[:, None]
+            logits = F.linear(h, w, None if bias is None else bias[cols].to(ctx.compute_dtype)).to(lse.dtype)
+            return logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: the softmax recomputed
+
+        grads = _linear_head_backward(hidden, weight, bias, targets, g, ctx.needs_input_grad[:3], ctx.compute_dtype,
+                                      ctx.chunk, logit_grad)
+        return *grads, None, None, None
 
 
 class TargetLogpsAndKL(torch.autograd.Function):
@@ -456,39 +435,55 @@ class TargetLogpsAndKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse, ref_hidden, ref_weight, ref_bias, ref_lse = ctx.saved_tensors
-        shape, hidden = hidden.shape, hidden.reshape(-1, hidden.shape[-1])
-        N, V = hidden.shape[0], weight.shape[0]
-        dtype = ctx.compute_dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_out.reshape(-1, 2).to(lse.dtype)
         g_target, g_kl = g[:, 0], g[:, 1]
-        with torch.autocast(hidden.device.type, enabled=False):  # explicit casts decide every dtype
-            h = hidden.to(dtype)
-            grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else None
-            grad_w = torch.empty_like(weight) if need_w else None
-            grad_b = torch.empty_like(bias) if need_b else None
-            # two (N, columns) blocks of logits at a time: about the memory of the forward's chunk
-            columns = V if N <= ctx.chunk else max(1, ctx.chunk * V // N)
-            for start in range(0, V, columns):
-                cols = slice(start, start + columns)
-                w = weight[cols].to(dtype)
-                p = F.linear(h, w, None if bias is None else bias[cols].to(dtype)).to(lse.dtype)
-                p = p.sub_(lse[:, None]).exp_()
-                p_ref = _reference_logits(ref_hidden, ref_weight[cols], None if ref_bias is None else ref_bias[cols],
-                                          lse.dtype)
-                p_ref = p_ref.sub_(ref_lse[:, None]).exp_()
-                grad = p.mul_((g_kl - g_target)[:, None]).sub_(p_ref.mul_(g_kl[:, None]))
-                inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
-                grad[inside, targets[inside] - start] += g_target[inside]  # + g0 at each row's target
-                if need_b:
-                    grad_b[cols] = grad.sum(0).to(bias.dtype)
-                grad = grad.to(dtype)
-                if need_w:
-                    grad_w[cols] = (grad.T @ h).to(weight.dtype)
-                if need_h:
-                    grad_h += grad @ w
-        grad_h = grad_h.to(hidden.dtype).reshape(shape) if need_h else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+        def logit_grad(start, cols, h, w):  # (g_kl - g0)·p - g_kl·p_ref: two (N, columns) blocks of logits at a time
+            p = F.linear(h, w, None if bias is None else bias[cols].to(ctx.compute_dtype)).to(lse.dtype)
+            p = p.sub_(lse[:, None]).exp_()
+            p_ref = _reference_logits(ref_hidden, ref_weight[cols], None if ref_bias is None else ref_bias[cols],
+                                      lse.dtype)
+            p_ref = p_ref.sub_(ref_lse[:, None]).exp_()
+            return p.mul_((g_kl - g_target)[:, None]).sub_(p_ref.mul_(g_kl[:, None]))
+
+        grads = _linear_head_backward(hidden, weight, bias, targets, g_target, ctx.needs_input_grad[:3],
+                                      ctx.compute_dtype, ctx.chunk, logit_grad)
+        return *grads, None, None, None, None, None
+
+
+def _linear_head_backward(hidden, weight, bias, targets, g_target, needs, dtype, chunk, logit_grad):
+    """The gradients of a linear head's inputs from the gradient of its logits, one block of vocabulary
+    columns at a time (about chunk x V elements), so that no (N, V) tensor is made.
+
+    hidden (..., N, H), weight (V, H), bias (V,) or None, targets (..., N) long, g_target (N,): what each
+    row's target logit gets on top of logit_grad. needs: which of (hidden, weight, bias) need a gradient.
+    dtype: the compute dtype of the products. logit_grad(start, cols, h, w) -> (N, columns) in g_target's
+    dtype: the gradient of the logits of columns `cols` (h: hidden (N, H) and w: weight[cols] in `dtype`).
+    Returns (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    shape, hidden, targets = hidden.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    N, V = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs
+    # Explicit casts below decide every dtype; an autocast region around backward must not.
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.to(dtype)
+        grad_h = torch.zeros(hidden.shape, dtype=g_target.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        columns = V if N <= chunk else max(1, chunk * V // N)
+        for start in range(0, V, columns):
+            cols = slice(start, start + columns)
+            w = weight[cols].to(dtype)
+            grad = logit_grad(start, cols, h, w)
+            inside = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(-1)
+            grad[inside, targets[inside] - start] += g_target[inside]  # + g0 at each row's target
+            if need_b:
+                grad_b[cols] = grad.sum(0).to(bias.dtype)
+            grad = grad.to(dtype)
+            if need_w:
+                grad_w[cols] = (grad.T @ h).to(weight.dtype)
+            if need_h:
+                grad_h += grad @ w
+    return (grad_h.to(hidden.dtype).reshape(shape) if need_h else None), grad_w, grad_b
 
 
 def _reference_logits(hidden, weight, bias, acc):
