@@ -25,18 +25,20 @@ RUN = ["datasets=[ultrachat_sample]", "loss=sft", "n_examples=24", "batch_size=6
        "n_eval_examples=6", "eval_every=1000", "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0",
        "optimizer=AdamW", "lr=1e-3", "save_every=6"]  # 4 steps of 6 rows (3 ranks), a checkpoint after each
 
-# train.py as torchrun runs it, with every build of a tokenised cache entry appended to $BUILDS
-COUNTING = """import os, runpy, sys
-sys.path.insert(0, os.getcwd())
+# Every process that runs this code appends each build of a tokenised cache entry to $BUILDS
+COUNT_BUILDS = """import json, os
 from training import tokenization
 tokenise = tokenization._tokenise
 def counted(source, folder, key, label, *args, **kwargs):
     with open(os.environ["BUILDS"], "a") as f:
         f.write(json.dumps([os.getpid(), label]) + "\\n")
     return tokenise(source, folder, key, label, *args, **kwargs)
-import json
 tokenization._tokenise = counted
-sys.argv[0] = "train.py"
+"""
+# train.py as torchrun runs it, counting its builds
+COUNTING = """import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+""" + COUNT_BUILDS + """sys.argv[0] = "train.py"
 runpy.run_path("train.py", run_name="__main__")
 """
 
@@ -96,17 +98,6 @@ def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one
     assert_same_run(one, (rows, load_file(run_dir / "final" / "model.safetensors")))
 
 
-# Every process started with this folder on PYTHONPATH (the spawned ranks too) counts its builds in $BUILDS
-SITECUSTOMIZE = """import json, os
-from training import tokenization
-tokenise = tokenization._tokenise
-def counted(source, folder, key, label, *args, **kwargs):
-    with open(os.environ["BUILDS"], "a") as f:
-        f.write(json.dumps([os.getpid(), label]) + "\\n")
-    return tokenise(source, folder, key, label, *args, **kwargs)
-tokenization._tokenise = counted
-"""
-
 
 def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_flops(tmp_path, monkeypatch):
     """train.py nproc=2 on a cold datasets cache: each split is built once over all processes (rank 1
@@ -121,7 +112,7 @@ def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_fl
     from conftest import make_cfg
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (hooks / "sitecustomize.py").write_text(COUNT_BUILDS)  # every process started counts its builds
     run = [*RUN[:-1], "trainer=FSDPTrainer", "nproc=2", "device=cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
            "BUILDS": str(tmp_path / "builds.jsonl"), "PYTHONPATH": f"{hooks}{os.pathsep}{REPO_DIR}"}
