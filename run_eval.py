@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training import generation
+from utils import write_atomic
 
 REPO_DIR = Path(__file__).resolve().parent
 TASKS_DIR = REPO_DIR / "eval_tasks"
@@ -272,9 +273,9 @@ def evaluate(args):
         results["tasks"][spec.name] = task_entry(spec, outputs[spec.name], limit)
         if args.log_samples:
             write_samples(eval_dir, spec.name, outputs[spec.name])
-    generation.write_atomic(path, json.dumps(results, indent=2) + "\n")
+    write_atomic(path, json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
-    generation.write_atomic(eval_dir / "results.md", table)
+    write_atomic(eval_dir / "results.md", table)
     print(table)
     print(f"wrote {path} and {eval_dir / 'results.md'}")
     return results
@@ -283,6 +284,7 @@ def evaluate(args):
 def generate_answers(args):
     """--generate: the benchmark's prompts answered by RUN/final, written to the judge's input file."""
     from omegaconf import OmegaConf
+
     from training.tokenization import end_of_turn_token
     run_dir = args.run_dir.resolve()
     check_model_dir(run_dir)

@@ -216,6 +216,13 @@ class JsonlWriter:
         self.file.close()
 
 
+def write_atomic(path, text):
+    """Through a temporary sibling and a rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_directory(target):
     """Yields a temporary sibling directory; on success it is renamed to `target` in one step, so a

@@ -11,10 +11,11 @@ the prompts it holds. An MT-Bench question's second turn is asked after the mode
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from utils import write_atomic
 
 
 class GenerationError(ValueError):
@@ -173,18 +174,12 @@ def load_done(path, model_id, settings):
     return done
 
 
-def write_atomic(path, text):
-    """Through a temporary sibling and a rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the model
 
 def load_tokenizer(final):
     """final/'s tokenizer with a chat template (the Zephyr fallback, as the trainer gives base models)."""
     from transformers import AutoTokenizer
+
     from training.tokenization import ensure_chat_template
     return ensure_chat_template(AutoTokenizer.from_pretrained(str(final)))
 
@@ -255,6 +250,7 @@ class VLLMGenerator(HFGenerator):
 def make_generator(final, tokenizer, stop_ids, settings, engine="auto", device=None, dtype="auto"):
     """vLLM when installed and a GPU is present (engine auto), else transformers."""
     import importlib.util
+
     import torch
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
