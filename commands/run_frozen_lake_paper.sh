@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The paper's Frozen Lake (ACL 2025 §5.3, App. B.2): a Markov policy over grid states (a zero-layer
-# Mistral trained from scratch through train.py's own code), SFT / IFT / DFT on each map's optimal
+# Mistral trained from scratch through train.py's own code), SFT / IFT / DFT / ASFT on each map's optimal
 # trajectory, DPO / ORPO on optimal (chosen) vs sub-optimal (rejected), scored by the MSE between the
 # policy's state-transition matrix and value iteration's. Equal tuning (experiments/protocol.py): each
 # method's 8 settings are tried on the 10 validation maps, the chosen one runs on 20 test maps x 10
-# seeds (SFT, IFT, DFT, DPO, ORPO).
+# seeds (SFT, IFT, DFT, ASFT, DPO, ORPO).
 # Writes OUT/results.json (per method: chosen setting, budget, and per test metric {"mean", "ci95",
 # "per_seed"}, plus paired differences against SFT), OUT/report.md and OUT/protocol.png.
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The LLM Frozen Lake under the equal-tuning protocol (experiments/frozen_lake/tune.py): SFT, IFT, ORPO
-# and DFT from the tiny model's configuration, and DPO from SFT's chosen model (the paper's sequential
+# The LLM Frozen Lake under the equal-tuning protocol (experiments/frozen_lake/tune.py): SFT, IFT, ORPO,
+# DFT and ASFT from the tiny model's configuration, and DPO from SFT's chosen model (the paper's sequential
 # recipe), each with a declared grid of 2 settings tried on validation maps (training stops where
 # validation NLL is lowest), then 5 seeds of the chosen setting played on the held-out test maps, with
 # the next-move quality at every cell and the recovery test.
@@ -10,7 +10,7 @@
 #   bash commands/run_frozen_lake_protocol.sh           # the full protocol (35 training runs + 5 SFT stages)
 #   QUICK=1 bash commands/run_frozen_lake_protocol.sh   # tiny budgets, 1 setting per method
 # Environment: OUT (runs/frozen_lake_protocol or runs/frozen_lake_protocol_quick), JOBS (2), PYTHON (commands/python.sh),
-# METHODS (a comma-separated subset of sft,ift,orpo,dft,dpo; default all; dpo needs sft).
+# METHODS (a comma-separated subset of sft,ift,orpo,dft,asft,dpo; default all; dpo needs sft).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

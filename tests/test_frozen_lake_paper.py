@@ -137,7 +137,7 @@ def test_quick_protocol_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results) == ["dft", "dpo", "ift", "orpo", "sft"]
+    assert sorted(results) == ["asft", "dft", "dpo", "ift", "orpo", "sft"]
     for method, r in results.items():
         for metric in ("mse", "greedy_optimal", "solved"):
             stat = r["test"][metric]

@@ -58,13 +58,14 @@ def grids(quick=False):
     second setting moves lambda and gamma as well, ORPO's and DPO's beta. DPO starts from an SFT
     model (see the module text), hence its lower learning rates."""
     if quick:
-        return {m: [{"lr": 2e-3}] for m in ("sft", "ift", "orpo", "dft")} | {"dpo": [{"lr": 1e-3}]}
+        return {m: [{"lr": 2e-3}] for m in ("sft", "ift", "orpo", "dft", "asft")} | {"dpo": [{"lr": 1e-3}]}
     return {
         "sft": [{"lr": 2e-3}, {"lr": 4e-3}],
         "ift": [{"lr": 2e-3, "max_lambda": 0.2, "min_lambda": 0.2, "gamma": 0.95},
                 {"lr": 4e-3, "max_lambda": 0.5, "min_lambda": 0.5, "gamma": 0.5}],
         "orpo": [{"lr": 2e-3, "beta": 0.1}, {"lr": 4e-3, "beta": 0.5}],
         "dft": [{"lr": 2e-3}, {"lr": 4e-3}],
+        "asft": [{"lr": 2e-3, "kl_weight": 0.1}, {"lr": 4e-3, "kl_weight": 0.02}],
         "dpo": [{"lr": 5e-4, "beta": 0.1}, {"lr": 1e-3, "beta": 0.5}],
     }
 

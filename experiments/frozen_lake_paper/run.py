@@ -36,12 +36,13 @@ QUICK_STEPS = 10
 
 
 def grids(quick=False):
-    """The declared tuning budget: 8 settings per method (1 in quick mode), all five methods. The grids
+    """The declared tuning budget: 8 settings per method (1 in quick mode), all six methods. The grids
     span the learning rates 1e-3 to 3e-2 (DPO's 3e-4 to 1e-2, where its best lies); SFT and DFT, whose
     one knob is the learning rate, spend their 8 tries on 8 learning rates, the others on 4 learning
-    rates x 2 values of their own knobs (IFT's (lambda, gamma), DPO's and ORPO's beta)."""
+    rates x 2 values of their own knobs (IFT's (lambda, gamma), DPO's and ORPO's beta, ASFT's KL weight:
+    the authors' 0.1 and a lighter 0.02, since here its anchor is the random initialisation)."""
     if quick:
-        return {m: [{"lr": 1e-2}] for m in ("sft", "ift", "dpo", "orpo", "dft")}
+        return {m: [{"lr": 1e-2}] for m in ("sft", "ift", "dpo", "orpo", "dft", "asft")}
     lrs = [1e-3, 3e-3, 1e-2, 3e-2]
     dense = [1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2, 3e-2]
     dpo_lrs = [3e-4, 1e-3, 3e-3, 1e-2]  # shifted down: DPO's best was 1e-3 on [1e-3, 3e-2], the grid's edge
@@ -52,6 +53,7 @@ def grids(quick=False):
         "dpo": [{"lr": lr, "beta": b} for lr in dpo_lrs for b in (0.1, 0.5)],
         "orpo": [{"lr": lr, "beta": b} for lr in lrs for b in (0.1, 0.5)],
         "dft": [{"lr": lr} for lr in dense],
+        "asft": [{"lr": lr, "kl_weight": w} for lr in lrs for w in (0.1, 0.02)],
     }
 
 
@@ -199,7 +201,7 @@ def main(argv=None):
     notes = (f"The paper's Frozen Lake (ACL 2025 §5.3): {len(exp.maps['test'])} test maps and "
              f"{len(exp.maps['validation'])} validation maps (experiments/frozen_lake_paper/lake.py), a Markov policy "
              f"(a zero-layer Mistral: embedding, norm, head) trained from scratch for {exp.steps} steps on the map's optimal "
-             f"trajectory (SFT, IFT, DFT) or optimal vs sub-optimal (DPO, ORPO). Wall time of this invocation: {wall:.0f} s "
+             f"trajectory (SFT, IFT, DFT, ASFT) or optimal vs sub-optimal (DPO, ORPO). Wall time of this invocation: {wall:.0f} s "
              f"(runs finished by an earlier invocation are reused; the CPU seconds below count every run once).\n\n"
              f"Order by test mse (best first): {' > '.join(order)}. The paper reports DPO > IFT > ORPO > SFT."
              f" The untrained policy (the test seeds' initialisations, not tuned): "
