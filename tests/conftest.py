@@ -67,7 +67,8 @@ def torch_uses_every_core():
 
 
 # What a rank needs at once; imported once by the fork server (a name that no longer exists is skipped).
-RANK_MODULES = ["pipeline", "trainers", "lora", "checkpoints", "preference_datasets", "transformers",
+RANK_MODULES = ["training.pipeline", "training.launch", "trainers", "training.lora", "training.checkpoints",
+                "training.reference_logps", "preference_datasets", "transformers",
                 "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
                 "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft"]
 

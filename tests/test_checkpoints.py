@@ -21,7 +21,7 @@ from training import checkpoints, launch as launcher, pipeline
 from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
-from conftest import launch_run, make_cfg, read_rows
+from conftest import launch_run, make_cfg, read_rows, run_train_py
 from test_trainers_fsdp import adam_reach
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
@@ -121,21 +121,19 @@ def test_a_signal_while_the_model_loads_ends_ready_for_the_requeue_which_then_fi
                  "runpy.run_path('train.py', run_name='__main__')")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
-    def cli(*args):
-        proc = subprocess.run([sys.executable, *args, f"run_dir={run_dir}", *STEPS], cwd=REPO_DIR, env=env,
-                              capture_output=True, text=True, timeout=300)
-        return proc.returncode, proc.stdout + proc.stderr
-
-    status, out = cli("-c", signalled)
+    proc = subprocess.run([sys.executable, "-c", signalled, f"run_dir={run_dir}", *STEPS], cwd=REPO_DIR, env=env,
+                          capture_output=True, text=True, timeout=300)
+    status, out = proc.returncode, proc.stdout + proc.stderr
     assert status == 75, out[-3000:]
     assert f"run_dir={run_dir} resume_from=latest" in out and (run_dir / "config.yaml").is_file()
     assert not checkpoints.complete_checkpoints(run_dir) and not (run_dir / "final").exists()
-    status, out = cli("train.py", "resume_from=latest")
-    assert status == 0 and "no complete checkpoint yet; starting the run from the beginning" in out, out[-3000:]
+    # the requeues need no real process (no signal reaches them): train.py's __main__ in this one
+    status, out, err = run_train_py(f"run_dir={run_dir}", *STEPS, "resume_from=latest")
+    assert status == 0 and "no complete checkpoint yet; starting the run from the beginning" in out + err, err[-3000:]
     assert_each_step_once(run_dir)
     rows = (run_dir / "metrics.jsonl").read_text()
-    status, out = cli("train.py", "resume_from=latest")
-    assert status == 0 and "holds a finished run (final/); nothing to resume" in out, out[-3000:]
+    status, out, err = run_train_py(f"run_dir={run_dir}", *STEPS, "resume_from=latest")
+    assert status == 0 and "holds a finished run (final/); nothing to resume" in out + err, err[-3000:]
     assert (run_dir / "metrics.jsonl").read_text() == rows
 
 
@@ -235,10 +233,10 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_requeue_finishes_from_
         pipeline.validate_config(make_cfg(f"run_dir={tmp_path / 'other'}", *STEPS,
                                           f"resume_from={run_dir / 'checkpoints' / 'step-4'}"))
     outs = []
-    for requeue in (1, 2):  # as a scheduler requeues: the same command, twice
-        proc = start_cli(run_dir, "save_every=16", "resume_from=latest")
-        outs.append(proc.communicate(timeout=300)[0])
-        assert proc.returncode == 0, outs[-1][-3000:]
+    for requeue in (1, 2):  # as a scheduler requeues: the same command, twice (run in this process: no signal)
+        status, out, err = run_train_py(f"run_dir={run_dir}", *STEPS, "save_every=16", "resume_from=latest")
+        outs.append(out + err)
+        assert status == 0, outs[-1][-3000:]
     aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-4.damaged-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].rglob("*")) == damaged
     assert f"resume_from=latest: step-4 is damaged ({said}" in outs[0]

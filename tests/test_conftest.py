@@ -70,3 +70,11 @@ def test_the_hook_stops_the_run_naming_every_untiered_test(pytester):
     assert str(e.value).count("\n  ") == 3 and "::test_unmarked: no tier marker" in str(e.value)
     conftest.pytest_collection_modifyitems([i for i in pytester.getitems(FILE) if "unmarked" not in i.name
                                              and "two" not in i.name])  # all in one tier: no error
+
+
+def test_every_module_the_fork_server_preloads_exists():
+    """multiprocessing skips a preload name it cannot import, silently: a module renamed or moved would
+    leave every rank of the tests importing it anew (seconds each) with nothing failing."""
+    import importlib.util
+    missing = [name for name in conftest.RANK_MODULES if importlib.util.find_spec(name) is None]
+    assert not missing, missing
