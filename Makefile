@@ -29,8 +29,11 @@ demo: $(VENV)/.installed
 	rm -rf runs/demo
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash commands/run_tiny_ift.sh run_dir=runs/demo $(DEMO_ARGS)
 
+# The suite in TEST_WORKERS processes (pytest-xdist; 2 = the CI machine's cores), a test file per worker at
+# a time (--dist loadfile): a file's shared runs (module fixtures) are made once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed $(VENV)/.installed-eval
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The unit tier alone (pytest.ini's markers): no training run, subprocess or second process; under a minute
 # on 2 cores. The quick check while editing a loss; `make test` runs all three tiers.

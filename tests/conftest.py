@@ -50,15 +50,30 @@ def pytest_collection_modifyitems(items):
     if problems:
         raise pytest.UsageError("every test needs exactly one of the markers " + ", ".join(TIERS)
                                 + " (pytest.ini says which):\n  " + "\n  ".join(problems))
+    items[:] = heavy_files_first(items)
 
 
-# torch's own thread count (one per core), read before any test module could change it
-DEFAULT_THREADS = torch.get_num_threads()
+def heavy_files_first(items):
+    """The items, whole files at a time, the files with the most integration and distributed tests first
+    (otherwise in their order). pytest-xdist's --dist loadfile hands out files in this order as workers
+    free up: the long files start first, and the unit-only files fill the gaps at the end instead of one
+    long file running alone at the end while the other worker idles."""
+    files, heavy = {}, {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+        heavy[item.path] = heavy.get(item.path, 0) + (item.get_closest_marker("unit") is None)
+    order = sorted(files, key=lambda path: -heavy[path])  # stable: equal counts keep their order
+    return [item for path in order for item in files[path]]
+
+
+# torch's own thread count (one per core), read before any test module could change it; under pytest-xdist
+# (make test) the cores are shared out among the worker processes, so that workers do not oversubscribe them
+DEFAULT_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture(autouse=True, scope="session")
 def torch_uses_every_core():
-    """The tests in this process compute with torch's default thread count, even if a test module sets
+    """The tests in this process compute with DEFAULT_THREADS threads, even if a test module sets
     one thread when it is imported (that would hold for the whole session). With OMP_WAIT_POLICY=PASSIVE
     (the Makefile's) a second thread costs no extra CPU time on the tiny model and cuts the wall time of
     its matrix products; FSDPTrainer's ranks still take cores // ranks each."""
@@ -66,11 +81,13 @@ def torch_uses_every_core():
     yield
 
 
-# What a rank needs at once; imported once by the fork server (a name that no longer exists is skipped).
+# What a rank (and train.py, for ForkedScript) needs at once; imported once by the fork server (a name that
+# no longer exists would be skipped silently: test_conftest checks them).
 RANK_MODULES = ["training.pipeline", "training.launch", "trainers", "training.lora", "training.checkpoints",
                 "training.reference_logps", "preference_datasets", "transformers",
                 "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
-                "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft"]
+                "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft",
+                "hydra", "train"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -80,7 +97,7 @@ def ranks_fork_from_a_warm_server():
     CPU per rank, twice per 2-rank run). Like "spawn", the server is a fresh interpreter: a rank sees none
     of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
     of the moment the server started (the first multi-rank launch), not of the launch itself.
-    Runs of the CLI in a subprocess (test_checkpoints's signals, test_trainers_numerics' divergence) still spawn."""
+    ForkedScript runs train.py in a real process forked from the same server."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
     spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
     spawn = spawn_module.start_processes
@@ -96,6 +113,57 @@ def ranks_fork_from_a_warm_server():
     stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
     if stop is not None:  # and reap it, so that its CPU time counts as this process's children's
         stop()
+
+
+def _run_script_as_main(argv, cwd, env, log):
+    """In a child of the fork server: what `python ARGV` does from cwd with env, its stdout and stderr
+    in the file `log`, less starting Python and importing torch and transformers (the server did)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", DEFAULT_THREADS)))  # torch read it at import
+    sys.argv = list(argv)
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    finally:  # as the interpreter does at exit (multiprocessing's child ends with os._exit)
+        import atexit
+        atexit._run_exitfuncs()
+
+
+class ForkedScript:
+    """`python SCRIPT ARGS` as a real process forked from the tests' warm server (imports done), for
+    tests that signal or kill it or read its exit status. The subprocess.Popen calls those tests use:
+    poll(), send_signal(), communicate() -> (stdout and stderr together, None), returncode (negative:
+    killed by that signal). Not for what only a fresh interpreter shows (its import-time warnings,
+    environment variables read at import): those tests start `python` themselves."""
+
+    def __init__(self, script, *args, cwd=REPO_DIR, env=None, log):
+        self.log = log
+        env = dict(os.environ if env is None else env)
+        self.process = multiprocessing.get_context("forkserver").Process(
+            target=_run_script_as_main, args=([str(script), *map(str, args)], str(cwd), env, str(log)))
+        self.process.start()
+
+    @property
+    def returncode(self):
+        return self.process.exitcode
+
+    def poll(self):
+        return self.process.exitcode
+
+    def send_signal(self, signum):
+        os.kill(self.process.pid, signum)
+
+    def communicate(self, timeout=None):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            raise TimeoutError(f"{self.process.name} still ran after {timeout} s; killed")
+        return open(self.log, errors="replace").read(), None
 
 
 def make_cfg(*overrides):

@@ -78,3 +78,18 @@ def test_every_module_the_fork_server_preloads_exists():
     import importlib.util
     missing = [name for name in conftest.RANK_MODULES if importlib.util.find_spec(name) is None]
     assert not missing, missing
+
+
+def test_files_with_more_slow_tests_come_first_and_each_file_stays_whole_and_in_order():
+    class Item:
+        def __init__(self, path, tier):
+            self.path, self.tier = path, tier
+
+        def get_closest_marker(self, name):
+            return name if name == self.tier else None
+
+    items = [Item("a", "unit"), Item("b", "integration"), Item("a", "unit"), Item("c", "distributed"),
+             Item("c", "integration"), Item("b", "unit"), Item("d", "unit")]
+    got = conftest.heavy_files_first(items)
+    assert [(i.path, i.tier) for i in got] == [("c", "distributed"), ("c", "integration"), ("b", "integration"),
+                                               ("b", "unit"), ("a", "unit"), ("a", "unit"), ("d", "unit")]
