@@ -82,12 +82,13 @@ def torch_uses_every_core():
 
 
 # What a rank (and train.py, for ForkedScript) needs at once; imported once by the fork server (a name that
-# no longer exists would be skipped silently: test_conftest checks them).
+# no longer exists would be skipped silently: test_conftest checks them). `datasets` is imported lazily by
+# the code (load_split): without it here, each rank of each launch paid ~1.6 s of CPU importing it.
 RANK_MODULES = ["training.pipeline", "training.launch", "trainers", "training.lora", "training.checkpoints",
                 "training.reference_logps", "preference_datasets", "transformers",
                 "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
                 "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft",
-                "hydra", "train"]
+                "hydra", "train", "datasets", "torch.distributed.checkpoint.state_dict"]
 
 
 @pytest.fixture(autouse=True, scope="session")
