@@ -153,6 +153,28 @@ def python_calls(script, *args, env, cwd, timeout=60):
     return [(Path(c), argv) for c, argv in calls]
 
 
+@contextlib.contextmanager
+def warm_python(directory):
+    """An executable for a shell script's PYTHON whose calls run in processes forked from a server that
+    imported torch, transformers and the other heavy packages once (tests/warm_python.py), instead of
+    new interpreters (seconds of imports each); the server is stopped and reaped on exit, so the CPU
+    time of every call counts as this process's children's."""
+    warm = Path(__file__).with_name("warm_python.py")
+    sock = directory / "python.sock"
+    server = subprocess.Popen([sys.executable, str(warm), "serve", str(sock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "ready\n"
+        python = directory / "warm_python"
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I {shlex.quote(str(warm))} '
+                          f'{shlex.quote(str(sock))} "$@"\n')
+        python.chmod(0o755)
+        yield python
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
+
+
 def read_rows(run_dir, split=None):
     """The rows of run_dir/metrics.jsonl (those of one split if given)."""
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
