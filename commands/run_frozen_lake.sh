@@ -26,7 +26,7 @@ JOBS=${JOBS:-2}
 METHODS=${METHODS:-"sft ift dpo orpo dft"}
 if [[ "${QUICK:-0}" == 1 ]]; then
     OUT=${OUT:-runs/frozen_lake_quick}; SEEDS=${SEEDS:-"0"}
-    N_TRAIN=256; N_TEST=16; N_EXAMPLES=128; EVAL_EVERY=64; BATCH=16
+    N_TRAIN=256; N_TEST=8; N_EXAMPLES=64; EVAL_EVERY=32; BATCH=16  # 4 steps; what the test needs, no more
 else
     OUT=${OUT:-runs/frozen_lake}; SEEDS=${SEEDS:-"0 1 2"}
     N_TRAIN=8000; N_TEST=200; N_EXAMPLES=5120; EVAL_EVERY=1280; BATCH=32

@@ -8,7 +8,10 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +200,48 @@ def run_train_py(*args, cwd=REPO_DIR):
         os.chdir(before)
         HydraConfig.instance().cfg = None  # as a new process would find it (sweep_run_dir reads it)
     return status, out.getvalue(), err.getvalue()
+
+
+def python_calls(script, *args, env, cwd, timeout=60):
+    """Run the shell script `script` with PYTHON set to a stand-in that records each call (its working
+    directory and arguments) and exits 0, instead of starting Python. Returns the calls [(cwd, argv)],
+    for a test to check what the script runs and to replay the calls in this process (run_train_py),
+    which costs the runs without a new interpreter's seconds of imports each. Only for a script that
+    does not read what its Python calls write."""
+    log = cwd / "python_calls.jsonl"
+    stand_in = cwd / "python_stand_in"
+    record = "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps([os.getcwd(), sys.argv[2:]]) + chr(10))"
+    stand_in.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -c {shlex.quote(record)} '
+                        f'{shlex.quote(str(log))} "$@"\n')
+    stand_in.chmod(0o755)
+    proc = subprocess.run(["bash", str(script), *map(str, args)], env=dict(env, PYTHON=str(stand_in)), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    calls = [json.loads(line) for line in open(log)] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return [(Path(c), argv) for c, argv in calls]
+
+
+@contextlib.contextmanager
+def warm_python(directory):
+    """An executable for a shell script's PYTHON whose calls run in processes forked from a server that
+    imported torch, transformers and the other heavy packages once (tests/warm_python.py), instead of
+    new interpreters (seconds of imports each); the server is stopped and reaped on exit, so the CPU
+    time of every call counts as this process's children's."""
+    warm = Path(__file__).with_name("warm_python.py")
+    sock = directory / "python.sock"
+    server = subprocess.Popen([sys.executable, str(warm), "serve", str(sock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "ready\n"
+        python = directory / "warm_python"
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I {shlex.quote(str(warm))} '
+                          f'{shlex.quote(str(sock))} "$@"\n')
+        python.chmod(0o755)
+        yield python
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
 
 
 def read_rows(run_dir, split=None):

@@ -5,8 +5,6 @@ protocol in QUICK mode (commands/run_frozen_lake_paper.sh)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,8 @@ from experiments.frozen_lake import game
 from experiments.frozen_lake_paper import build, lake
 from training.tokenization import encode_chat, end_of_turn_token
 from utils import REPO_DIR
+
+from conftest import python_calls
 
 ALL_MAPS = lake.TEST_MAPS + lake.VALIDATION_MAPS
 
@@ -130,12 +130,22 @@ def test_the_zero_layer_policy_is_markov(tmp_path):
 
 
 @pytest.mark.integration
-def test_quick_protocol_end_to_end(tmp_path):
+def test_quick_protocol_end_to_end(tmp_path, monkeypatch):
+    from experiments.frozen_lake_paper import run as paper_run
+
     out = tmp_path / "paper"
-    env = dict(os.environ, QUICK="1", OUT=str(out), PYTHON=sys.executable, JOBS="1")
-    proc = subprocess.run(["bash", str(REPO_DIR / "commands" / "run_frozen_lake_paper.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # The script as written, its one Python call recorded, then run in this process (its runs already
+    # are: a new interpreter would only add its seconds of imports)
+    (cwd, argv), = python_calls(REPO_DIR / "commands" / "run_frozen_lake_paper.sh",
+                                env=dict(os.environ, QUICK="1", OUT=str(out), JOBS="1"), cwd=tmp_path)
+    assert cwd == REPO_DIR and argv == ["-m", "experiments.frozen_lake_paper.run", "--out", str(out), "--jobs", "1",
+                                        "--quick"]
+    monkeypatch.chdir(cwd)
+    threads = torch.get_num_threads()
+    try:
+        paper_run.main(argv[2:])
+    finally:
+        torch.set_num_threads(threads)  # each run sets one thread, as the script's workers do
     results = json.loads((out / "results.json").read_text())
     assert sorted(results) == ["asft", "dft", "dpo", "ift", "orpo", "sft"]
     for method, r in results.items():

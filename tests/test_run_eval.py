@@ -5,9 +5,9 @@ against a hand count, the paper suite's tasks and metrics in the installed harne
 accumulate across calls, and one-line errors for bad input."""
 
 import json
-import os
-import subprocess
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +39,35 @@ def trained_run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def harness_tasks():
+    """lm-eval's TaskManager as run_eval.py builds it for harness tasks (the bundled tasks and the
+    harness's own), less the harness folders that define none of the paper's tasks: indexing all ~15k
+    task files costs ~15 s of CPU, these few ~0.5 s. A text search of every harness task file (~1 s)
+    finds the one file that defines each paper task's name; since no other file does, the full index
+    maps each name to that same file."""
+    import lm_eval.tasks
+    harness = Path(lm_eval.tasks.__file__).parent
+    names = [s.name for s in run_eval.PAPER_SUITE]
+    defines = re.compile(r"^(?:task|group):\s*[\"']?(%s)[\"']?\s*(?:#.*)?$" % "|".join(names), re.M)
+    files = {name: [] for name in names}
+    for path in sorted(harness.rglob("*.yaml")):
+        for m in defines.finditer(path.read_text(encoding="utf-8", errors="replace")):
+            files[m.group(1)].append(path)
+    assert all(len(f) == 1 for f in files.values()), files  # each name defined once in the harness
+    folders = sorted({f[0].parent for f in files.values()})
+    return lm_eval.tasks.TaskManager(include_path=[*map(str, folders), str(run_eval.TASKS_DIR)],
+                                     include_defaults=False)
+
+
+def use_harness_tasks(monkeypatch, manager):
+    """run_eval.task_manager builds `manager` where it would index the whole harness."""
+    def harness_manager(manager_class, with_harness_tasks):
+        assert with_harness_tasks
+        return manager
+    monkeypatch.setattr(run_eval, "_task_manager", harness_manager)
+
+
 def our_greedy_answer(model, tokenizer, question, max_new_tokens):
     """The answer as train.py's own sampling produces it: bos + the chat template's prompt, greedy."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
@@ -61,12 +90,10 @@ def test_quick_suite_runs_end_to_end_and_answers_as_our_own_greedy_generation(tr
     (trained_run / "eval" / "results.json").write_text(json.dumps({"tasks": {"arc_challenge": earlier}}))
 
     n = QUICK_ROWS
-    # lm-eval's batch size (run_eval.py's default, 8): left-padded batches against our one-by-one answers
-    proc = subprocess.run([sys.executable, "run_eval.py", str(trained_run), "--suite", "quick", "--limit", str(n),
-                           "--device", "cpu", "--log-samples"],
-                          cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # lm-eval's batch size (run_eval.py's default, 8): left-padded batches against our one-by-one answers.
+    # The command line's main() in this process (a new interpreter would only add seconds of imports); an
+    # error would end it with SystemExit and fail the test.
+    run_eval.main([str(trained_run), "--suite", "quick", "--limit", str(n), "--device", "cpu", "--log-samples"])
 
     results = json.loads((trained_run / "eval" / "results.json").read_text())
     assert results["model"] == str(trained_run / "final")
@@ -147,8 +174,9 @@ def test_the_quick_task_reads_every_single_turn_row_and_scores_stripped_exact_ma
 
 
 @pytest.mark.integration
-def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metric():
+def test_every_paper_task_exists_in_the_installed_harness_with_its_headline_metric(harness_tasks, monkeypatch):
     from lm_eval.tasks._yaml_loader import load_yaml
+    use_harness_tasks(monkeypatch, harness_tasks)
     manager = run_eval.task_manager(run_eval.PAPER_SUITE)
     for spec in run_eval.PAPER_SUITE:
         entry = manager.task_index[spec.name]
@@ -177,7 +205,9 @@ def test_the_table_averages_the_six_paper_tasks_only_when_all_ran_in_full():
     (False, [], "no model to evaluate: {run}/final/config.json does not exist"),
     (True, ["--tasks", "arc_challenge", "no_such_task"], "unknown lm-eval task(s): no_such_task"),
 ])
-def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypatch, make_final, tasks, message):
+def test_bad_input_stops_with_one_line_before_any_model_loads(tmp_path, monkeypatch, harness_tasks, make_final, tasks,
+                                                             message):
+    use_harness_tasks(monkeypatch, harness_tasks)  # arc_challenge is there, no_such_task is not
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     if make_final:

@@ -5,8 +5,6 @@ reserved atomically, and the SFT -> DPO recipe runs from one command."""
 import datetime
 import multiprocessing
 import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,7 +14,7 @@ import utils
 from training import sweeps
 from utils import REPO_DIR, ConfigError
 
-from conftest import run_train_py
+from conftest import python_calls, run_train_py
 
 TINY_RUN = ["n_examples=32", "batch_size=16", "eval_batch_size=16", "n_eval_examples=16", "eval_every=32",
             "warmup_steps=0", "datasets=[ultrafeedback_sample]", "max_length=96", "max_prompt_length=64"]
@@ -90,10 +88,13 @@ def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatc
 
 @pytest.mark.integration
 def test_sft_then_dpo_runs_from_one_command_and_dpo_starts_from_the_sft_model(tmp_path):
-    proc = subprocess.run(["bash", str(REPO_DIR / "commands" / "run_sft_then.sh"), "dpo", str(tmp_path / "out"),
-                           *TINY_RUN], cwd=tmp_path, env=dict(env(), PYTHON=sys.executable, SECOND_ARGS="beta=0.2"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The script as written, its two Python calls recorded, then run in this process in the same order
+    calls = python_calls(REPO_DIR / "commands" / "run_sft_then.sh", "dpo", tmp_path / "out", *TINY_RUN,
+                         env=dict(env(), SECOND_ARGS="beta=0.2"), cwd=tmp_path)
+    assert [argv[0] for _, argv in calls] == [str(REPO_DIR / "train.py")] * 2
+    for cwd, argv in calls:
+        status, _, stderr = run_train_py(*argv[1:], cwd=cwd)
+        assert status == 0, stderr[-3000:]
     sft, dpo = (OmegaConf.load(tmp_path / "out" / s / "config.yaml") for s in ("sft", "dpo"))
     assert sft.loss.name == "sft" and (dpo.loss.name, dpo.loss.beta) == ("dpo", 0.2)
     assert dpo.model.name_or_path == str(tmp_path / "out" / "sft" / "final")
