@@ -1,7 +1,8 @@
 """The GPU checks for one short window: `python -m benchmarks.gpu_check --out DIR [--budget-s 420]`
 writes DIR/gpu_check.md, one row per check with PASS, FAIL or SKIPPED (with the reason) and its wall
 time, rewritten after every check so a machine taken away midway still leaves what was measured.
-docs/NOTES-gpu.md says what each row proves. `--smoke` runs every step on the CPU with tiny sizes.
+docs/gpu.md says what each row proves. `--smoke` runs every step on the CPU with tiny sizes, and
+starts its train.py processes from a fork server that has imported torch and the repository once.
 
 Checks start in order of value, each only if its estimated time fits what is left of --budget-s:
   suite        the CPU regression suite with CUDA hidden (it is the CPU suite), in the background from the
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import re
+import runpy
 import signal
 import statistics
 import subprocess
@@ -443,16 +445,85 @@ def throughput(report, budget, args, out, device, config, base):
 
 # ---------------------------------------------------------------- runs through train.py
 
-def train(out, name, *overrides, wait=True):
+def train(out, name, *overrides, wait=True, server=None):
     """train.py with these overrides in a process of its own, run_dir=OUT/name, its output in
-    OUT/logs/; returns the finished process, or the running one when wait=False (finish with done())."""
+    OUT/logs/; returns the finished process, or the running one when wait=False (finish with done()).
+    server: a fork server (fork_server(), smoke mode) to start the process from, not a new interpreter."""
     cmd = [sys.executable, "train.py", *overrides, f"run_dir={out / name}"]
     log = out / "logs" / (name.replace("/", "-") + f"-{time.time_ns()}.log")
     log.parent.mkdir(exist_ok=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **OFFLINE}, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
+    if server is None:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **OFFLINE}, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT)
+    else:
+        log.write_text("")  # here, so that a child that fails before opening it still leaves one
+        proc = Forked(server.Process(target=_train_py, args=(cmd[2:], log)))
     proc.log = log
     return done(proc) if wait else proc
+
+
+# What train.py's runs import, some of it only once running (datasets, the model's module): the fork server
+# imports it once. A name that no longer exists is skipped by the server (tests/test_gpu_check.py checks them).
+TRAIN_MODULES = ["train", "trainers", "training.pipeline", "training.checkpoints", "preference_datasets", "datasets",
+                 "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+                 "transformers.models.mistral.modeling_mistral", "torch.distributed.fsdp",
+                 "torch.distributed.checkpoint", "safetensors.torch"]
+
+
+@contextlib.contextmanager
+def fork_server():
+    """Smoke mode: train() children fork from one server process that has imported TRAIN_MODULES, instead of
+    each starting Python and importing torch, transformers and datasets anew (seconds of CPU each, most of a
+    tiny run's cost). The server is a fresh interpreter, started with this process's environment, which its
+    imports read: hence OFFLINE is set here first. Each child is still a process of its own, which a signal
+    stops and a timeout kills. The GPU run keeps plain subprocesses: their cost is nothing beside its runs."""
+    import multiprocessing
+    import multiprocessing.forkserver
+    os.environ.update(OFFLINE)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(TRAIN_MODULES)
+    try:
+        yield context
+    finally:  # stop the server and reap it, so that its CPU time counts as this process's children's
+        multiprocessing.forkserver._forkserver._stop()
+
+
+def _train_py(argv, log):
+    """In a child of the fork server, what `python train.py ARGV` (output into log) does: train.py as
+    __main__ with that sys.argv; its SystemExit status is the process's exit status."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.update(OFFLINE)
+    os.chdir(REPO)
+    sys.argv = ["train.py", *argv]
+    runpy.run_path("train.py", run_name="__main__")
+
+
+class Forked:
+    """A child of the fork server, started, with the part of Popen's interface that done() and resume() use."""
+
+    def __init__(self, process):
+        self.process = process
+        process.start()
+
+    def poll(self):
+        return self.process.exitcode  # as Popen's: None while running, -N after signal N
+
+    returncode = property(poll)
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired("train.py", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, signum):
+        os.kill(self.process.pid, signum)
+
+    def kill(self):
+        self.process.kill()
 
 
 def done(proc, timeout=300):
@@ -504,14 +575,15 @@ def qlora(out, device):
                   f"tensors, the base's keys, {moved} changed by the adapters"]
 
 
-def resume(out, device):
+def resume(out, device, server=None):
     """FSDP2 on one rank: an uninterrupted run (async checkpoints every 2 steps) beside one stopped by
     SIGTERM after step 2; then, side by side, that one resumed with resume_from=latest and a run resumed
-    from the uninterrupted run's async step-4 checkpoint: their losses against the uninterrupted run's."""
+    from the uninterrupted run's async step-4 checkpoint: their losses against the uninterrupted run's.
+    server: see train()."""
     run = [*tiny_run(device), "trainer=FSDPTrainer", "nproc=1", "save_every=16"]
-    whole = train(out, "resume/whole", *run, "save_async=true", wait=False)
+    whole = train(out, "resume/whole", *run, "save_async=true", wait=False, server=server)
     stopped_dir = out / "resume" / "stopped"
-    proc = train(out, "resume/stopped", *run, "resume_from=latest", wait=False)
+    proc = train(out, "resume/stopped", *run, "resume_from=latest", wait=False, server=server)
     metrics, deadline = stopped_dir / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # SIGTERM once step 2 is logged
         if metrics.exists() and sum('"split": "train"' in line for line in open(metrics)) >= 2:
@@ -521,9 +593,9 @@ def resume(out, device):
     for name, p, expected in (("uninterrupted run", whole, 0), ("SIGTERM after step 2", proc, 75)):
         if done(p).returncode != expected:
             return FAIL, [f"{name}: exit {p.returncode} ({expected} expected)", *_tail(p)]
-    resumed = train(out, "resume/stopped", *run, "resume_from=latest", wait=False)
+    resumed = train(out, "resume/stopped", *run, "resume_from=latest", wait=False, server=server)
     from_async = train(out, "resume/from_async", *run, f"resume_from={out / 'resume/whole/checkpoints/step-4'}",
-                       wait=False)
+                       wait=False, server=server)
     for name, p in (("resume_from=latest", resumed), ("resume from the async step-4", from_async)):
         if done(p).returncode != 0:
             return FAIL, [f"{name}: exit {p.returncode}", *_tail(p)]
@@ -604,8 +676,9 @@ def main(argv=None):
     base += [f"peak_tflops={peak}"] if peak else []
     throughput(report, budget, args, out, device, config, base)
     run_check(report, budget, "QLoRA 4-bit: checkpoints and merged final/", 90, lambda: qlora(out, device))
-    run_check(report, budget, "FSDP2 x1 save, SIGTERM, resume; async save", 40 if args.smoke else 120,
-              lambda: resume(out, device))
+    with fork_server() if args.smoke else contextlib.nullcontext() as server:
+        run_check(report, budget, "FSDP2 x1 save, SIGTERM, resume; async save", 40 if args.smoke else 120,
+                  lambda: resume(out, device, server))
     run_check(report, budget, "demo (commands/run_tiny_ift.sh)", 30 if args.smoke else 150,
               lambda: demo(out, device, args.smoke))
     finish_suite(report, budget, suite)

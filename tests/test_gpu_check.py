@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py --smoke: every check of the GPU window on the CPU with tiny sizes, so the one
 command a GPU session runs cannot rot. One run, with one row's model deliberately perturbed (--perturb
-packed): that row must FAIL, its siblings PASS, what cannot run here SKIPPED with its reason, never PASS."""
+packed): that row must FAIL, its siblings PASS, what cannot run here SKIPPED with its reason, never PASS.
+Its resume check starts train.py from a fork server; the GPU run's `python train.py` is checked apart."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -55,6 +57,23 @@ def test_a_check_that_does_not_fit_the_budget_is_skipped_not_run(tmp_path):
     got = rows((tmp_path / "r.md").read_text())
     assert got["too long"][0] == SKIPPED and "needs about 60 s" in got["too long"][2]
     assert got["raises"][0] == FAIL and "ZeroDivisionError" in got["raises"][2]
+
+
+@pytest.mark.integration
+def test_on_the_gpu_train_runs_train_py_in_a_new_interpreter_and_logs_its_output(tmp_path):
+    """The smoke run starts train.py from its fork server; the GPU run starts it as `python train.py`,
+    the branch checked here: train.py's own exit status and message (a refused config, the quickest run)."""
+    from benchmarks import gpu_check
+    proc = gpu_check.train(tmp_path, "refused", "no_such_key=1")
+    assert proc.returncode == 1 and "unknown config key 'no_such_key'" in proc.output, proc.output
+    assert proc.log.parent == tmp_path / "logs" and proc.log.read_text() == proc.output
+
+
+@pytest.mark.unit
+def test_the_fork_server_preloads_modules_that_exist():
+    """The server skips a name that does not import; a module renamed would silently cost every child its import."""
+    from benchmarks import gpu_check
+    assert [m for m in gpu_check.TRAIN_MODULES if importlib.util.find_spec(m) is None] == []
 
 
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
