@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import runpy
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from benchmarks.forked import Forked
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -457,7 +458,7 @@ def train(out, name, *overrides, wait=True, server=None):
                                 stderr=subprocess.STDOUT)
     else:
         log.write_text("")  # here, so that a child that fails before opening it still leaves one
-        proc = Forked(server.Process(target=_train_py, args=(cmd[2:], log)))
+        proc = Forked(server, cmd[1:], REPO, {**os.environ, **OFFLINE}, log)
     proc.log = log
     return done(proc) if wait else proc
 
@@ -486,44 +487,6 @@ def fork_server():
         yield context
     finally:  # stop the server and reap it, so that its CPU time counts as this process's children's
         multiprocessing.forkserver._forkserver._stop()
-
-
-def _train_py(argv, log):
-    """In a child of the fork server, what `python train.py ARGV` (output into log) does: train.py as
-    __main__ with that sys.argv; its SystemExit status is the process's exit status."""
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.environ.update(OFFLINE)
-    os.chdir(REPO)
-    sys.argv = ["train.py", *argv]
-    runpy.run_path("train.py", run_name="__main__")
-
-
-class Forked:
-    """A child of the fork server, started, with the part of Popen's interface that done() and resume() use."""
-
-    def __init__(self, process):
-        self.process = process
-        process.start()
-
-    def poll(self):
-        return self.process.exitcode  # as Popen's: None while running, -N after signal N
-
-    returncode = property(poll)
-
-    def wait(self, timeout=None):
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            raise subprocess.TimeoutExpired("train.py", timeout)
-        return self.process.exitcode
-
-    def send_signal(self, signum):
-        os.kill(self.process.pid, signum)
-
-    def kill(self):
-        self.process.kill()
 
 
 def done(proc, timeout=300):

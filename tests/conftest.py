@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import losses
+from benchmarks.forked import Forked
 from forward import ModelCall
 from training import config_schema, pipeline
 from utils import REPO_DIR
@@ -84,7 +85,7 @@ def torch_uses_every_core():
     yield
 
 
-# What a rank (and train.py, for ForkedScript) needs at once; imported once by the fork server (a name that
+# What a rank (and train.py, for forked_script) needs at once; imported once by the fork server (a name that
 # no longer exists would be skipped silently: test_conftest checks them). `datasets` is imported lazily by
 # the code (load_split): without it here, each rank of each launch paid ~1.6 s of CPU importing it.
 RANK_MODULES = ["training.pipeline", "training.launch", "trainers", "training.lora", "training.checkpoints",
@@ -101,7 +102,7 @@ def ranks_fork_from_a_warm_server():
     CPU per rank, twice per 2-rank run). Like "spawn", the server is a fresh interpreter: a rank sees none
     of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
     of the moment the server started (the first multi-rank launch), not of the launch itself.
-    ForkedScript runs train.py in a real process forked from the same server."""
+    forked_script runs train.py in a real process forked from the same server."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
     spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
     spawn = spawn_module.start_processes
@@ -119,55 +120,13 @@ def ranks_fork_from_a_warm_server():
         stop()
 
 
-def _run_script_as_main(argv, cwd, env, log):
-    """In a child of the fork server: what `python ARGV` does from cwd with env, its stdout and stderr
-    in the file `log`, less starting Python and importing torch and transformers (the server did)."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", DEFAULT_THREADS)))  # torch read it at import
-    sys.argv = list(argv)
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-    finally:  # as the interpreter does at exit (multiprocessing's child ends with os._exit)
-        import atexit
-        atexit._run_exitfuncs()
-
-
-class ForkedScript:
-    """`python SCRIPT ARGS` as a real process forked from the tests' warm server (imports done), for
-    tests that signal or kill it or read its exit status. The subprocess.Popen calls those tests use:
-    poll(), send_signal(), communicate() -> (stdout and stderr together, None), returncode (negative:
-    killed by that signal). Not for what only a fresh interpreter shows (its import-time warnings,
-    environment variables read at import): those tests start `python` themselves."""
-
-    def __init__(self, script, *args, cwd=REPO_DIR, env=None, log):
-        self.log = log
-        env = dict(os.environ if env is None else env)
-        self.process = multiprocessing.get_context("forkserver").Process(
-            target=_run_script_as_main, args=([str(script), *map(str, args)], str(cwd), env, str(log)))
-        self.process.start()
-
-    @property
-    def returncode(self):
-        return self.process.exitcode
-
-    def poll(self):
-        return self.process.exitcode
-
-    def send_signal(self, signum):
-        os.kill(self.process.pid, signum)
-
-    def communicate(self, timeout=None):
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join()
-            raise TimeoutError(f"{self.process.name} still ran after {timeout} s; killed")
-        return open(self.log, errors="replace").read(), None
+def forked_script(script, *args, cwd=REPO_DIR, env=None, log):
+    """`python SCRIPT ARGS` as a real process forked from the tests' warm server (imports done;
+    benchmarks.forked), for tests that signal or kill it or read its exit status: a Popen-like handle
+    whose communicate() returns (stdout and stderr together, None). Not for what only a fresh interpreter
+    shows (import-time warnings, environment variables read at import): those tests start `python`."""
+    return Forked(multiprocessing.get_context("forkserver"), [script, *args], cwd,
+                  os.environ if env is None else env, log)
 
 
 def make_cfg(*overrides):

@@ -21,7 +21,7 @@ from training import checkpoints, launch as launcher, pipeline
 from training.tokenization import TokenizedData
 from utils import REPO_DIR, ConfigError
 
-from conftest import ForkedScript, launch_run, make_cfg, read_rows, run_train_py
+from conftest import forked_script, launch_run, make_cfg, read_rows, run_train_py
 from test_trainers_fsdp import adam_reach
 
 IFT_NOISY = ["loss=ift", "gamma=0.9", "loss.min_lambda=0.1", "loss.max_lambda=0.5", "lambda_schedule=linear",
@@ -71,9 +71,9 @@ def assert_each_step_once(run_dir):
 
 def start_cli(run_dir, *overrides, env=None):
     """train.py from the command line in a child process (so it can be signalled or killed), forked from
-    the tests' warm server (conftest.ForkedScript); its output goes to run_dir's sibling RUN.log."""
+    the tests' warm server (conftest.forked_script); its output goes to run_dir's sibling RUN.log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
-    return ForkedScript("train.py", f"run_dir={run_dir}", *STEPS, *overrides, env=env,
+    return forked_script("train.py", f"run_dir={run_dir}", *STEPS, *overrides, env=env,
                         log=run_dir.parent / f"{run_dir.name}.log")
 
 
