@@ -1,7 +1,9 @@
 """Several nodes that do not share a disk: two torchrun agents on this machine play two nodes, each
 with its own datasets cache (HF_DATASETS_CACHE on node-local disk) and one shared run_dir. Each node
-tokenises once (counted in every process that could), the run trains like one process, and a SIGTERM
-on both nodes ends in a checkpoint from which both nodes resume."""
+tokenises once (counted in every process that could), the run trains like one process, its tflops add
+up to the plan's FLOPs, and a SIGTERM on both nodes ends in a checkpoint from which both nodes resume.
+One launch (two starts) proves all of it: each start costs five fresh interpreters (two agents, three
+ranks), seconds of CPU each."""
 
 import json
 import os
@@ -16,14 +18,16 @@ from safetensors.torch import load_file
 from training import launch as launcher
 from utils import REPO_DIR
 
-from conftest import launch_run, read_rows
+from conftest import launch_run, make_cfg, read_rows
 from test_trainers_fsdp import assert_same_run
 
 pytestmark = pytest.mark.distributed
 
-RUN = ["datasets=[ultrachat_sample]", "loss=sft", "n_examples=24", "batch_size=6", "eval_batch_size=6",
-       "n_eval_examples=6", "eval_every=1000", "do_first_eval=false", "warmup_steps=0", "max_grad_norm=1.0",
-       "optimizer=AdamW", "lr=1e-3", "save_every=6"]  # 4 steps of 6 rows (3 ranks), a checkpoint after each
+# 4 steps of 6 rows (3 ranks), a checkpoint after each. rows_per_dataset: each node tokenises the 24 rows
+# trained on, not the sample's 3,000 (seconds, and a pool of workers, per node)
+RUN = ["datasets=[ultrachat_sample]", "rows_per_dataset=24", "loss=sft", "n_examples=24", "batch_size=6",
+       "eval_batch_size=6", "n_eval_examples=6", "eval_every=1000", "do_first_eval=false", "warmup_steps=0",
+       "max_grad_norm=1.0", "optimizer=AdamW", "lr=1e-3", "save_every=6"]
 
 # Every process that runs this code appends each build of a tokenised cache entry to $BUILDS
 COUNT_BUILDS = """import json, os
@@ -68,7 +72,13 @@ def builds(tmp_path, node):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one_process_and_resume(tmp_path):
+def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one_process_resume_and_count_tflops(
+        tmp_path, monkeypatch):
+    """Also the ranks' tflops: Σ over steps of tflops · step_time_s · ranks · 1e12 is the plan's FLOPs
+    (tflops is per device: the step's FLOPs over all ranks / time / ranks), over both starts.
+    Every rank tokenising at once (node 1 builds twice), a node's second rank not waiting for its
+    first, tflops not divided by the ranks (3x), a step lost or repeated across the resume, or ranks
+    that train otherwise than one process: each fails here."""
     run_dir = tmp_path / "run"
     procs = start_nodes(tmp_path, run_dir)
     deadline = time.time() + 300
@@ -97,40 +107,19 @@ def test_two_nodes_with_their_own_datasets_cache_tokenise_once_each_train_as_one
     one = launch_run(tmp_path / "one", *RUN, "save_every=null", "gradient_accumulation_steps=3")
     assert_same_run(one, (rows, load_file(run_dir / "final" / "model.safetensors")))
 
-
-
-def test_two_spawned_ranks_tokenise_once_and_their_tflops_add_up_to_the_plans_flops(tmp_path, monkeypatch):
-    """train.py nproc=2 on a cold datasets cache: each split is built once over all processes (rank 1
-    waits for rank 0, then maps its entry), and Σ over steps of tflops · step_time_s · ranks · 1e12 is
-    the plan's FLOPs (tflops is per device: the step's FLOPs over all ranks / time / ranks)."""
+    # the run's plan, on node 0's entries (mapped here, not built again)
     from omegaconf import OmegaConf
 
+    import datasets
     import losses
     from training import modeling, planning, run_data
     from training.tokenization import end_of_turn_token
-
-    from conftest import make_cfg
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(COUNT_BUILDS)  # every process started counts its builds
-    run = [*RUN[:-1], "trainer=FSDPTrainer", "nproc=2", "device=cpu"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-           "BUILDS": str(tmp_path / "builds.jsonl"), "PYTHONPATH": f"{hooks}{os.pathsep}{REPO_DIR}"}
-    proc = subprocess.run([sys.executable, "train.py", f"run_dir={tmp_path / 'run'}", *run], cwd=REPO_DIR, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    built = [json.loads(line) for line in (tmp_path / "builds.jsonl").read_text().splitlines()]
-    assert sorted(label for _, label in built) == ["dataset 'ultrachat_sample' (test)",
-                                                   "dataset 'ultrachat_sample' (train)"], built
-
-    cfg = make_cfg(*run)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "node0" / "cache"))
+    cfg = make_cfg(*RUN, "trainer=FSDPTrainer")
     OmegaConf.update(cfg, "run_dir", None)
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the run's entries
     tokenizer = modeling.load_tokenizer(cfg)
     loss = losses.build(cfg.loss)
     train, _ = run_data.load_data(cfg, tokenizer, loss.needs_pairs, end_of_turn_token(tokenizer, cfg.model.eot_token))
-    planned = planning.plan(cfg, train, loss, world=2)["flops"]
-    rows = read_rows(tmp_path / "run", "train")
-    # each row's tflops is FLOPs / dt / 2 / 1e12 in float64: 3 roundings, ~1e-16 each, so 1e-12 is ample
-    assert sum(r["tflops"] * r["step_time_s"] * 2 * 1e12 for r in rows) == pytest.approx(planned, rel=1e-12)
+    planned = planning.plan(cfg, train, loss, world=3)["flops"]
+    # each row's tflops is FLOPs / dt / 3 / 1e12 in float64: 3 roundings, ~1e-16 each, so 1e-12 is ample
+    assert sum(r["tflops"] * r["step_time_s"] * 3 * 1e12 for r in rows) == pytest.approx(planned, rel=1e-12)
