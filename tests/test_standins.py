@@ -16,7 +16,7 @@ import losses
 from training import batching, sources, tokenization
 from utils import REPO_DIR
 
-from conftest import make_cfg, read_rows, run_inprocess
+from conftest import make_cfg, read_rows, run_inprocess, run_train_py
 from tokenizer_families import FAMILIES, build_tokenizer
 
 ROWS = 100  # training rows per dataset; the test splits get 8
@@ -129,17 +129,17 @@ def test_rows_per_dataset_draws_the_same_random_sample_every_time(standins):
 
 
 @pytest.mark.integration
-def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
+def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path, monkeypatch):
+    import datasets
     run_dir = tmp_path / "run"
-    env_cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # a cold token cache
     args = ["datasets=[ultrachat,ultrafeedback]", f"dataset_paths.ultrachat={standins['ultrachat']}",
             f"dataset_paths.ultrafeedback={standins['ultrafeedback']}", "loss=ift", "rows_per_dataset=60", "n_epochs=3",
             "batch_size=16", "warmup_ratio=0.15", "max_length=256", "max_prompt_length=256", f"run_dir={run_dir}",
             "wandb.enabled=true"]
-    proc = subprocess.run([sys.executable, "train.py", "dry_run=true", *args], cwd=REPO_DIR, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "HF_DATASETS_CACHE": str(env_cache)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    status, stdout, stderr = run_train_py("dry_run=true", *args)  # train.py's __main__, in this process
+    assert status == 0, stderr[-2000:]
+    plan = json.loads(stdout.strip().splitlines()[-1])
     assert plan["rows"] == 120 and plan["rows_per_dataset"] == {"ultrachat": 60, "ultrafeedback": 60}
     assert (plan["steps_per_epoch"], plan["optimizer_steps"], plan["warmup_steps"]) == (7, 21, 3)  # 120 // 16 = 7
     assert plan["examples"] == 21 * 16 and plan["prompts_truncated"]["ultrachat"] > 0
@@ -151,8 +151,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(standins, tmp_path):
     data, _ = run_data.load_data(cfg, modeling.load_tokenizer(cfg), pairs=False)
     tokens, total = closed_form_plan(cfg, data, no_grad_passes=1)
     assert plan["tokens"] == tokens > 0 and plan["flops"] == pytest.approx(total, rel=1e-12)
-    assert "prompts cut" in proc.stdout and "random sample of 60 of its 100 rows" in proc.stdout
-    assert not run_dir.exists() and "wandb" not in proc.stdout.lower()
+    assert "prompts cut" in stdout and "random sample of 60 of its 100 rows" in stdout
+    assert not run_dir.exists() and "wandb" not in stdout.lower()
+    assert list((tmp_path / "cache").glob("ift_tokenized/*"))  # it tokenised into the cold cache
 
 
 @pytest.mark.integration

@@ -415,7 +415,7 @@ def test_a_recipe_runs_with_the_repositorys_venv_without_activating_it(tmp_path)
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
-    args = ["model=tiny", "datasets=[ultrachat_sample]", "trainer=BasicTrainer", "device=cpu", "rows_per_dataset=null",
+    args = ["model=tiny", "datasets=[ultrachat_sample]", "trainer=BasicTrainer", "device=cpu", "rows_per_dataset=32",
             "batch_size=16", "gradient_accumulation_steps=1", "eval_batch_size=16", "max_length=256",
             "max_prompt_length=128", "wandb.enabled=false", "dry_run=true"]
     proc = subprocess.run(["bash", "commands/run_mistral_ift.sh", *args], cwd=repo, capture_output=True, text=True,
