@@ -20,8 +20,10 @@ from training import launch, modeling, pipeline, reference_logps
 from conftest import make_cfg, read_rows, tiny_model
 
 # 4 optimizer steps of 8 DPO pairs, evaluation on 8 pairs at steps 0, 2 and 4; AdamW, so the
-# reference sums reach the weights through every update
-DPO = ["loss=dpo", "datasets=[ultrafeedback_sample]", "n_examples=32", "batch_size=8", "eval_batch_size=8",
+# reference sums reach the weights through every update. The precompute covers every training row, so the
+# data is a seeded sample of 48 rows (the same in every run) rather than the sample's 1,700 in float64.
+DPO = ["loss=dpo", "datasets=[ultrafeedback_sample]", "rows_per_dataset=48", "n_examples=32", "batch_size=8",
+       "eval_batch_size=8",
        "n_eval_examples=8", "eval_every=16", "warmup_steps=0", "optimizer=AdamW", "lr=1e-3"]
 COMPARED = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "logps_chosen", "grad_norm")
 
