@@ -36,9 +36,10 @@ test: $(VENV)/.installed $(VENV)/.installed-eval
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The unit tier alone (pytest.ini's markers): no training run, subprocess or second process; under a minute
-# on 2 cores. The quick check while editing a loss; `make test` runs all three tiers.
+# on 2 cores (in TEST_WORKERS processes, as `test`). The quick check while editing a loss; `make test` runs
+# all three tiers.
 test-fast: $(VENV)/.installed $(VENV)/.installed-eval
-	$(PY) -m pytest -q -m unit tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m unit tests
 
 # lm-eval-harness on RUN's final/: `make eval RUN=runs/NAME [EVAL_ARGS="--suite quick"]` (see run_eval.py).
 # The paper suite downloads its benchmarks, so this target is online unless EVAL_OFFLINE=1.
