@@ -10,6 +10,15 @@ import runpy
 import subprocess
 import sys
 
+# What train.py and the ranks it starts import, some of it only once running (datasets in load_split, the
+# model's module, peft with lora=, DCP at a checkpoint): a fork server's preload list, imported once there.
+# multiprocessing skips a name that does not import, silently (tests/test_gpu_check.py checks them all).
+TRAIN_MODULES = ["train", "trainers", "preference_datasets", "training.pipeline", "training.launch",
+                 "training.checkpoints", "training.lora", "training.reference_logps", "hydra", "datasets",
+                 "transformers", "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+                 "transformers.models.mistral.modeling_mistral", "safetensors.torch", "peft", "torch.distributed.fsdp",
+                 "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict"]
+
 
 def run_script(argv, cwd, env, log):
     """In the forked child: what `python ARGV` does from cwd with env, its stdout and stderr appended to

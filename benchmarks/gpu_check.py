@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.forked import Forked
+from benchmarks.forked import TRAIN_MODULES, Forked
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -463,19 +463,11 @@ def train(out, name, *overrides, wait=True, server=None):
     return done(proc) if wait else proc
 
 
-# What train.py's runs import, some of it only once running (datasets, the model's module): the fork server
-# imports it once. A name that no longer exists is skipped by the server (tests/test_gpu_check.py checks them).
-TRAIN_MODULES = ["train", "trainers", "training.pipeline", "training.checkpoints", "preference_datasets", "datasets",
-                 "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-                 "transformers.models.mistral.modeling_mistral", "torch.distributed.fsdp",
-                 "torch.distributed.checkpoint", "safetensors.torch"]
-
-
 @contextlib.contextmanager
 def fork_server():
-    """Smoke mode: train() children fork from one server process that has imported TRAIN_MODULES, instead of
-    each starting Python and importing torch, transformers and datasets anew (seconds of CPU each, most of a
-    tiny run's cost). The server is a fresh interpreter, started with this process's environment, which its
+    """Smoke mode: train() children fork from one server process that has imported forked.TRAIN_MODULES,
+    instead of each starting Python and importing torch, transformers and datasets anew (seconds of CPU each,
+    most of a tiny run's cost). The server is a fresh interpreter, started with this process's environment, which its
     imports read: hence OFFLINE is set here first. Each child is still a process of its own, which a signal
     stops and a timeout kills. The GPU run keeps plain subprocesses: their cost is nothing beside its runs."""
     import multiprocessing

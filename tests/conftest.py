@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import losses
-from benchmarks.forked import Forked
+from benchmarks.forked import TRAIN_MODULES, Forked
 from forward import ModelCall
 from training import config_schema, pipeline
 from utils import REPO_DIR
@@ -85,16 +85,6 @@ def torch_uses_every_core():
     yield
 
 
-# What a rank (and train.py, for forked_script) needs at once; imported once by the fork server (a name that
-# no longer exists would be skipped silently: test_conftest checks them). `datasets` is imported lazily by
-# the code (load_split): without it here, each rank of each launch paid ~1.6 s of CPU importing it.
-RANK_MODULES = ["training.pipeline", "training.launch", "trainers", "training.lora", "training.checkpoints",
-                "training.reference_logps", "preference_datasets", "transformers",
-                "transformers.models.auto.modeling_auto", "transformers.models.mistral.modeling_mistral",
-                "transformers.models.auto.tokenization_auto", "safetensors.torch", "torch.distributed.fsdp", "peft",
-                "hydra", "train", "datasets", "torch.distributed.checkpoint.state_dict"]
-
-
 @pytest.fixture(autouse=True, scope="session")
 def ranks_fork_from_a_warm_server():
     """The ranks FSDPTrainer starts in the tests fork from one server process that has imported torch,
@@ -103,7 +93,7 @@ def ranks_fork_from_a_warm_server():
     of a test's monkeypatching, and gets its arguments pickled. Unlike "spawn", it inherits the environment
     of the moment the server started (the first multi-rank launch), not of the launch itself.
     forked_script runs train.py in a real process forked from the same server."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_MODULES)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(TRAIN_MODULES)
     spawn_module = sys.modules["torch.multiprocessing.spawn"]  # torch.multiprocessing.spawn() calls its own
     spawn = spawn_module.start_processes
 

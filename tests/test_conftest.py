@@ -72,14 +72,6 @@ def test_the_hook_stops_the_run_naming_every_untiered_test(pytester):
                                              and "two" not in i.name])  # all in one tier: no error
 
 
-def test_every_module_the_fork_server_preloads_exists():
-    """multiprocessing skips a preload name it cannot import, silently: a module renamed or moved would
-    leave every rank of the tests importing it anew (seconds each) with nothing failing."""
-    import importlib.util
-    missing = [name for name in conftest.RANK_MODULES if importlib.util.find_spec(name) is None]
-    assert not missing, missing
-
-
 def test_files_with_more_slow_tests_come_first_and_each_file_stays_whole_and_in_order():
     class Item:
         def __init__(self, path, tier):

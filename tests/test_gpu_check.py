@@ -70,10 +70,12 @@ def test_on_the_gpu_train_runs_train_py_in_a_new_interpreter_and_logs_its_output
 
 
 @pytest.mark.unit
-def test_the_fork_server_preloads_modules_that_exist():
-    """The server skips a name that does not import; a module renamed would silently cost every child its import."""
-    from benchmarks import gpu_check
-    assert [m for m in gpu_check.TRAIN_MODULES if importlib.util.find_spec(m) is None] == []
+def test_the_fork_servers_preload_modules_that_exist():
+    """gpu_check's smoke mode and the tests' rank server (conftest) preload benchmarks.forked.TRAIN_MODULES.
+    multiprocessing skips a name that does not import, silently: a module renamed or moved would cost every
+    child its import again with nothing failing (three names had gone stale so)."""
+    from benchmarks import forked
+    assert [m for m in forked.TRAIN_MODULES if importlib.util.find_spec(m) is None] == []
 
 
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
